@@ -1,0 +1,181 @@
+"""Phase 1: calibration -> capability subspace.
+
+Loss: mean next-token NLL over each example's correctness-span tokens (teacher-forced on prompt +
+gold answer). Rows: the gradient of that loss w.r.t. K and V at the KV-cache site, one row per
+token position (all positions), width n_kv_heads * head_dim. Subspace: the top-r eigenvectors of
+the Gram matrix G^T G, accumulated in float64 batch by batch, so G is never materialised.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from .formatting import calibration_ids
+from .hf_backend import SiteCache, rows
+from .models import ModelInfo
+from .subspace import Site, Subspace, new_manifest, site_key
+from .tasks import Example, Kind
+
+Method = Literal["gradient", "random", "activation-pca"]
+
+
+@dataclass
+class CalibrationConfig:
+    layers: list[int] | None = None  # None: the paper's middle and last layers
+    kinds: tuple[str, ...] = ("k", "v")
+    granularity: Literal["layer", "head"] = "layer"
+    method: Method = "gradient"
+    rank: int | None = None  # None: `energy` if set, else half the group width (the paper's d/2)
+    energy: float | None = None
+    batch_size: int = 4
+    seed: int = 0
+
+    def rank_rule(self) -> str:
+        if self.rank is not None:
+            return f"fixed:{self.rank}"
+        return f"energy:{self.energy}" if self.energy is not None else "d/2"
+
+
+def default_layers(n_layers: int) -> list[int]:
+    return sorted({n_layers // 2, n_layers - 1})
+
+
+def choose_rank(eigenvalues: torch.Tensor, cfg: CalibrationConfig) -> int:
+    """Eigenvalues descending. A fixed rank, the smallest rank holding `energy`, or d/2."""
+    width = eigenvalues.numel()
+    if cfg.rank is not None:
+        return cfg.rank
+    if cfg.energy is not None:
+        total = eigenvalues.clamp(min=0).sum()
+        if total <= 0:
+            return 1
+        frac = eigenvalues.clamp(min=0).cumsum(0) / total
+        return min(width, int((frac < cfg.energy - 1e-12).sum().item()) + 1)
+    return max(1, width // 2)
+
+
+def batches(tok, kind: Kind, examples: list[Example], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[list[int]]]]:
+    """Right-padded (ids, attention mask, span positions per row) batches."""
+    encoded = [calibration_ids(tok, kind, ex) for ex in examples]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in chunk])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
+        yield ids, mask, [p for _, p in chunk]
+
+
+def span_loss(logits: torch.Tensor, ids: torch.Tensor, spans: list[list[int]]) -> torch.Tensor:
+    """Sum over rows of each row's mean NLL on its span tokens (rows stay independent)."""
+    total = logits.new_zeros(())
+    for b, pos in enumerate(spans):
+        p = torch.tensor(pos)
+        logp = torch.log_softmax(logits[b, p - 1].float(), dim=-1)
+        total = total - logp.gather(1, ids[b, p][:, None]).mean()
+    return total
+
+
+def site_rows(model, ids: torch.Tensor, mask: torch.Tensor, spans: list[list[int]], sites: list[Site],
+              method: Method) -> dict[Site, torch.Tensor]:
+    """Rows at each site for one batch: span-loss gradients (or the activations themselves for
+    `activation-pca`), (n_valid_tokens, n_kv_heads * head_dim)."""
+    layers = {layer for layer, _ in sites}
+    seen: dict[Site, torch.Tensor] = {}
+
+    def site_fn(layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer not in layers:
+            return k, v
+        if method == "activation-pca":
+            seen[(layer, "k")], seen[(layer, "v")] = k.detach(), v.detach()
+            return k, v
+        # a zero probe added at the site: d loss / d probe is the total derivative w.r.t. K (V),
+        # including paths through later target layers, and the backward pass stops here
+        pk = torch.zeros_like(k, requires_grad=True)
+        pv = torch.zeros_like(v, requires_grad=True)
+        seen[(layer, "k")], seen[(layer, "v")] = pk, pv
+        return k + pk, v + pv
+
+    cache = SiteCache(model.config, site_fn)
+    with torch.set_grad_enabled(method == "gradient"):
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        if method == "gradient":
+            grads = torch.autograd.grad(span_loss(logits, ids, spans), [seen[s] for s in sites])
+            tensors = dict(zip(sites, grads))
+        else:
+            tensors = {s: seen[s] for s in sites}
+    valid = mask.reshape(-1).bool()
+    return {s: rows(t.detach())[valid] for s, t in tensors.items()}
+
+
+def top_eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, >= 0) and eigenvectors of a symmetric PSD matrix."""
+    vals, vecs = torch.linalg.eigh(gram)
+    return vals.flip(0).clamp(min=0), vecs.flip(1)
+
+
+def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], name: str, cfg: CalibrationConfig,
+              data: str = "", data_sha256: str = "", progress: Callable[[int], None] | None = None) -> Subspace:
+    """Run calibration and return a validated-shape pack (not yet saved)."""
+    if cfg.method == "random" and cfg.energy is not None:
+        raise ValueError("a random subspace has no spectrum: give it a fixed rank, not an energy fraction")
+    layers = cfg.layers if cfg.layers is not None else default_layers(info.n_layers)
+    bad = [layer for layer in layers if not 0 <= layer < info.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{info.n_layers - 1}")
+    sites = [(layer, k) for layer in sorted(set(layers)) for k in cfg.kinds]
+    groups = info.n_kv_heads if cfg.granularity == "head" else 1
+    width = info.kv_width // groups
+    if cfg.rank is not None and not 1 <= cfg.rank <= width:
+        raise ValueError(f"rank {cfg.rank} is outside 1..{width} (the width of one {cfg.granularity} group)")
+    if cfg.energy is not None and not 0 < cfg.energy <= 1:
+        raise ValueError(f"energy {cfg.energy} must be in (0, 1]")
+
+    started = time.perf_counter()
+    grams = {s: torch.zeros(groups, width, width, dtype=torch.float64) for s in sites}
+    n_rows = 0
+    if cfg.method != "random":
+        for p in model.parameters():
+            p.requires_grad_(False)  # gradients w.r.t. K/V only: no weight gradients
+        for ids, mask, spans in batches(tok, kind, examples, cfg.batch_size):
+            for s, r in site_rows(model, ids, mask, spans, sites, cfg.method).items():
+                g = r.double().reshape(r.shape[0], groups, width).transpose(0, 1)  # (G, n, w)
+                grams[s] += g.transpose(1, 2) @ g
+            n_rows += int(mask.sum())
+            if progress:
+                progress(len(spans))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bases: dict[Site, list[torch.Tensor]] = {}
+    spectra: dict[Site, list[torch.Tensor]] = {}
+    for s in sites:
+        for g in range(groups):
+            if cfg.method == "random":
+                r = choose_rank(torch.zeros(width), cfg)
+                basis = torch.linalg.qr(torch.randn(width, r, generator=gen, dtype=torch.float64)).Q
+                spectrum = torch.zeros(width, dtype=torch.float64)
+            else:
+                vals, vecs = top_eigen(grams[s][g])
+                r = choose_rank(vals, cfg)
+                basis, spectrum = vecs[:, :r], vals.sqrt()
+            bases.setdefault(s, []).append(basis.float())
+            spectra.setdefault(s, []).append(spectrum.float())
+
+    manifest = new_manifest(
+        name, info, layers=sorted(set(layers)), kinds=list(cfg.kinds), granularity=cfg.granularity,
+        method=cfg.method, task_kind=kind, rank_rule=cfg.rank_rule(),
+        ranks={site_key(*s): [b.shape[1] for b in bases[s]] for s in sites},
+        calibration=dict(data=data, data_sha256=data_sha256, n_examples=len(examples), n_rows=n_rows,
+                         seconds=round(time.perf_counter() - started, 3)),
+    )
+    return Subspace(manifest, bases, spectra)
+
+
+def participation_ratio(spectrum: torch.Tensor) -> float:
+    """(sum lambda)^2 / sum lambda^2 of the Gram eigenvalues (= singular values squared)."""
+    ev = spectrum.double() ** 2
+    denom = (ev**2).sum().item()
+    return (ev.sum().item() ** 2) / denom if denom > 0 else math.nan

@@ -1,0 +1,216 @@
+"""Task kinds: how a prompt is shown to the model, which answer tokens decide correctness,
+and how a completion is scored.
+
+A kind answers four questions about an `Example`:
+  * `user_message`      - the text the model is asked (before any chat template);
+  * `correctness_span`  - character offsets, inside the gold answer, of the tokens whose
+                          prediction decides correctness (the calibration loss uses only these);
+  * `extract`           - the answer a completion gives (None when it gives none);
+  * `score`             - whether a completion is correct.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+Kind = Literal["math", "mcq", "code", "custom"]
+KINDS: tuple[str, ...] = ("math", "mcq", "code", "custom")
+
+# Delimiters a `custom` answer may use to mark its correctness span instead of offsets.
+SPAN_OPEN, SPAN_CLOSE = "[[", "]]"
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Where an mcq text states its letter, most explicit first; the gold span and `extract` share them.
+_MCQ_PATTERNS = (r"answer is\s*:?\s*\(?([A-Z])\b\)?", r"^\s*\(?([A-Z])\)?(?:[\s.:)]|$)", r"\(([A-Z])\)")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item of a data set. `answer` is the gold completion (None for bare generation prompts);
+    `span` are character offsets of the correctness span inside `answer` (None: the kind finds it)."""
+
+    id: str
+    prompt: str
+    answer: str | None = None
+    span: tuple[int, int] | None = None
+    tests: str | None = None  # code: test source defining `check(candidate)`
+    entry_point: str | None = None  # code: the function the tests call
+    options: tuple[str, ...] = field(default=())  # mcq: option texts, lettered A, B, ...
+
+
+class TaskError(ValueError):
+    """An example that the kind cannot handle (no span, no tests, ...)."""
+
+
+def check_kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise TaskError(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
+def letter(i: int) -> str:
+    return _LETTERS[i]
+
+
+# ---------------------------------------------------------------- prompt text
+
+
+def user_message(kind: Kind, ex: Example) -> str:
+    if kind == "mcq" and ex.options:
+        opts = "\n".join(f"({letter(i)}) {o}" for i, o in enumerate(ex.options))
+        return f"{ex.prompt}\nOptions:\n{opts}\nAnswer with the letter of the correct option."
+    if kind == "math":
+        return f"{ex.prompt}\nSolve step by step and end with '#### <number>'."
+    if kind == "code":
+        return f"Complete this Python function. Reply with the whole function in a code block.\n\n{ex.prompt}"
+    return ex.prompt
+
+
+def stop_strings(kind: Kind) -> list[str]:
+    """Truncation-based decoding: where a completion of this kind ends (beyond EOS)."""
+    return {"math": ["\n\n\n"], "mcq": ["\n\n"], "code": ["\n```\n", "\nif __name__"], "custom": []}[kind]
+
+
+# ---------------------------------------------------------------- correctness span
+
+
+def correctness_span(kind: Kind, ex: Example) -> tuple[int, int]:
+    """Character offsets [start, end) of the correctness span inside `ex.answer`."""
+    if ex.answer is None:
+        raise TaskError(f"example {ex.id!r} has no gold answer, so it has no correctness span")
+    a = ex.answer
+    if ex.span is not None:
+        s, e = ex.span
+        if not (0 <= s < e <= len(a)):
+            raise TaskError(f"example {ex.id!r}: span {ex.span} is outside its answer (length {len(a)})")
+        return s, e
+    if kind == "math":
+        m = None
+        for pat in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
+            m = re.search(pat, a, flags=re.IGNORECASE)
+            if m:
+                break
+        if m is None:
+            matches = list(re.finditer(_NUMBER, a))
+            m = matches[-1] if matches else None
+            if m is None:
+                raise TaskError(f"example {ex.id!r}: math answer has no number: {a[:60]!r}")
+            return m.start(), m.end()
+        return m.start(1), m.end(1)
+    if kind == "mcq":
+        m = None
+        for pat in _MCQ_PATTERNS:
+            m = re.search(pat, a, flags=re.MULTILINE)
+            if m:
+                break
+        if m is None:
+            raise TaskError(f"example {ex.id!r}: mcq answer has no option letter: {a[:60]!r}")
+        return m.start(1), m.end(1)
+    if kind == "code":
+        body = code_body_offsets(a)
+        if body is None:
+            raise TaskError(f"example {ex.id!r}: code answer has no function body")
+        return body
+    raise TaskError(
+        f"example {ex.id!r}: a custom answer needs a span (offsets, or {SPAN_OPEN}...{SPAN_CLOSE} in the answer)"
+    )
+
+
+def code_body_offsets(answer: str) -> tuple[int, int] | None:
+    """The solution body: after the last outermost `def ...:` line (a helper nested inside the solution
+    is part of the body), else the whole non-blank answer."""
+    defs = list(re.finditer(r"^([ \t]*)def [^\n]*:[ \t]*\n", answer, flags=re.MULTILINE))
+    outer = min((len(m.group(1)) for m in defs), default=0)
+    outermost = [m for m in defs if len(m.group(1)) == outer]
+    start = outermost[-1].end() if outermost else 0
+    # skip a docstring right after the signature: it restates the prompt, not the solution
+    doc = re.match(r'[ \t]*("""|\'\'\')(.*?)\1[ \t]*\n', answer[start:], flags=re.DOTALL)
+    if doc:
+        start += doc.end()
+    end = len(answer.rstrip())
+    fence = answer.rfind("```", start)
+    if fence != -1:
+        end = len(answer[:fence].rstrip())
+    while start < end and answer[start] in "\n":
+        start += 1
+    return (start, end) if start < end else None
+
+
+def split_span_markers(answer: str) -> tuple[str, tuple[int, int] | None]:
+    """`custom` data may mark the span inline as [[...]]: return the clean answer and the span."""
+    s = answer.find(SPAN_OPEN)
+    if s == -1:
+        return answer, None
+    e = answer.find(SPAN_CLOSE, s + len(SPAN_OPEN))
+    if e == -1:
+        raise TaskError(f"answer has {SPAN_OPEN} without {SPAN_CLOSE}")
+    clean = answer[:s] + answer[s + len(SPAN_OPEN) : e] + answer[e + len(SPAN_CLOSE) :]
+    if e - s - len(SPAN_OPEN) <= 0:
+        raise TaskError("the marked span is empty")
+    return clean, (s, e - len(SPAN_OPEN))
+
+
+# ---------------------------------------------------------------- extraction and scoring
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", ""))
+    except ValueError:
+        return None
+
+
+def extract(kind: Kind, completion: str) -> str | None:
+    if kind == "math":
+        for pat in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
+            m = re.search(pat, completion, flags=re.IGNORECASE)
+            if m:
+                return m.group(1).replace(",", "").replace("$", "")
+        nums = re.findall(_NUMBER, completion)
+        return nums[-1].replace(",", "").replace("$", "") if nums else None
+    if kind == "mcq":
+        for pat in _MCQ_PATTERNS:
+            m = re.search(pat, completion, flags=re.MULTILINE)
+            if m:
+                return m.group(1)
+        return None
+    if kind == "code":
+        blocks = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
+        return blocks[0] if blocks else completion
+    return completion.strip()
+
+
+def score(kind: Kind, ex: Example, completion: str, timeout: float = 10.0) -> bool:
+    got = extract(kind, completion)
+    if got is None:
+        return False
+    if kind == "math":
+        s, e = correctness_span(kind, ex)
+        want, have = _number(ex.answer[s:e]), _number(got)  # type: ignore[index]
+        return want is not None and have is not None and abs(want - have) < 1e-6
+    if kind == "mcq":
+        s, e = correctness_span(kind, ex)
+        return got == ex.answer[s:e]  # type: ignore[index]
+    if kind == "code":
+        from .sandbox import run_tests
+
+        if not ex.tests or not ex.entry_point:
+            raise TaskError(f"example {ex.id!r}: code scoring needs tests and an entry point")
+        program = got if re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", got) else ex.prompt + got
+        return run_tests(program, ex.tests, ex.entry_point, timeout=timeout)
+    s, e = correctness_span(kind, ex)
+    return " ".join(ex.answer[s:e].split()).lower() in " ".join(got.split()).lower()  # type: ignore[index]
+
+
+def accuracy_interval(hits: Sequence[bool], z: float = 1.96) -> tuple[float, float, float]:
+    """Accuracy with a Wilson 95% interval (sound near 0 and 1, unlike the normal interval)."""
+    n = len(hits)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    p = sum(hits) / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
