@@ -161,8 +161,8 @@ def cmd_eval(args) -> None:
         _load_modes(backend, args, capability)
         adapter = None
         if args.adapter:
-            backend.load_adapter("eval", args.adapter)
-            adapter = "eval"
+            backend.load_adapter("cli-adapter", args.adapter)
+            adapter = "cli-adapter"
         with _bar(len(examples), f"evaluating {args.metric}") as bar:
             if args.metric == "accuracy":
                 res = accuracy(backend, args.kind, examples, capability=capability, strength=args.strength,
