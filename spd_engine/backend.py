@@ -26,6 +26,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False  # always produce max_tokens tokens (benchmarks: equal work per arm)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -138,7 +138,7 @@ class HFBackend(Backend):
         # transformers decodes one setting per call: group by decoding settings, then chunk
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(r.max_tokens, r.temperature, r.top_p, r.seed)].append(i)
+            groups[(r.max_tokens, r.temperature, r.top_p, r.seed, r.ignore_eos)].append(i)
         out: list[Completion | None] = [None] * len(requests)
         with self._lock:
             for idx in groups.values():
@@ -174,7 +174,8 @@ class HFBackend(Backend):
         with torch.no_grad():
             seqs = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, past_key_values=cache,
-                max_new_tokens=first.max_tokens, do_sample=first.temperature > 0,
+                max_new_tokens=first.max_tokens, min_new_tokens=first.max_tokens if first.ignore_eos else None,
+                do_sample=first.temperature > 0,
                 temperature=first.temperature if first.temperature > 0 else None,
                 top_p=first.top_p if first.temperature > 0 else None, top_k=None,
                 pad_token_id=pad, eos_token_id=eos,
