@@ -12,39 +12,28 @@ from pathlib import Path
 from typing import Callable
 
 from .backend import Backend, GenerationRequest
+from .data import DataError, jsonl_rows
 from .formatting import text_prompt_ids
 from .tasks import Example, Kind, stop_strings, user_message
 
 
-class CorpusError(ValueError):
-    pass
-
-
 def read_corpus(path: Path, *, repair: bool = False) -> list[dict]:
     """Rows of a corpus file. A torn last line (no newline) is dropped, and with `repair` also
-    cut from the file; any other bad line is an error naming the line."""
+    cut from the file; any other bad line is a DataError naming the line."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    torn = lines[-1] != b""
-    good_end = len(raw) - len(lines[-1])
-    out = []
-    for n, line in enumerate(lines[:-1], 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("id", "prompt", "completion")):
-            raise CorpusError(f"{path}:{n}: a corpus row needs string fields id, prompt, completion")
-        out.append(row)
-    if torn and repair:
+    good_end = raw.rfind(b"\n") + 1  # everything after the last newline is a torn write
+    rows = []
+    for n, row in jsonl_rows(path, raw[:good_end].decode("utf-8"), allow_empty=True):
+        if not all(isinstance(row.get(k), str) for k in ("id", "prompt", "completion")):
+            raise DataError(f"{path}:{n}: a corpus row needs string fields id, prompt, completion")
+        rows.append(row)
+    if repair and good_end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good_end)
-    return out
+    return rows
 
 
 def generate_corpus(backend: Backend, kind: Kind, examples: list[Example], out: Path, *,
@@ -64,7 +53,7 @@ def generate_corpus(backend: Backend, kind: Kind, examples: list[Example], out: 
     done_rows = read_corpus(out, repair=True)
     for row in done_rows[:1]:
         if row.get("provenance") != provenance:
-            raise CorpusError(f"{out} was generated with other settings ({row.get('provenance')}); use a new file")
+            raise DataError(f"{out} was generated with other settings ({row.get('provenance')}); use a new file")
     done = {r["id"] for r in done_rows}
     todo = [ex for ex in examples if ex.id not in done]
     if progress and done:

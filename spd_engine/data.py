@@ -91,7 +91,7 @@ def load_examples(source: str | Path, kind: str, limit: int | None = None) -> li
         if path.suffix == ".json":
             examples = _load_bigbench(path, k)
         else:
-            rows = _jsonl_rows(path, _read_text(path))
+            rows = jsonl_rows(path, _read_text(path))
             if "question" in rows[0][1]:
                 examples = _load_gsm8k(path, rows, k)
             else:
@@ -283,7 +283,7 @@ def _load_humaneval(kind: Kind) -> list[Example]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     examples: list[Example] = []
-    for lineno, row in _jsonl_rows(path, text):
+    for lineno, row in jsonl_rows(path, text):
         where = f"{path}:{lineno}"
         task_id, prompt, solution, test, entry_point = (_required_str(row, f, where) for f in _HUMANEVAL_FIELDS)
         ex = Example(
@@ -303,7 +303,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_rows(path: Path, text: str, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each non-blank line. Splits on '\\n' only: JSON strings may
     hold raw U+2028 and friends, which `str.splitlines` would break on."""
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -317,7 +317,7 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append((lineno, row))
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError(f"{path}: no examples")
     return rows
 

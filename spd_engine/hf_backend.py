@@ -87,18 +87,21 @@ class HFBackend(Backend):
         self.batch_size = batch_size
         self.bank = ProjectionBank()
         self._adapters: dict[str, str] = {}
-        self._lock = threading.Lock()  # one generate at a time; bank swaps are atomic references
+        self._lock = threading.Lock()  # one generate (or adapter change) at a time
+        self._bank_lock = threading.Lock()  # bank swaps never lose a concurrent add/remove
 
     # ---------------------------------------------------------------- modes and adapters
 
     def add_subspace(self, pack: Subspace) -> None:
         pack.check_model(self.model_info)
-        self.bank = self.bank.with_mode(pack)
+        with self._bank_lock:
+            self.bank = self.bank.with_mode(pack)
 
     def remove_subspace(self, name: str) -> None:
-        if name not in self.bank.modes:
-            raise KeyError(f"no capability named {name!r} is loaded")
-        self.bank = self.bank.without_mode(name)
+        with self._bank_lock:
+            if name not in self.bank.modes:
+                raise KeyError(f"no capability named {name!r} is loaded")
+            self.bank = self.bank.without_mode(name)
 
     def capabilities(self) -> list[str]:
         return sorted(self.bank.modes)
@@ -158,10 +161,10 @@ class HFBackend(Backend):
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs])
         attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs])
-        bank = self.bank
-        for r in reqs:
-            bank = bank.with_capability(r.capability)
-        self.bank = bank  # keep first-seen compositions for later requests
+        with self._bank_lock:  # first-seen compositions get a slot, kept for later requests
+            for r in reqs:
+                self.bank = self.bank.with_capability(r.capability)
+            bank = self.bank  # this batch keeps this bank even if modes change meanwhile
         slot = torch.tensor([bank.slot(r.capability) for r in reqs])
         strength = torch.tensor([r.strength for r in reqs], dtype=torch.float32)
         cache = SiteCache(self.model.config, projector(bank, slot, strength))
