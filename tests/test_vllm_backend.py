@@ -1,0 +1,306 @@
+"""The vLLM backend and its plugin on the real bundled model (float32, greedy): the projection in
+vLLM's KV-cache write gives the transformers backend's tokens, rows of one continuous batch do
+not interact, the prefix cache never crosses modes, and modes come and go in a running engine.
+
+One in-process eager engine serves the whole module. Set SPD_TEST_VLLM_COMPILED=1 to also run the
+compiled-vs-eager test (a compiled start takes minutes here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from spd_engine.backend import GenerationRequest  # noqa: E402
+from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
+from spd_engine.data import load_examples, resolve_data  # noqa: E402
+from spd_engine.formatting import text_prompt_ids  # noqa: E402
+from spd_engine.subspace import PackError  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = ["What is 12 plus 7?", "Tom has 3 apples and buys 5 more. How many now?", "Name a primary colour."]
+A, B, C = "v-math", "v-rand", "v-late"
+
+
+@pytest.fixture(scope="module")
+def packs(hf_backend):
+    """A: gradient subspace from 4 GSM8K items; B, C: random subspaces; all rank 16, layers 15, 29."""
+    be = hf_backend
+    gsm = load_examples(resolve_data("gsm8k"), "math", limit=4)
+    made = {
+        A: calibrate(be.model, be.tokenizer, be.model_info, "math", gsm, A, CalibrationConfig(rank=16)),
+        B: calibrate(be.model, be.tokenizer, be.model_info, "math", gsm, B, CalibrationConfig(rank=16, method="random")),
+        C: calibrate(be.model, be.tokenizer, be.model_info, "math", gsm, C,
+                     CalibrationConfig(rank=8, method="random", seed=1)),
+    }
+    for p in made.values():
+        if p.name in be.capabilities():
+            be.remove_subspace(p.name)
+        be.add_subspace(p)
+    return made
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, bundled_path):
+    """A PEFT LoRA adapter (q/k/v/o, r 8) with random nonzero B, so it changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    from spd_engine import models
+
+    model, _ = models.load(bundled_path)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    path = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_be(tmp_path_factory, bundled_path, packs, adapter_dir):
+    from server.vllm_backend import VLLMBackend
+
+    be = VLLMBackend(str(bundled_path), store=tmp_path_factory.mktemp("store"))
+    be.add_subspace(packs[A])
+    be.add_subspace(packs[B])
+    be.load_adapter("lora", str(adapter_dir))
+    yield be
+    be.close()
+
+
+def _ids(tok, i):
+    return text_prompt_ids(tok, PROMPTS[i])
+
+
+def _req(tok, i, cap=(), strength=1.0, adapter=None, n=24):
+    return GenerationRequest(_ids(tok, i), capability=cap, strength=strength, adapter=adapter, max_tokens=n)
+
+
+_STOCK = """
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from server import vllm_plugin
+llm = LLM(model=ARGS["model"], dtype="float32", enforce_eager=True, distributed_executor_backend="uni", seed=0,
+          max_model_len=2048)
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ARGS["prompts"]],
+                    SamplingParams(max_tokens=ARGS["n"], temperature=0.0), use_tqdm=False)
+RESULT = {"patched": vllm_plugin.is_active(), "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+"""
+
+_COMPILED = """
+from server.vllm_backend import VLLMBackend
+from spd_engine.backend import GenerationRequest
+from spd_engine.subspace import Store
+be = VLLMBackend(ARGS["model"], store=ARGS["store"], enforce_eager=False, max_loras=0)
+for name in ARGS["modes"]:
+    be.add_subspace(Store(ARGS["store"]).load(name))
+RESULT = [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])}) for r in ARGS["requests"]])]
+"""
+
+
+def _in_fresh_process(code: str, args: dict, **env: str):
+    """Run `code` (reads ARGS, sets RESULT) in a new Python process: a second engine, isolated."""
+    script = f"import json, sys\nARGS = json.loads(sys.argv[1])\n{code}\nprint('RESULT', json.dumps(RESULT))\n"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def _stock_vllm_tokens(model, prompts, n):
+    """Greedy tokens of vLLM with the plugin not loaded (VLLM_PLUGINS allow-lists other names)."""
+    out = _in_fresh_process(_STOCK, {"model": str(model), "prompts": prompts, "n": n}, VLLM_PLUGINS="none")
+    assert not out["patched"], "the plugin was loaded in the stock-vLLM run"
+    return out["tokens"]
+
+
+def test_no_mode_and_strength_zero_give_stock_vllms_tokens_even_beside_a_projected_row(vllm_be, bundled_path):
+    tok = vllm_be.tokenizer
+    stock = _stock_vllm_tokens(bundled_path, [_ids(tok, i) for i in range(3)], 24)
+    eos = tok.eos_token_id
+    stock = [s[:-1] if s and s[-1] == eos else s for s in stock]
+    # in one batch: plain rows, strength-0 rows, and a projected row that must not touch them
+    outs = vllm_be.generate([_req(tok, 0), _req(tok, 1), _req(tok, 2), _req(tok, 0, (A,), 0.0),
+                             _req(tok, 1, (A, B), 0.0), _req(tok, 1, (B,))])
+    assert [o.token_ids for o in outs[:3]] == stock
+    assert outs[3].token_ids == stock[0] and outs[4].token_ids == stock[1]
+    assert outs[5].token_ids != stock[1]  # the projected row really was projected
+
+
+def test_with_a_mode_vllm_gives_the_transformers_backends_greedy_tokens(vllm_be, hf_backend, packs):
+    tok = vllm_be.tokenizer
+    reqs = [_req(tok, i, cap, s) for i in range(3) for cap, s in (((A,), 1.0), ((B,), 1.0), ((B,), 0.5), ((A, B), 1.0))]
+    v, h = vllm_be.generate(reqs), hf_backend.generate(reqs)
+    for r, a, b in zip(reqs, v, h):
+        assert a.token_ids == b.token_ids, f"{r.capability}@{r.strength} on {tok.decode(r.prompt_ids)!r}"
+    base = vllm_be.generate([_req(tok, i) for i in range(3)])
+    assert sum(a.token_ids != b.token_ids for a, b in zip(v, base * 4)) >= 3  # the modes change outputs
+
+
+def test_every_request_of_a_mixed_batch_equals_its_solo_run(vllm_be):
+    tok = vllm_be.tokenizer
+    mixed = [_req(tok, 1, (A,)), _req(tok, 1, (B,)), _req(tok, 0, (A, B)), _req(tok, 1),
+             _req(tok, 1, adapter="lora"), _req(tok, 1, (B,), adapter="lora"), _req(tok, 2, (A,), 0.5)]
+    together = vllm_be.generate(mixed)
+    alone = [vllm_be.generate([r])[0] for r in mixed]
+    for r, t, a in zip(mixed, together, alone):
+        assert t.token_ids == a.token_ids, f"{r.capability}/{r.adapter} differs in a mixed batch"
+    base, lora, lora_b = together[3], together[4], together[5]
+    assert lora.token_ids != base.token_ids and lora_b.token_ids != lora.token_ids  # adapter and mode both act
+
+
+def test_same_long_prompt_under_two_modes_never_reuses_the_other_modes_kv_blocks(vllm_be, packs):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from server.vllm_backend import cache_salt
+    from server.vllm_plugin import extra_args_for
+
+    tok = vllm_be.tokenizer
+    long_text = " ".join(ex.prompt for ex in load_examples(resolve_data("gsm8k"), "math", limit=6))
+    ids = text_prompt_ids(tok, long_text + "\nWhat is the first number above?")
+    assert len(ids) > 2 * 128  # spans full prefix-cache blocks (128 tokens on CPU)
+
+    def raw(cap, salted):
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        if salted:
+            prompt["cache_salt"] = cache_salt([packs[n] for n in cap], 1.0)
+        sp = SamplingParams(max_tokens=16, temperature=0.0, extra_args=extra_args_for(cap, 1.0))
+        out = vllm_be.llm.generate(prompt, sp, use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+    vllm_be.llm.reset_prefix_cache()
+    own_b, cached = raw((B,), salted=True)
+    assert cached == 0
+    vllm_be.llm.reset_prefix_cache()
+    # the hazard the salt exists for: without it, mode B reuses blocks written under mode A
+    raw((A,), salted=False)
+    leaked_b, cached = raw((B,), salted=False)
+    assert cached >= 128 and leaked_b != own_b
+    # through the backend (salted): A then B on the same prompt, each gets its own tokens
+    a1, b1 = (vllm_be.generate([GenerationRequest(ids, capability=(m,), max_tokens=16)])[0] for m in (A, B))
+    assert b1.token_ids == own_b[: len(b1.token_ids)]
+    assert a1.token_ids != b1.token_ids
+    # and a mode still reuses its own blocks
+    again, cached = raw((B,), salted=True)
+    assert again == own_b and cached >= 128
+
+
+def test_a_mode_added_to_the_running_engine_serves_the_next_request(vllm_be, hf_backend, packs):
+    tok = vllm_be.tokenizer
+    assert C not in vllm_be.capabilities()
+    vllm_be.add_subspace(packs[C])
+    req = _req(tok, 1, (C,))
+    assert vllm_be.generate([req])[0].token_ids == hf_backend.generate([req])[0].token_ids
+    assert C in vllm_be.engine.collective_rpc("spd_modes")[0]
+
+
+def test_removing_a_mode_fails_its_requests_clearly_and_leaves_the_others_alone(vllm_be, packs):
+    tok = vllm_be.tokenizer
+    if C not in vllm_be.capabilities():
+        vllm_be.add_subspace(packs[C])
+    others = [_req(tok, 1, (A,)), _req(tok, 1)]
+    before = vllm_be.generate(others)
+    vllm_be.remove_subspace(C)
+    with pytest.raises(KeyError, match=f"unknown capability '{C}'"):
+        vllm_be.generate([_req(tok, 1, (C,)), *others])
+    after = vllm_be.generate(others)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+    assert C not in vllm_be.engine.collective_rpc("spd_modes")[0]
+
+
+def test_a_request_in_flight_keeps_its_mode_when_the_mode_is_removed(vllm_be, packs):
+    tok = vllm_be.tokenizer
+    vllm_be.add_subspace(packs[C])
+    req = _req(tok, 1, (C,), n=32)
+    solo = vllm_be.generate([req])[0].token_ids
+    # drive the engine by hand: a few steps, remove the mode, then finish
+    vllm_be._submit("in-flight", req, vllm_be.bank)
+    for _ in range(4):
+        vllm_be.engine.step()
+    vllm_be.remove_subspace(C)
+    out = vllm_be._run({"in-flight"}, None)["in-flight"]
+    assert vllm_be._completion(out).token_ids == solo
+
+
+def test_unknown_capability_or_adapter_is_refused_before_anything_is_scheduled(vllm_be):
+    tok = vllm_be.tokenizer
+    with pytest.raises(KeyError, match=f"unknown capability 'nope'.*{A}"):
+        vllm_be.generate([_req(tok, 0), _req(tok, 0, ("nope",))])
+    with pytest.raises(KeyError, match="unknown adapter 'nope'"):
+        vllm_be.generate([_req(tok, 0, adapter="nope")])
+    assert not vllm_be.engine.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------- plugin pieces without an engine
+
+
+def test_kv_heads_of_each_tensor_parallel_rank_follow_vllms_sharding():
+    from server.vllm_plugin import kv_heads_of_rank
+
+    assert kv_heads_of_rank(3, 0, 1) is None
+    assert [kv_heads_of_rank(4, r, 2) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [kv_heads_of_rank(2, r, 4) for r in range(4)] == [[0], [0], [1], [1]]  # replicated heads
+
+
+def test_under_tensor_parallelism_head_packs_project_the_ranks_heads_and_layer_packs_are_refused(
+        hf_backend, packs, tmp_path):
+    from server.vllm_plugin import WorkerModes
+    from spd_engine.projection import project
+    from spd_engine.subspace import Store
+
+    be = hf_backend
+    gsm = load_examples(resolve_data("gsm8k"), "math", limit=2)
+    head = calibrate(be.model, be.tokenizer, be.model_info, "math", gsm, "v-head",
+                     CalibrationConfig(rank=8, method="random", granularity="head", layers=[15]))
+    for p in (head, packs[B]):
+        Store(tmp_path).save(p)
+    rank1 = WorkerModes(be.model_info, [1], tmp_path)  # this rank holds KV head 1 only
+    rank1.add("v-head")
+    x = torch.randn(5, 1, be.model_info.head_dim)
+    got = rank1.bank.apply((15, "k"), x, torch.zeros(5, dtype=torch.long), torch.ones(5))
+    assert torch.allclose(got.reshape(5, -1), project(x.reshape(5, -1), head.bases[(15, "k")][1]), atol=1e-5)
+    with pytest.raises(PackError, match="layer granularity.*tensor parallelism"):
+        rank1.add(B)
+
+
+def test_request_arguments_are_validated_with_clear_messages(monkeypatch, tmp_path, packs):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from server.vllm_plugin import CapabilityValidator, parse_extra_args
+    from spd_engine.subspace import Store
+
+    assert parse_extra_args(None) == ((), 1.0)
+    assert parse_extra_args({"capability": "b", "capability_strength": 0.5}) == (("b",), 0.5)
+    assert parse_extra_args({"capability": ["b", "a", "b"]}) == (("a", "b"), 1.0)
+    Store(tmp_path).save(packs[A])
+    monkeypatch.setenv("SPD_STORE_DIR", str(tmp_path))
+    CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": A}))
+    with pytest.raises(VLLMValidationError, match=f"unknown capability 'zzz'.*{A}"):
+        CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": ["zzz", A]}))
+    with pytest.raises(VLLMValidationError, match=r"capability_strength must be a number in \[0, 1\]"):
+        CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": A, "capability_strength": 2}))
+
+
+@pytest.mark.skipif(not os.environ.get("SPD_TEST_VLLM_COMPILED"), reason="set SPD_TEST_VLLM_COMPILED=1 (minutes)")
+def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):
+    tok = vllm_be.tokenizer
+    reqs = [_req(tok, 1, (A,)), _req(tok, 0), _req(tok, 1, (A, B), 0.5)]
+    eager = [o.token_ids for o in vllm_be.generate(reqs)]
+    args = {"model": str(bundled_path), "store": str(vllm_be.store.root), "modes": [A, B],
+            "requests": [{"prompt_ids": r.prompt_ids, "capability": list(r.capability), "strength": r.strength,
+                          "max_tokens": r.max_tokens} for r in reqs]}
+    assert _in_fresh_process(_COMPILED, args) == eager
