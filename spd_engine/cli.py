@@ -169,7 +169,7 @@ def cmd_eval(args) -> None:
                                adapter=adapter, max_tokens=args.max_tokens, progress=bar.update)
             else:
                 res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=args.strength,
-                                    batch_size=args.batch_size, progress=bar.update)
+                                    adapter=adapter, batch_size=args.batch_size, progress=bar.update)
     finally:
         backend.close()
     summary = {**res.summary(), "data": args.data, "kind": args.kind, "capability": list(capability),
@@ -203,6 +203,13 @@ def cmd_subspace(args) -> None:
     print(json.dumps({site: {"min_deg": round(min(v), 3), "mean_deg": round(sum(v) / len(v), 3),
                              "max_deg": round(max(v), 3), "angles_deg": [round(x, 3) for x in v]}
                       for site, v in angles.items()}, indent=2))
+
+
+def cmd_experiment(args) -> None:
+    from .experiment import run_experiment
+
+    root = run_experiment(Path(args.config), Path(args.out))
+    print(json.dumps({"report": str(root / "report.md"), "json": str(root / "report.json")}, indent=2))
 
 
 def cmd_demo(args) -> None:
@@ -296,6 +303,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--store")
     s.set_defaults(func=cmd_subspace)
 
+    sub.add_parser("serve", add_help=False, help="run the OpenAI-compatible server (spd serve --help)")
+
+    x = sub.add_parser("experiment", help="run an SPD experiment (conditions x domains) from a TOML config")
+    x.add_argument("config", help="experiment config (TOML), e.g. experiments/math-mcq.toml")
+    x.add_argument("--out", default="results", help="results directory (default ./results)")
+    x.set_defaults(func=cmd_experiment)
+
+    sub.add_parser("serve", add_help=False, help="run the OpenAI-compatible server (spd serve --help)")
+
     demo = sub.add_parser("demo", help="calibrate a math mode on GSM8K and answer prompts with and without it")
     demo.add_argument("--model", default=models.DEFAULT_MODEL)
     demo.add_argument("--store")
@@ -306,6 +322,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the server owns its flags
+        from server.__main__ import main as serve
+
+        return serve(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "subspace":
         need = {"ls": 0, "show": 1, "angles": 2}[args.action]

@@ -1,0 +1,237 @@
+"""Durable jobs: a SQLite store (WAL) in the data dir, and one worker thread that runs them.
+
+States: queued -> running -> succeeded | failed | cancelled. Queued jobs survive a restart. A job
+found `running` at startup was interrupted by a crash: generation is resumed (its corpus file is
+append-only and resumable), every other kind is marked failed with the reason, and its hidden
+temporary files are removed (artifacts are only ever published by an atomic rename).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("spd.jobs")
+
+INTERRUPTED = "interrupted: the server stopped while it ran"
+RESUMABLE = {"generate"}
+FINAL = {"succeeded", "failed", "cancelled"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, params TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0,
+    result TEXT, error TEXT, artifact TEXT,
+    created REAL NOT NULL, started REAL, finished REAL
+)"""
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+
+    def _exec(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def new_id() -> str:
+        return "job-" + uuid.uuid4().hex[:16]
+
+    def create(self, job_id: str, kind: str, params: dict) -> dict:
+        self._exec("INSERT INTO jobs (id, kind, state, params, created) VALUES (?, ?, 'queued', ?, ?)",
+                   (job_id, kind, json.dumps(params), time.time()))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _public(rows[0]) if rows else None
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        if state:
+            rows = self._exec("SELECT * FROM jobs WHERE state = ? ORDER BY created DESC LIMIT ?", (state, limit))
+        else:
+            rows = self._exec("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
+        return [_public(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {r["state"]: r["n"] for r in self._exec("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+
+    def next_queued(self) -> dict | None:
+        rows = self._exec("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1")
+        return _public(rows[0]) if rows else None
+
+    def update(self, job_id: str, **fields) -> None:
+        for k in ("result", "params"):
+            if k in fields and fields[k] is not None:
+                fields[k] = json.dumps(fields[k])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def transition(self, job_id: str, from_states: set[str], to: str, **fields) -> bool:
+        """Atomically move a job from one of `from_states` to `to`; False when it was elsewhere."""
+        for k in ("result",):
+            if k in fields and fields[k] is not None:
+                fields[k] = json.dumps(fields[k])
+        sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
+        marks = ", ".join("?" * len(from_states))
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({marks})",
+                                   (to, *fields.values(), job_id, *from_states))
+            return cur.rowcount == 1
+
+
+def _public(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["params"] = json.loads(d["params"])
+    d["result"] = json.loads(d["result"]) if d["result"] else None
+    d["progress"] = round(d["done"] / d["total"], 4) if d["total"] else (1.0 if d["state"] == "succeeded" else 0.0)
+    return d
+
+
+class JobContext:
+    """What a running step sees: progress reporting, cancellation, its directory."""
+
+    def __init__(self, store: JobStore, job: dict, directory: Path):
+        self.store, self.job, self.dir = store, job, directory
+        self.id = job["id"]
+        self.cancelled = threading.Event()
+        self.proc = None  # a worker subprocess, killed on cancel
+        self.done, self.total = 0, 0
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self.store.update(self.id, total=total, done=self.done)
+
+    def advance(self, n: int = 1) -> None:
+        self.check()
+        self.done = min(self.total, self.done + n) if self.total else self.done + n
+        self.store.update(self.id, done=self.done)
+
+    def set_done(self, done: int) -> None:
+        self.done = done
+        self.store.update(self.id, done=done)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+
+Runner = Callable[[JobContext], tuple[dict, str | None]]  # -> (result, artifact file name)
+
+
+class Worker:
+    """Runs queued jobs one at a time in a thread of the server process (heavy steps start their
+    own subprocess, so serving is never blocked by training)."""
+
+    def __init__(self, store: JobStore, jobs_dir: Path, runners: dict[str, Runner]):
+        self.store, self.jobs_dir, self.runners = store, Path(jobs_dir), runners
+        self.current: JobContext | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def recover(self) -> None:
+        """After a restart: resume or fail what was running; drop hidden temporaries."""
+        for job in self.store.list(state="running", limit=10_000):
+            if job["kind"] in RESUMABLE:  # its hidden partial corpus is kept and resumed
+                self.store.transition(job["id"], {"running"}, "queued")
+                log.info("job %s resumes after a restart", job["id"])
+                continue
+            else:
+                self.store.transition(job["id"], {"running"}, "failed", error=INTERRUPTED, finished=time.time())
+                log.warning("job %s failed: %s", job["id"], INTERRUPTED)
+            d = self.job_dir(job["id"])
+            if d.is_dir():
+                for p in d.iterdir():
+                    if p.name.startswith("."):
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="spd-job-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.current:
+            self.current.cancel()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False when it had already finished."""
+        if self.store.transition(job_id, {"queued"}, "cancelled", finished=time.time()):
+            return True
+        cur = self.current
+        if cur is not None and cur.id == job_id:
+            cur.cancel()
+            return True
+        return False
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            if not self.store.transition(job["id"], {"queued"}, "running", started=time.time()):
+                continue
+            self._run(job)
+
+    def _run(self, job: dict) -> None:
+        d = self.job_dir(job["id"])
+        d.mkdir(parents=True, exist_ok=True)
+        ctx = JobContext(self.store, job, d)
+        self.current = ctx
+        try:
+            result, artifact = self.runners[job["kind"]](ctx)
+            if ctx.cancelled.is_set():
+                raise Cancelled()
+            self.store.transition(job["id"], {"running"}, "succeeded", result=result, artifact=artifact,
+                                  finished=time.time(), done=ctx.total or ctx.done)
+            log.info("job %s succeeded", job["id"])
+        except Cancelled:
+            self.store.transition(job["id"], {"running"}, "cancelled", error="cancelled by a client", finished=time.time())
+            log.info("job %s cancelled", job["id"])
+        except Exception as e:  # noqa: BLE001 - a failing job must not stop the worker
+            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            if ctx.cancelled.is_set():
+                self.store.transition(job["id"], {"running"}, "cancelled", error="cancelled by a client", finished=time.time())
+            else:
+                self.store.transition(job["id"], {"running"}, "failed", error=f"{type(e).__name__}: {msg}"[:4000],
+                                      finished=time.time())
+                log.warning("job %s failed: %s", job["id"], msg)
+        finally:
+            self.current = None

@@ -1,0 +1,190 @@
+"""OpenAI-compatible completions, chat completions and models, with a capability mode per request."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from spd_engine.backend import Completion, GenerationRequest
+
+from .errors import APIError, not_found
+from .schemas import ChatRequest, CompletionRequest
+
+router = APIRouter(tags=["openai"])
+
+DEFAULT_CHAT_MAX_TOKENS = 256
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+def resolve_model(st, model: str) -> str | None:
+    """None for the base model, else the adapter's name; 404 for anything else."""
+    if model == st.engine.model_id:
+        return None
+    if model in st.engine.backend.adapters():
+        return model
+    raise not_found("model", model, [st.engine.model_id, *st.engine.backend.adapters()], "model")
+
+
+def resolve_capability(st, names: list[str]) -> tuple[str, ...]:
+    known = st.engine.backend.capabilities()
+    for n in names:
+        if n not in known:
+            raise not_found("capability", n, known, "capability")
+    return tuple(sorted(set(names)))
+
+
+def _check_limits(st, n_prompt: int, max_tokens: int, param: str) -> None:
+    s = st.settings
+    if n_prompt > s.max_prompt_tokens:
+        raise APIError(400, f"{param} has {n_prompt} tokens; the limit is {s.max_prompt_tokens}", param,
+                       "context_length_exceeded")
+    if max_tokens > s.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {s.max_tokens_limit}", "max_tokens",
+                       "max_tokens_exceeded")
+
+
+def _gen_request(body, ids: list[int], capability, adapter, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=ids, capability=capability, strength=body.capability_strength if capability else 1.0,
+                             adapter=adapter, max_tokens=max_tokens, temperature=body.temperature,
+                             top_p=body.top_p, seed=body.seed, stop=body.stops())
+
+
+async def _run(st, endpoint: str, reqs: list[GenerationRequest]) -> list[Completion]:
+    cap = "+".join(reqs[0].capability) or "none"
+    started = time.perf_counter()
+    try:
+        out = await st.batcher.submit(reqs)
+    except KeyError as e:  # its mode or adapter was removed while it waited
+        st.metrics.requests.labels(endpoint, cap, "404").inc()
+        raise APIError(404, str(e.args[0]) if e.args else str(e), "capability" if "capability" in str(e) else "model",
+                       "not_found") from None
+    st.metrics.requests.labels(endpoint, cap, "200").inc()
+    st.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    st.metrics.tokens.labels(cap, "prompt").inc(sum(len(r.prompt_ids) for r in reqs))
+    st.metrics.tokens.labels(cap, "completion").inc(sum(len(c.token_ids) for c in out))
+    return out
+
+
+def _spd(st, capability, strength, adapter) -> dict:
+    return {"capability": list(capability), "capability_strength": strength if capability else 0.0,
+            "adapter": adapter, "backend": st.engine.backend.name}
+
+
+def _usage(reqs, outs) -> dict:
+    p, c = sum(len(r.prompt_ids) for r in reqs), sum(len(o.token_ids) for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _deltas(tok, c: Completion) -> list[str]:
+    """The completion's text cut at token boundaries (streaming granularity)."""
+    out, prev = [], ""
+    for i in range(1, len(c.token_ids) + 1):
+        cur = tok.decode(c.token_ids[:i], skip_special_tokens=True)[: len(c.text)]
+        if cur.startswith(prev) and len(cur) > len(prev):
+            out.append(cur[len(prev):])
+            prev = cur
+    if prev != c.text:
+        out.append(c.text[len(prev):] if c.text.startswith(prev) else c.text)
+    return out
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@router.post("/v1/completions", summary="OpenAI-compatible text completion (raw prompt, no chat template)")
+async def completions(body: CompletionRequest, request: Request):
+    st = _state(request)
+    adapter = resolve_model(st, body.model)
+    capability = resolve_capability(st, body.capability_names())
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+    tok = st.engine.backend.tokenizer
+    reqs = []
+    for p in prompts:
+        ids = tok(p).input_ids
+        if not ids:
+            raise APIError(422, "field 'prompt': must not be empty", "prompt", "invalid_field")
+        _check_limits(st, len(ids), max_tokens, "prompt")
+        reqs.append(_gen_request(body, ids, capability, adapter, max_tokens))
+    outs = await _run(st, "completions", reqs)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    spd = _spd(st, capability, body.capability_strength, adapter)
+    if not body.stream:
+        choices = [{"index": i, "text": (prompts[i] if body.echo else "") + o.text, "logprobs": None,
+                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+                "usage": _usage(reqs, outs), "spd": spd}
+
+    def events():
+        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "spd": spd}
+        for i, o in enumerate(outs):
+            if body.echo:
+                yield _sse({**base, "choices": [{"index": i, "text": prompts[i], "logprobs": None, "finish_reason": None}]})
+            for d in _deltas(tok, o):
+                yield _sse({**base, "choices": [{"index": i, "text": d, "logprobs": None, "finish_reason": None}]})
+            yield _sse({**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": o.finish_reason}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(reqs, outs)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False).input_ids
+    return tok("\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:").input_ids
+
+
+@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (the model's chat template)")
+async def chat_completions(body: ChatRequest, request: Request):
+    st = _state(request)
+    adapter = resolve_model(st, body.model)
+    capability = resolve_capability(st, body.capability_names())
+    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+    tok = st.engine.backend.tokenizer
+    ids = chat_prompt_ids(tok, body.messages)
+    _check_limits(st, len(ids), max_tokens, "messages")
+    reqs = [_gen_request(body, ids, capability, adapter, max_tokens)]
+    (out,) = await _run(st, "chat", reqs)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    spd = _spd(st, capability, body.capability_strength, adapter)
+    if not body.stream:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "logprobs": None, "finish_reason": out.finish_reason}],
+                "usage": _usage(reqs, [out]), "spd": spd}
+
+    def events():
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "spd": spd}
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for d in _deltas(tok, out):
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
+        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(reqs, [out])})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/v1/models", summary="The base model and every loaded adapter")
+async def models(request: Request):
+    st = _state(request)
+    created = int(st.started)
+    data = [{"id": st.engine.model_id, "object": "model", "created": created, "owned_by": "spd", "root": None,
+             "parent": None, "capabilities": st.engine.backend.capabilities()}]
+    for a in st.engine.backend.adapters():
+        data.append({"id": a, "object": "model", "created": created, "owned_by": "spd", "root": st.engine.model_id,
+                     "parent": st.engine.model_id})
+    return {"object": "list", "data": data}

@@ -1,0 +1,91 @@
+"""A real SPD server process for the server tests: `python -m server` under uvicorn on 127.0.0.1,
+a free port, temporary store and data dirs, the bundled model and the transformers backend."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+
+CALIBRATION = "\n".join([
+    '{"id": "a", "prompt": "What is 2+3?", "answer": "2+3 = 5. The answer is 5"}',
+    '{"id": "b", "prompt": "What is 4+4?", "answer": "4+4 = 8. The answer is 8"}',
+    '{"id": "c", "prompt": "What is 7-2?", "answer": "7-2 = 5. The answer is 5"}',
+]) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path, api_key: str | None = None, extra: list[str] | None = None):
+        self.root, self.api_key, self.extra = Path(root), api_key, extra or []
+        self.store, self.data = self.root / "store", self.root / "data"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> "Server":
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        env.pop("SPD_API_KEY", None)
+        cmd = [sys.executable, "-m", "server", "--backend", "hf", "--model", MODEL, "--port", str(self.port),
+               "--store", str(self.store), "--data-dir", str(self.data), "--batch-window-ms", "20", *self.extra]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        self.log = open(self.root / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server did not start: {self.tail()}")
+
+    def tail(self) -> str:
+        return (self.root / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self) -> httpx.Client:
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout: float = 300, states=("succeeded", "failed", "cancelled")) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} still {job['state']}")

@@ -1,0 +1,101 @@
+"""Durable jobs against a real server process: a pipeline ends with a hot-loaded adapter that
+changes outputs; kill -9 while a job runs leaves an intact store, a clearly failed job, a
+queued job that runs after the restart, and no partial artifacts."""
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+from server_harness import CALIBRATION, MODEL, Server, wait_job
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = '{"id": "p1", "prompt": "What is 6+1?"}\n{"id": "p2", "prompt": "What is 9-3?"}\n'
+
+
+def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_path):
+    server = Server(tmp_path).start()
+    try:
+        with server.client() as http:
+            r = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
+                "name": "pipe", "task_kind": "math", "calibration": {"data": CALIBRATION},
+                "calibration_params": {"rank": 8}, "prompts": {"data": PROMPTS}, "max_tokens": 12,
+                "epochs": 1, "lr": 0.05, "lora_rank": 8, "adapter_name": "pipe-lora"}})
+            assert r.status_code == 202, r.text
+            job = wait_job(http, r.json()["id"], timeout=400)
+            assert job["state"] == "succeeded", job
+            assert job["progress"] == 1.0 and job["started"] <= job["finished"]
+            assert job["result"]["adapter_loaded"] == "pipe-lora"
+            assert set(job["result"]["evaluate"]) == {"base", "adapter"}
+            assert "pipe" in http.get("/health").json()["capabilities"]
+            tar = http.get(f"/v1/jobs/{job['id']}/artifact")
+            assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
+            corpus = (server.data / "jobs" / job["id"] / "corpus.jsonl").read_text().splitlines()
+            assert len(corpus) == 2
+
+            oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+            msgs = [{"role": "user", "content": "What is 6+1?"}]
+            base = oai.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=12)
+            tuned = oai.chat.completions.create(model="pipe-lora", messages=msgs, temperature=0, max_tokens=12)
+            assert tuned.model_extra["spd"]["adapter"] == "pipe-lora"
+            assert tuned.choices[0].message.content != base.choices[0].message.content
+
+            # a finished job cannot be cancelled; a queued one can, and never runs
+            assert http.delete(f"/v1/jobs/{job['id']}").status_code == 409
+    finally:
+        server.stop()
+
+
+def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_and_leaves_no_partial_pack(tmp_path):
+    server = Server(tmp_path).start()
+    with server.client() as http:
+        first = http.post("/v1/subspaces", json={"name": "first", "kind": "math", "rank": 4,
+                                                 "calibration": {"data": CALIBRATION}}).json()
+        second = http.post("/v1/subspaces", json={"name": "second", "kind": "math", "rank": 4,
+                                                  "calibration": {"data": CALIBRATION}}).json()
+        third = http.post("/v1/subspaces", json={"name": "third", "kind": "math", "rank": 4,
+                                                 "calibration": {"data": CALIBRATION}}).json()
+        assert http.delete(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
+        wait_job(http, first["id"], timeout=120, states=("running",))
+    server.kill9()
+    time.sleep(1)  # the worker subprocess dies with the server (PDEATHSIG)
+    assert not (server.store / "first").exists()
+
+    server.start()
+    try:
+        with server.client() as http:
+            interrupted = http.get(f"/v1/jobs/{first['id']}").json()
+            assert interrupted["state"] == "failed"
+            assert interrupted["error"] == "interrupted: the server stopped while it ran"
+            assert http.get(f"/v1/jobs/{first['id']}/artifact").status_code == 409
+            done = wait_job(http, second["id"], timeout=200)
+            assert done["state"] == "succeeded", done
+            assert http.get(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
+            assert {j["id"] for j in http.get("/v1/jobs").json()["data"]} == {first["id"], second["id"], third["id"]}
+            assert [s["name"] for s in http.get("/v1/subspaces").json()["data"]] == ["second"]
+            assert sorted(p.name for p in server.store.iterdir()) == ["second"]  # no hidden half-written pack
+            assert http.get("/health").json()["capabilities"] == ["second"]
+    finally:
+        server.stop()
+
+
+def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
+    server = Server(tmp_path).start()
+    try:
+        with server.client() as http:
+            gen = http.post("/v1/jobs", json={"kind": "generate", "params": {
+                "task_kind": "math", "prompts": {"data": PROMPTS}, "max_tokens": 8}}).json()
+            ev = http.post("/v1/jobs", json={"kind": "evaluate", "params": {
+                "task_kind": "math", "data": {"data": CALIBRATION}, "max_tokens": 8}}).json()
+            g, e = wait_job(http, gen["id"]), wait_job(http, ev["id"])
+            assert g["state"] == e["state"] == "succeeded", (g, e)
+            assert (g["done"], g["total"]) == (2, 2)
+            rows = http.get(f"/v1/jobs/{gen['id']}/artifact").text.splitlines()
+            assert len(rows) == 2
+            report = http.get(f"/v1/jobs/{ev['id']}/artifact").json()
+            assert report["n"] == 3 and report["metric"] == "accuracy"
+            dist = http.post("/v1/jobs", json={"kind": "distill", "params": {"corpus_job": ev["id"]}})
+            assert dist.status_code == 409 and dist.json()["error"]["param"] == "params.corpus_job"
+    finally:
+        server.stop()
