@@ -50,19 +50,19 @@ def accuracy(backend: Backend, kind: Kind, examples: list[Example], *, capabilit
 
 
 def span_nll_eval(backend: HFBackend, kind: Kind, examples: list[Example], *, capability: tuple[str, ...] = (),
-                  strength: float = 1.0, batch_size: int = 4,
+                  strength: float = 1.0, adapter: str | None = None, batch_size: int = 4,
                   progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean span NLL with a 95% normal interval (a mean of many per-item values)."""
     if not isinstance(backend, HFBackend):
         raise ValueError("span-nll needs the transformers backend (teacher-forced logits)")
     bank = backend.bank.with_capability(capability)
     values: list[float] = []
-    with torch.no_grad():
+    with torch.no_grad(), backend.adapter_active(adapter) as model:
         for ids, mask, spans in batches(backend.tokenizer, kind, examples, batch_size):
             slot = torch.full((ids.shape[0],), bank.slot(capability))
             alpha = torch.full((ids.shape[0],), strength)
-            cache = SiteCache(backend.model.config, projector(bank, slot, alpha))
-            logits = backend.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            cache = SiteCache(model.config, projector(bank, slot, alpha))
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
             values += span_nll(logits, ids, spans).tolist()
             if progress:
                 progress(len(spans))

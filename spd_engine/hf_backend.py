@@ -6,6 +6,7 @@ cache class to capture gradients at the very same place.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -130,6 +131,23 @@ class HFBackend(Backend):
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
+
+    @contextlib.contextmanager
+    def adapter_active(self, name: str | None):
+        """Direct forward passes (teacher-forced scoring) through one adapter, or none."""
+        from peft import PeftModel
+
+        with self._lock:
+            if name is not None and name not in self._adapters:
+                raise KeyError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters()) or '(none)'}")
+            if not isinstance(self.model, PeftModel):
+                yield self.model
+            elif name is None:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                self.model.set_adapter(name)
+                yield self.model
 
     # ---------------------------------------------------------------- generation
 

@@ -1,0 +1,52 @@
+"""End to end: the experiment runner on the tiny config produces a complete report, and a rerun is
+served entirely from the stage cache."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spd_engine.experiment import CONDITIONS, load_config, run_experiment, split
+
+pytestmark = pytest.mark.slow
+TINY = Path(__file__).resolve().parent.parent / "experiments" / "tiny.toml"
+
+
+def test_splits_are_disjoint_and_reproducible():
+    cfg = load_config(TINY)
+    for d in cfg.domains:
+        a, b = split(d, 42), split(d, 42)
+        ids = [[x.id for x in a[k]] for k in ("calibration", "generation", "evaluation")]
+        assert ids == [[x.id for x in b[k]] for k in ("calibration", "generation", "evaluation")]
+        assert len(set(sum(ids, []))) == sum(map(len, ids))
+
+
+def test_bad_config_is_refused_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.read_text().replace('kind = "math"', 'kind = "maths"'))
+    with pytest.raises(ValueError, match="domains.0.kind"):
+        load_config(bad)
+    bad.write_text(TINY.read_text() + "\nunknown_key = 1\n")
+    with pytest.raises(ValueError, match="unknown_key"):
+        load_config(bad)
+
+
+def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
+    root = run_experiment(TINY, tmp_path)
+    report = json.loads((root / "report.json").read_text())
+    conds = {(r["condition"], r["eval"], r["metric"]) for r in report["results"]}
+    for c in CONDITIONS:
+        for e in ("math", "mcq"):
+            for m in ("accuracy", "span-nll"):
+                assert (c, e, m) in conds
+    assert "math-gradient vs mcq-gradient" in report["angles"]
+    md = (root / "report.md").read_text()
+    assert "vs self-distill" in md and "(out of domain)" in md
+    assert (root / "spectra.png").stat().st_size > 0 and (root / "angles.png").stat().st_size > 0
+    # interrupted run: drop the report and one evaluation; the rerun recomputes only that stage
+    (root / "report.md").unlink()
+    evals = sorted((root / "cache").glob("evaluate-*"))
+    shutil.rmtree(evals[0])
+    run_experiment(TINY, tmp_path)
+    rerun = json.loads((root / "report.json").read_text())["timings"]
+    assert [t["stage"] for t in rerun if not t["cached"]] == ["evaluate"]
