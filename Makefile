@@ -1,12 +1,12 @@
 # The two commands of the README:
-#   make demo   set up, then run the main job on the bundled model
+#   make serve  set up, then start the server on the bundled model (http://127.0.0.1:8000)
 #   make test   set up, then run the test suite
 # The environment lives outside the clone (reused across clones): $(VENV).
 VENV ?= $(HOME)/.cache/spd/venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spd-setup-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: setup demo test bench
+.PHONY: setup serve demo test bench
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) -m spd_engine.cli model pull
 	touch $(STAMP)
+
+serve: setup
+	$(PY) -m spd_engine.cli serve
 
 demo: setup
 	$(PY) -m spd_engine.cli demo

@@ -33,7 +33,7 @@ def make_backend(settings: Settings) -> Backend:
     if choice == "vllm":
         from server.vllm_backend import VLLMBackend
 
-        return VLLMBackend(settings.model)
+        return VLLMBackend(settings.model, store=settings.store_dir)
     if choice != "hf":
         raise ValueError(f"unknown backend {settings.backend!r}: use auto, vllm or hf")
     from spd_engine.hf_backend import HFBackend
