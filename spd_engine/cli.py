@@ -310,7 +310,6 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="results", help="results directory (default ./results)")
     x.set_defaults(func=cmd_experiment)
 
-    sub.add_parser("serve", add_help=False, help="run the OpenAI-compatible server (spd serve --help)")
 
     demo = sub.add_parser("demo", help="calibrate a math mode on GSM8K and answer prompts with and without it")
     demo.add_argument("--model", default=models.DEFAULT_MODEL)
