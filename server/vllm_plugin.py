@@ -1,18 +1,82 @@
 """The vLLM plugin: per-request K/V projection at the KV-cache write, inside stock vLLM.
 
 Registered as the `vllm.general_plugins` entry point `spd_kv_projection`, so vLLM calls
-`register()` in every process it starts (API server, engine core, each worker). `register()`:
+`register()` in every process it starts (API server, engine core, each worker). `register()`,
+once per process (idempotent):
 
-- wraps the model runner's `execute_model`, so the attention patch knows the runner of the step;
-- patches `CPUAttentionBackendImpl.do_kv_cache_update`: on CPU the cache write is that separate
-  op (not `forward`), and it receives K after rotary, so it is exactly the project's site. Once
-  per step the tokens of the flattened batch are mapped to their requests (`input_batch.req_ids`
-  and `query_start_loc`), each request to a slot of the worker's `ProjectionBank` (from its
+- wraps the V1 model runner's `execute_model`, so the attention patch knows the runner of the step;
+- patches the KV-cache write of every attention backend that has one, through vLLM's backend
+  interface rather than per backend. vLLM 0.32 writes the cache in a separate custom op,
+  `unified_kv_cache_update` (model_executor/layers/attention/attention.py:724-746), which calls
+  `attn_layer.impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)` for every
+  backend whose `forward_includes_kv_cache_update` is False (CPU, FlashAttention, FlashInfer,
+  Triton, FlexAttention, ROCm, ...). That call receives K after rotary, so it is exactly the
+  project's site. The backends are found in vLLM's registry (`AttentionBackendEnum`, respecting
+  `register_backend` overrides); each impl class that defines `do_kv_cache_update` with that
+  signature is patched where it is defined (subclasses inherit it). MLA impls (another signature,
+  a latent cache), backends that fail to import here, and backends that write the cache inside
+  `forward` are skipped; the patched and skipped lists are logged at INFO. Once per step the
+  tokens of the flattened batch are mapped to their requests (`input_batch.req_ids` and
+  `query_start_loc`), each request to a slot of the worker's `ProjectionBank` (from its
   `SamplingParams.extra_args`), and every layer then projects all tokens in one batched call;
+- checks, when the worker sets up its attention backends (`initialize_attn_backend`, before any
+  request), every decoder self-attention layer of the loaded model: a backend impl not patched
+  yet (e.g. an out-of-tree backend registered after this plugin) is patched then; a layer whose
+  backend writes K/V inside `forward` (`forward_includes_kv_cache_update = True`, e.g.
+  HPC_ATTN), an MLA layer, or an impl whose KV write does not have the standard signature makes
+  the engine refuse to start with a RuntimeError naming the backend. Refusing at start-up is
+  deliberate: the projection cannot happen there, a request naming a mode must never be served
+  silently unprojected, and failing one request from inside a worker is impossible without
+  killing the engine and every request in flight. The error says how to proceed: pick a
+  supported backend (`--attention-backend FLASH_ATTN`, `TRITON_ATTN`, `FLASHINFER`, ...) or
+  run vLLM without this plugin (`VLLM_PLUGINS` set to a list that leaves out
+  `spd_kv_projection`);
 - adds worker methods `spd_add_mode` / `spd_remove_mode` / `spd_modes`, reached by name through
   `collective_rpc`, so they work when workers are separate processes.
 
 With no mode in a step (or no mode loaded) nothing is computed and vLLM's own write runs as is.
+
+Devices: per step the slot and strength of every token are built on the host (one entry per
+request, expanded with `repeat_interleave`) and copied once to the device of K; the token counts
+come from the runner's host copy of `query_start_loc`, so routing never waits on the device. The
+bank's bases are copied to the device (and cast to the KV dtype) once per bank, and reused by
+every layer and step until the bank changes (a mode added, removed or composed).
+
+CUDA graphs (GPU; none of this can be exercised on the CPU build, where vLLM never captures
+graphs: `cudagraph_mode` is NONE). The route is Python that runs inside the custom op
+`unified_kv_cache_update`, once per step. A captured CUDA graph replays kernels only, so any
+graph that contains that op freezes the route of the capture (a dummy batch, no modes): every
+later request would be served unprojected. So:
+
+- FULL, FULL_DECODE_ONLY, and the FULL half of FULL_AND_PIECEWISE (vLLM's default on CUDA:
+  optimization levels O2 (default) and O3, config/vllm.py:303,324) capture the whole forward,
+  the KV write included (v1/worker/gpu_model_runner.py:5210-5216 wraps the model in
+  `CUDAGraphWrapper(runtime_mode=FULL)`): not supported.
+- PIECEWISE is supported when `vllm::unified_kv_cache_update` is a splitting op: the graph is
+  split at it and it runs eagerly between the captured pieces, every step. That is vLLM's
+  default under VLLM_COMPILE with `splitting_ops` unset and no Inductor graph partition:
+  `set_splitting_ops_for_v1` appends it (config/compilation.py:1168-1206, vLLM issue 33267).
+  With explicit `splitting_ops`, or with `use_inductor_graph_partition=True` (splitting ops
+  become Inductor partition rules; the KV update is not added by default), it must be listed
+  explicitly.
+- NONE (and `--enforce-eager`) is always supported.
+- `VLLM_USE_BREAKABLE_CUDAGRAPH=1` captures the whole forward and breaks only at ops marked
+  `eager_break_during_capture` (compilation/breakable_cudagraph.py); `unified_attention_with_output`
+  is one (attention.py:765), `unified_kv_cache_update` (attention.py:724) is not: not supported.
+The worker enforces this before it loads the model (the FULL wrapper is applied in
+`load_model`): a mode that is not supported is lowered, with a WARNING, to PIECEWISE when the KV
+update is a splitting op under VLLM_COMPILE, else to NONE. So stock `vllm serve` on CUDA runs
+PIECEWISE instead of FULL_AND_PIECEWISE (decode batches lose the full-graph speed-up). The
+ROCm fusions that move the KV write into another op (`fuse_rope_kvcache`,
+`fuse_qk_norm_rope_kvcache`: they call `do_rope_and_kv_cache_update` or
+`do_qk_norm_rope_kvcache_update`, not `do_kv_cache_update`) are switched off the same way. After
+the backends are set up the resolved mode is checked again and a FULL mode is a RuntimeError.
+Not exercised on a GPU yet (none here): the tests cover the policy on configs, not a capture.
+
+Model runner: the routing reads the V1 runner (`input_batch`, `requests`). vLLM 0.32 uses the V2
+runner on CUDA when Triton is present (config/vllm.py:703-739), so on GPU `register()` sets
+`VLLM_USE_V2_MODEL_RUNNER=0` unless the user set it; a V2 runner (set explicitly) refuses to
+start with a RuntimeError. The CPU build always uses V1 (no Triton CPU backend).
 
 Requests select modes with `extra_args` (OpenAI: `vllm_xargs`):
     {"capability": "math" | ["math", "code"], "capability_strength": 0.0 .. 1.0 (default 1)}
@@ -30,8 +94,6 @@ To add a mode without a restart, save it into the store; to remove one, delete i
 
 Tensor parallelism: each rank builds its bank over its own KV heads (`heads=`), so head-granularity
 packs project the heads the rank holds; layer-granularity packs are refused with a PackError.
-Only the CPU attention backend is patched in this build; on other platforms the plugin logs a
-warning and changes nothing.
 """
 from __future__ import annotations
 
@@ -47,8 +109,8 @@ import torch
 from spd_engine.bank import Capability, ProjectionBank, capability_key
 from spd_engine.models import ModelInfo, info
 from spd_engine.paths import store_dir
-from spd_engine.projection import NO_MODE
-from spd_engine.subspace import Store
+from spd_engine.projection import NO_MODE, SiteBank
+from spd_engine.subspace import Site, Store
 
 log = logging.getLogger("spd.vllm_plugin")
 
@@ -186,9 +248,11 @@ def spd_modes(self) -> list[str]:
 
 @dataclass(frozen=True)
 class Route:
-    """One step's projection: the bank, and per token its slot and strength."""
+    """One step's projection: the bank, its site banks on the device of K, and per token its slot
+    and strength (on that device too)."""
 
     bank: ProjectionBank
+    sites: dict[Site, SiteBank]
     slot: torch.Tensor  # (tokens,) long, NO_MODE for tokens without a mode
     strength: torch.Tensor  # (tokens,)
     layers: frozenset[int]
@@ -198,24 +262,51 @@ class _Step(threading.local):
     runner: Any = None
     route: Route | None = None
     routed: bool = False
+    in_update: bool = False  # inside a patched KV write: a nested patched write must not project again
 
 
 _step = _Step()
 
+# the current bank's site banks on one device and dtype: (bank, device, dtype, sites)
+_device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
 
-def _route(n_tokens: int, layer_name: str) -> Route | None:
+
+def device_sites(bank: ProjectionBank, device: torch.device, dtype: torch.dtype) -> dict[Site, SiteBank]:
+    """The bank's site banks with W in `dtype` and every tensor on `device`: built once per bank
+    (and device/dtype), then reused by every layer and step, so `SiteBank.apply`'s own `.to()`
+    calls are no-ops. On the CPU in float32 these are the bank's own tensors (no copy)."""
+    global _device_bank
+    cached = _device_bank
+    if cached is not None and cached[0] is bank and cached[1] == device and cached[2] == dtype:
+        return cached[3]
+    sites = {site: SiteBank(sb.W.to(device=device, dtype=dtype), sb.col_slot.to(device), sb.covers.to(device))
+             for site, sb in bank.sites.items()}
+    _device_bank = (bank, device, dtype, sites)
+    return sites
+
+
+def _step_metadata(layer_name: str):
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # speculative decoding: [0] is the target model's (as get_attention_context)
+        md = md[0] if md else None
+    if isinstance(md, dict):
+        md = md.get(layer_name)
+    return md
+
+
+def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     """The current step's route, built at the first KV write of the step (the runner's request
     order is final by then) and reused by every later layer."""
     if _step.routed:
         return _step.route
-    from vllm.forward_context import get_forward_context, is_forward_context_available
+    from vllm.forward_context import is_forward_context_available
 
     runner = _step.runner
     if runner is None or not is_forward_context_available():
-        return None  # a dummy/profile run outside execute_model
-    md = get_forward_context().attn_metadata
-    if isinstance(md, dict):
-        md = md.get(layer_name)
+        return None  # a dummy/profile/capture run outside execute_model
+    md = _step_metadata(layer_name)
     if md is None or not hasattr(md, "query_start_loc"):
         return None  # warm-up without attention metadata (or micro-batching, not supported)
     _step.routed = True
@@ -234,14 +325,20 @@ def _route(n_tokens: int, layer_name: str) -> Route | None:
     bank, caps = worker_modes(runner).bank_for(caps)
     if not any(caps):
         return None
-    qsl = md.query_start_loc[: len(req_ids) + 1].to(torch.long)
+    qsl = md.query_start_loc
+    if qsl.device.type != "cpu":
+        qsl = runner.query_start_loc.cpu  # the host twin the runner filled for this step: no device sync
+    qsl = qsl[: len(req_ids) + 1].to(torch.long)
     counts = qsl[1:] - qsl[:-1]
+    n_tokens = key.shape[0]
     slot = torch.full((n_tokens,), NO_MODE, dtype=torch.long)  # rows past the requests' tokens are padding
     strength = torch.zeros(n_tokens)
     real = int(qsl[-1])
     slot[:real] = torch.tensor([bank.slot(c) for c in caps]).repeat_interleave(counts)
     strength[:real] = torch.tensor(strengths).repeat_interleave(counts)
-    _step.route = Route(bank, slot, strength, frozenset(layer for layer, _ in bank.sites))
+    device = key.device
+    _step.route = Route(bank, device_sites(bank, device, key.dtype), slot.to(device, non_blocking=True),
+                        strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites))
     return _step.route
 
 
@@ -266,47 +363,255 @@ def _wrap_execute_model(orig):
 
 def _wrap_kv_cache_update(orig):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        route = _route(key.shape[0], layer.layer_name)
+        if _step.in_update:  # a subclass's write calling its patched parent's: project once
+            return orig(self, layer, key, value, kv_cache, slot_mapping)
+        route = _route(key, layer.layer_name) if getattr(layer, "attn_type", "decoder") == "decoder" else None
         if route is not None:
             idx = layer_index(layer.layer_name)
             if idx in route.layers:
-                key = route.bank.apply((idx, "k"), key, route.slot, route.strength)
-                value = route.bank.apply((idx, "v"), value, route.slot, route.strength)
-        return orig(self, layer, key, value, kv_cache, slot_mapping)
+                k_bank, v_bank = route.sites.get((idx, "k")), route.sites.get((idx, "v"))
+                if k_bank is not None:
+                    key = k_bank.apply(key, route.slot, route.strength)
+                if v_bank is not None:
+                    value = v_bank.apply(value, route.slot, route.strength)
+        _step.in_update = True
+        try:
+            return orig(self, layer, key, value, kv_cache, slot_mapping)
+        finally:
+            _step.in_update = False
 
     do_kv_cache_update.__spd_patched__ = True
+    do_kv_cache_update.__wrapped__ = orig
     return do_kv_cache_update
+
+
+_STANDARD_UPDATE = ("self", "layer", "key", "value", "kv_cache", "slot_mapping")
+_patched: dict[str, type] = {}  # impl class name -> the class whose do_kv_cache_update carries the patch
+
+
+def _update_owner(impl: type) -> type | None:
+    """The class in `impl`'s MRO that defines the do_kv_cache_update `impl` uses."""
+    return next((c for c in impl.__mro__ if "do_kv_cache_update" in c.__dict__), None)
+
+
+def _has_standard_signature(fn) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    names = tuple(p.name for p in params[: len(_STANDARD_UPDATE)])
+    return names == _STANDARD_UPDATE and all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                             for p in params[len(_STANDARD_UPDATE):])
+
+
+def patch_impl(impl: type) -> bool:
+    """Patch the KV write `impl` uses, where it is defined (idempotent). False if `impl` has no
+    `do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping)` (e.g. MLA impls)."""
+    from vllm.v1.attention.backend import MLAAttentionImpl
+
+    if issubclass(impl, MLAAttentionImpl):
+        return False
+    owner = _update_owner(impl)
+    if owner is None:
+        return False
+    fn = owner.__dict__["do_kv_cache_update"]
+    if not getattr(fn, "__spd_patched__", False):
+        if not _has_standard_signature(fn):
+            return False
+        owner.do_kv_cache_update = _wrap_kv_cache_update(fn)
+    _patched[impl.__name__] = owner
+    return True
+
+
+def patch_registered_backends() -> tuple[list[str], dict[str, str]]:
+    """Patch every backend of vLLM's registry that imports here and writes K/V outside `forward`.
+    Returns the patched backends (`NAME:ImplClass`) and the skipped ones with the reason."""
+    from vllm.v1.attention.backend import AttentionImpl, MLAAttentionImpl
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    patched, skipped = [], {}
+    for member in AttentionBackendEnum:
+        try:
+            backend = member.get_class()
+            impl = backend.get_impl_cls()
+        except Exception as e:  # not importable on this platform (missing kernels, CUDA-only code, ...)
+            skipped[member.name] = f"does not import here ({type(e).__name__})"
+            continue
+        if isinstance(impl, type) and issubclass(impl, MLAAttentionImpl):
+            skipped[member.name] = "MLA (latent cache, another do_kv_cache_update)"
+        elif not (isinstance(impl, type) and issubclass(impl, AttentionImpl)):
+            skipped[member.name] = "not an AttentionImpl"
+        elif backend.forward_includes_kv_cache_update:
+            skipped[member.name] = "writes the KV cache inside forward"
+        elif patch_impl(impl):
+            patched.append(f"{member.name}:{impl.__name__}")
+        else:
+            skipped[member.name] = ("no do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) of its own "
+                                    "(a composite delegating to patched impls is covered through them)")
+    return patched, skipped
+
+
+def check_model_layers(vllm_config) -> list[str]:
+    """Make sure every decoder self-attention layer of the loaded model writes K/V through a
+    patched `do_kv_cache_update` (patching impls not patched yet); RuntimeError naming the
+    backends where that is impossible. Returns the impl classes in use."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    refused: dict[str, str] = {}
+    used: set[str] = set()
+    for name, layer in vllm_config.compilation_config.static_forward_context.items():
+        if type(layer).__name__ == "MLAAttention":
+            backend = getattr(layer, "attn_backend", None)
+            refused[getattr(backend, "__name__", "MLA")] = "MLA attention caches a latent, not per-head K/V"
+            continue
+        if not isinstance(layer, Attention) or getattr(layer, "attn_type", "decoder") != "decoder":
+            continue  # encoder / cross attention, linear attention, mamba, ...: no projection site
+        if getattr(layer, "kv_sharing_target_layer_name", None) is not None:
+            continue  # reads another layer's (projected) cache, writes none
+        backend = layer.attn_backend
+        if backend.forward_includes_kv_cache_update:
+            refused[backend.__name__] = "it writes the KV cache inside forward, where K/V cannot be projected"
+            continue
+        for impl in layer.impl.get_impl_variants():
+            if patch_impl(type(impl)):
+                used.add(type(impl).__name__)
+            else:
+                refused[backend.__name__] = f"{type(impl).__name__} has no standard do_kv_cache_update"
+    if refused:
+        raise RuntimeError(
+            "spd_kv_projection cannot project K/V with "
+            + "; ".join(f"attention backend {b} ({why})" for b, why in sorted(refused.items()))
+            + ". Choose a backend with a separate KV-cache write (e.g. --attention-backend FLASH_ATTN, "
+              "TRITON_ATTN or FLASHINFER), or run vLLM without this plugin (VLLM_PLUGINS set to a list "
+              "that leaves out spd_kv_projection).")
+    return sorted(used)
+
+
+# ------------------------------------------------------------------ CUDA graphs
+
+_KV_UPDATE_OP = "vllm::unified_kv_cache_update"
+
+
+def supported_cudagraph_mode(compilation_config):
+    """The CUDA-graph mode the projection works under, closest to the configured one: the KV write
+    must run eagerly every step (see the module docstring)."""
+    from vllm import envs
+    from vllm.config import CUDAGraphMode, CompilationMode
+
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return mode
+    piecewise_ok = (compilation_config.mode == CompilationMode.VLLM_COMPILE
+                    and _KV_UPDATE_OP in (compilation_config.splitting_ops or [])
+                    and not envs.VLLM_USE_BREAKABLE_CUDAGRAPH)
+    return CUDAGraphMode.PIECEWISE if piecewise_ok else CUDAGraphMode.NONE
+
+
+def enforce_cudagraph_policy(vllm_config) -> None:
+    """Lower an unsupported CUDA-graph mode and switch off the fusions that bypass
+    `do_kv_cache_update`, in this worker's config, before the model is loaded and captured."""
+    cc = vllm_config.compilation_config
+    mode = supported_cudagraph_mode(cc)
+    if mode != cc.cudagraph_mode:
+        log.warning("spd_kv_projection: cudagraph_mode %s would freeze the per-request K/V routing inside a "
+                    "captured graph; using %s (the KV-cache write runs eagerly every step)", cc.cudagraph_mode, mode)
+        cc.cudagraph_mode = mode
+    pc = cc.pass_config
+    for flag in ("fuse_rope_kvcache", "fuse_qk_norm_rope_kvcache"):
+        if getattr(pc, flag, False):
+            log.warning("spd_kv_projection: disabling pass_config.%s (it moves the KV-cache write out of "
+                        "do_kv_cache_update, where K/V are projected)", flag)
+            setattr(pc, flag, False)
+
+
+def check_cudagraph_mode(vllm_config) -> None:
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise RuntimeError(f"spd_kv_projection: cudagraph_mode {mode} captures the KV-cache write in a full CUDA "
+                           "graph, which freezes per-request routing; use PIECEWISE or NONE (--enforce-eager)")
+
+
+# ------------------------------------------------------------------ worker start-up hooks
+
+def _wrap_runner_init(orig):
+    def __init__(self, vllm_config, *args, **kwargs):
+        enforce_cudagraph_policy(vllm_config)  # before load_model wraps the model in a FULL graph
+        return orig(self, vllm_config, *args, **kwargs)
+
+    __init__.__spd_patched__ = True
+    return __init__
+
+
+def _wrap_initialize_attn_backend(orig):
+    def initialize_attn_backend(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        used = check_model_layers(self.vllm_config)
+        check_cudagraph_mode(self.vllm_config)
+        log.info("spd_kv_projection: K/V projected in %s; cudagraph_mode %s", ", ".join(used) or "(no layer)",
+                 self.vllm_config.compilation_config.cudagraph_mode)
+        return out
+
+    initialize_attn_backend.__spd_patched__ = True
+    return initialize_attn_backend
+
+
+def _refuse_v2_runner(orig):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("spd_kv_projection routes requests through the V1 model runner; unset "
+                           "VLLM_USE_V2_MODEL_RUNNER or set it to 0 (or run without this plugin)")
+
+    __init__.__spd_patched__ = True
+    return __init__
+
+
+def _patch_method(cls, name: str, wrap) -> None:
+    if not getattr(getattr(cls, name), "__spd_patched__", False):
+        setattr(cls, name, wrap(getattr(cls, name)))
 
 
 def register() -> None:
     """vLLM's plugin hook: install the patches once per process (vLLM may call it again)."""
+    import os
+
     global _registered
     with _register_lock:
         if _registered:
             return
         _registered = True
         from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            log.warning("spd_kv_projection: only the CPU attention backend is patched in this build; "
-                        "capability modes have no effect on %s", current_platform.device_name)
-            return
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
         from vllm.v1.worker.worker_base import WorkerBase
 
-        GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
-        CPUAttentionBackendImpl.do_kv_cache_update = _wrap_kv_cache_update(CPUAttentionBackendImpl.do_kv_cache_update)
+        if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # routing reads the V1 runner (inherited by workers)
+            log.info("spd_kv_projection: VLLM_USE_V2_MODEL_RUNNER=0 (the projection needs the V1 model runner)")
+        _patch_method(GPUModelRunner, "__init__", _wrap_runner_init)
+        _patch_method(GPUModelRunner, "execute_model", _wrap_execute_model)
+        _patch_method(GPUModelRunner, "initialize_attn_backend", _wrap_initialize_attn_backend)
+        for module in ("vllm.v1.worker.gpu.model_runner", "vllm.v1.worker.cpu.model_runner"):
+            try:
+                import importlib
+
+                for cls in vars(importlib.import_module(module)).values():
+                    if isinstance(cls, type) and cls.__module__ == module and cls.__name__.endswith("ModelRunner") \
+                            and "__init__" in cls.__dict__:
+                        _patch_method(cls, "__init__", _refuse_v2_runner)
+            except Exception:  # noqa: BLE001 - the V2 runner does not import here: nothing to refuse
+                pass
+        patched, skipped = patch_registered_backends()
+        log.info("spd_kv_projection: patched do_kv_cache_update of %s", ", ".join(patched) or "(none)")
+        log.info("spd_kv_projection: skipped %s", "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         WorkerBase.spd_add_mode = spd_add_mode
         WorkerBase.spd_remove_mode = spd_remove_mode
         WorkerBase.spd_modes = spd_modes
 
 
 def is_active() -> bool:
-    """Whether this process's CPU attention backend carries the projection patch."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-
-    return getattr(CPUAttentionBackendImpl.do_kv_cache_update, "__spd_patched__", False)
+    """Whether this process's attention backends carry the projection patch."""
+    return bool(_patched) and all(getattr(owner.__dict__["do_kv_cache_update"], "__spd_patched__", False)
+                                  for owner in _patched.values())
 
 
 # ------------------------------------------------------------------ request validation (process 0)

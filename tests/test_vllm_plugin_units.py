@@ -1,0 +1,214 @@
+"""The vLLM plugin's pieces without an engine: which backends it patches, how the patched KV write
+routes tokens (devices, nesting), the CUDA-graph policy, and the start-up refusal of backends
+whose KV write cannot be patched. Fast: no model is loaded."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from server import vllm_plugin  # noqa: E402
+from spd_engine.projection import SiteBank, project  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def registered():
+    vllm_plugin.register()
+    return vllm_plugin
+
+
+def test_register_patches_the_standard_kv_write_of_every_importable_backend_once(registered):
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for impl in (CPUAttentionBackendImpl, FlashAttentionImpl, TritonAttentionImpl):
+        fn = impl.do_kv_cache_update
+        assert fn.__spd_patched__ and not getattr(fn.__wrapped__, "__spd_patched__", False)
+    before = CPUAttentionBackendImpl.do_kv_cache_update, GPUModelRunner.execute_model
+    vllm_plugin._registered = False  # as if vLLM loaded the plugin again in this process
+    try:
+        vllm_plugin.register()
+    finally:
+        vllm_plugin._registered = True
+    assert (CPUAttentionBackendImpl.do_kv_cache_update, GPUModelRunner.execute_model) == before
+    assert vllm_plugin.is_active()
+    patched, skipped = vllm_plugin.patch_registered_backends()
+    assert "CPU_ATTN:CPUAttentionBackendImpl" in patched
+    assert "writes the KV cache inside forward" in skipped["HPC_ATTN"] and "MLA" in skipped["CPU_MLA"]
+
+
+class _Runner:
+    def __init__(self, req_ids, extra, qsl):
+        self.input_batch = SimpleNamespace(req_ids=req_ids)
+        self.requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=e)) for r, e in zip(req_ids, extra)}
+        self.query_start_loc = SimpleNamespace(cpu=torch.tensor(qsl, dtype=torch.int32))
+
+
+@pytest.fixture
+def step(monkeypatch):
+    """A fake engine step: a runner, a forward context with attention metadata, a two-slot bank."""
+    import vllm.forward_context as fc
+
+    torch.manual_seed(0)
+    w = 8
+    bases = [torch.linalg.qr(torch.randn(w, 3))[0], torch.linalg.qr(torch.randn(w, 2))[0]]
+    bank = SimpleNamespace(sites={(0, "k"): SiteBank.build(bases), (0, "v"): SiteBank.build([None, bases[1]])},
+                           slot=lambda c: {(): -1, ("a",): 0, ("b",): 1}[c])
+    monkeypatch.setattr(vllm_plugin, "worker_modes", lambda runner: SimpleNamespace(bank_for=lambda caps: (bank, caps)))
+    qsl = [0, 2, 5, 6]
+    md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32))
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(attn_metadata={"model.layers.0.attn": md}))
+    runner = _Runner(["r0", "r1", "r2"], [{"capability": "a"}, None, {"capability": "b", "capability_strength": 0.5}],
+                     qsl)
+    seen = []
+
+    def orig(self, layer, key, value, kv_cache, slot_mapping):
+        seen.append((key.clone(), value.clone()))
+
+    yield SimpleNamespace(bases=bases, md=md, runner=runner, seen=seen, orig=orig, w=w,
+                          layer=SimpleNamespace(layer_name="model.layers.0.attn", attn_type="decoder"))
+    vllm_plugin._step.runner, vllm_plugin._step.route, vllm_plugin._step.routed = None, None, False
+
+
+def _run(step, update, n=7):
+    key, value = torch.randn(n, 2, step.w // 2), torch.randn(n, 2, step.w // 2)  # 6 real tokens + 1 padding row
+    vllm_plugin._step.runner, vllm_plugin._step.route, vllm_plugin._step.routed = step.runner, None, False
+    update(None, step.layer, key, value, None, None)
+    return key, value
+
+
+def _expected(step, x, site):
+    x2, out = x.reshape(len(x), -1), x.reshape(len(x), -1).clone()
+    out[0:2] = project(x2[0:2], step.bases[0]) if site == "k" else x2[0:2]  # slot 0 has no V basis
+    out[5:6] = project(x2[5:6], step.bases[1], 0.5)
+    return out.reshape(x.shape)
+
+
+def test_the_patched_write_projects_each_requests_tokens_with_its_own_slot_and_strength(step):
+    key, value = _run(step, vllm_plugin._wrap_kv_cache_update(step.orig))
+    k, v = step.seen[0]
+    assert torch.allclose(k, _expected(step, key, "k"), atol=1e-6)
+    assert torch.allclose(v, _expected(step, value, "v"), atol=1e-6)
+    assert torch.equal(k[2:5], key[2:5]) and torch.equal(k[6], key[6])  # no mode and padding: bit-for-bit
+
+
+def test_a_patched_write_nested_in_another_projects_once(step):
+    inner = vllm_plugin._wrap_kv_cache_update(step.orig)
+    outer = vllm_plugin._wrap_kv_cache_update(lambda self, *a: inner(self, *a))  # a subclass calling its parent
+    key, _ = _run(step, outer)
+    assert torch.allclose(step.seen[0][0], _expected(step, key, "k"), atol=1e-6)  # strength 0.5 applied once
+
+
+def test_device_metadata_is_routed_from_the_runners_host_copy_and_the_route_lives_on_the_keys_device(step):
+    step.md.query_start_loc = torch.empty(4, dtype=torch.int32, device="meta")  # a device tensor: never read
+    key, _ = _run(step, vllm_plugin._wrap_kv_cache_update(step.orig))
+    assert torch.allclose(step.seen[0][0], _expected(step, key, "k"), atol=1e-6)
+    route = vllm_plugin._step.route
+    assert route.slot.device == key.device and route.strength.device == key.device
+    assert route.slot.tolist() == [0, 0, -1, -1, -1, 1, -1]
+
+
+def test_bank_tensors_move_to_the_device_once_per_bank():
+    w = torch.linalg.qr(torch.randn(8, 3))[0]
+    bank = SimpleNamespace(sites={(0, "k"): SiteBank.build([w])})
+    on_cpu = vllm_plugin.device_sites(bank, torch.device("cpu"), torch.float32)
+    assert on_cpu[(0, "k")].W is bank.sites[(0, "k")].W  # CPU float32: no copy at all
+    meta = vllm_plugin.device_sites(bank, torch.device("meta"), torch.float16)
+    assert meta[(0, "k")].W.device.type == "meta" and meta[(0, "k")].W.dtype == torch.float16
+    assert meta[(0, "k")].col_slot.device.type == "meta" and meta[(0, "k")].covers.device.type == "meta"
+    assert vllm_plugin.device_sites(bank, torch.device("meta"), torch.float16) is meta  # cached
+    other = SimpleNamespace(sites=bank.sites)
+    assert vllm_plugin.device_sites(other, torch.device("meta"), torch.float16) is not meta  # a new bank: rebuilt
+
+
+def _cc(cudagraph_mode, splitting_ops, mode=None, **passes):
+    from vllm.config import CompilationMode
+
+    return SimpleNamespace(cudagraph_mode=cudagraph_mode, splitting_ops=splitting_ops,
+                           mode=CompilationMode.VLLM_COMPILE if mode is None else mode,
+                           pass_config=SimpleNamespace(fuse_rope_kvcache=False, fuse_qk_norm_rope_kvcache=False, **passes))
+
+
+def test_cuda_graph_modes_that_would_capture_the_kv_write_are_lowered(monkeypatch):
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH", raising=False)
+    split = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
+    supported = vllm_plugin.supported_cudagraph_mode
+    # vLLM's own default splitting ops under VLLM_COMPILE include the KV write
+    real = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    real.set_splitting_ops_for_v1("allgather_reducescatter")
+    assert supported(real) == CUDAGraphMode.PIECEWISE
+    for full in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
+        assert supported(_cc(full, split)) == CUDAGraphMode.PIECEWISE
+        assert supported(_cc(full, [])) == CUDAGraphMode.NONE
+    assert supported(_cc(CUDAGraphMode.PIECEWISE, split)) == CUDAGraphMode.PIECEWISE
+    assert supported(_cc(CUDAGraphMode.PIECEWISE, split[:1])) == CUDAGraphMode.NONE  # KV write inside a piece
+    assert supported(_cc(CUDAGraphMode.PIECEWISE, split, CompilationMode.NONE)) == CUDAGraphMode.NONE
+    assert supported(_cc(CUDAGraphMode.NONE, [])) == CUDAGraphMode.NONE
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")
+    assert supported(_cc(CUDAGraphMode.PIECEWISE, split)) == CUDAGraphMode.NONE
+
+    monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH")
+    cfg = SimpleNamespace(compilation_config=_cc(CUDAGraphMode.FULL_AND_PIECEWISE, split))
+    cfg.compilation_config.pass_config.fuse_rope_kvcache = True
+    with pytest.raises(RuntimeError, match="FULL_AND_PIECEWISE"):
+        vllm_plugin.check_cudagraph_mode(cfg)
+    vllm_plugin.enforce_cudagraph_policy(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert not cfg.compilation_config.pass_config.fuse_rope_kvcache
+    vllm_plugin.check_cudagraph_mode(cfg)
+
+
+def _layer(backend, impls=(), attn_type="decoder", sharing=None):
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    layer = Attention.__new__(Attention)
+    torch.nn.Module.__init__(layer)
+    layer.attn_type, layer.kv_sharing_target_layer_name, layer.attn_backend = attn_type, sharing, backend
+    layer.impl = SimpleNamespace(get_impl_variants=lambda: tuple(impls))
+    return layer
+
+
+def test_start_up_patches_layers_impls_and_refuses_backends_whose_kv_write_cannot_be_patched(registered):
+    from vllm.v1.attention.backend import AttentionImpl
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.hpc_attn import HpcAttentionBackend
+
+    class LateImpl(AttentionImpl):  # an out-of-tree backend registered after the plugin
+        def __init__(self):
+            pass
+
+        def forward(self, *a, **k):
+            pass
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            pass
+
+    class OddImpl(LateImpl):
+        def do_kv_cache_update(self, key, value):
+            pass
+
+    late_backend = type("LateBackend", (), {"forward_includes_kv_cache_update": False})
+
+    def config(**layers):
+        return SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=layers))
+
+    cpu_impl = object.__new__(__import__("vllm.v1.attention.backends.cpu_attn", fromlist=["x"]).CPUAttentionBackendImpl)
+    used = vllm_plugin.check_model_layers(config(
+        a=_layer(CPUAttentionBackend, [cpu_impl]), b=_layer(late_backend, [object.__new__(LateImpl)]),
+        enc=_layer(HpcAttentionBackend, attn_type="encoder_only"), shared=_layer(HpcAttentionBackend, sharing="a"),
+        other=torch.nn.Linear(1, 1)))
+    assert used == ["CPUAttentionBackendImpl", "LateImpl"] and LateImpl.do_kv_cache_update.__spd_patched__
+    with pytest.raises(RuntimeError, match="HpcAttentionBackend .*inside forward.*--attention-backend.*VLLM_PLUGINS"):
+        vllm_plugin.check_model_layers(config(a=_layer(CPUAttentionBackend, [cpu_impl]), h=_layer(HpcAttentionBackend)))
+    with pytest.raises(RuntimeError, match="OddImpl has no standard do_kv_cache_update"):
+        vllm_plugin.check_model_layers(config(o=_layer(late_backend, [object.__new__(OddImpl)])))
