@@ -67,7 +67,7 @@ def _backend(args):
     if getattr(args, "backend", "hf") == "vllm":
         from server.vllm_backend import VLLMBackend  # optional extra
 
-        return VLLMBackend(args.model)
+        return VLLMBackend(args.model, store=_store(args).root)
     from .hf_backend import HFBackend
 
     return HFBackend(args.model, batch_size=args.batch_size)
@@ -309,7 +309,6 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("config", help="experiment config (TOML), e.g. experiments/math-mcq.toml")
     x.add_argument("--out", default="results", help="results directory (default ./results)")
     x.set_defaults(func=cmd_experiment)
-
 
     demo = sub.add_parser("demo", help="calibrate a math mode on GSM8K and answer prompts with and without it")
     demo.add_argument("--model", default=models.DEFAULT_MODEL)
