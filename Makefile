@@ -4,7 +4,8 @@
 # The environment lives outside the clone (reused across clones): $(VENV).
 VENV ?= $(HOME)/.cache/spd/venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.spd-setup-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+# re-run setup when the dependencies change or the clone moves (the editable install points here)
+STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-16)
 
 .PHONY: setup serve demo test bench
 
