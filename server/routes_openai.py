@@ -1,14 +1,17 @@
 """OpenAI-compatible completions, chat completions and models, with a capability mode per request."""
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from spd_engine.backend import Completion, GenerationRequest
+from spd_engine.backend import Completion, Delta, GenerationRequest
 
 from .errors import APIError, not_found
 from .schemas import ChatRequest, CompletionRequest
@@ -56,20 +59,97 @@ def _gen_request(body, ids: list[int], capability, adapter, max_tokens: int) -> 
                              top_p=body.top_p, seed=body.seed, stop=body.stops())
 
 
-async def _run(st, endpoint: str, reqs: list[GenerationRequest]) -> list[Completion]:
+def _gone(st, endpoint: str, cap: str, e: KeyError) -> APIError:
+    """A mode or adapter removed while the request waited."""
+    st.metrics.requests.labels(endpoint, cap, "404").inc()
+    return APIError(404, str(e.args[0]) if e.args else str(e), "capability" if "capability" in str(e) else "model",
+                    "not_found")
+
+
+def _count(st, endpoint: str, reqs: list[GenerationRequest], out: list[Completion], started: float) -> None:
     cap = "+".join(reqs[0].capability) or "none"
-    started = time.perf_counter()
-    try:
-        out = await st.batcher.submit(reqs)
-    except KeyError as e:  # its mode or adapter was removed while it waited
-        st.metrics.requests.labels(endpoint, cap, "404").inc()
-        raise APIError(404, str(e.args[0]) if e.args else str(e), "capability" if "capability" in str(e) else "model",
-                       "not_found") from None
     st.metrics.requests.labels(endpoint, cap, "200").inc()
     st.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
     st.metrics.tokens.labels(cap, "prompt").inc(sum(len(r.prompt_ids) for r in reqs))
     st.metrics.tokens.labels(cap, "completion").inc(sum(len(c.token_ids) for c in out))
+
+
+async def _run(st, endpoint: str, reqs: list[GenerationRequest]) -> list[Completion]:
+    started = time.perf_counter()
+    try:
+        out = await st.batcher.submit(reqs)
+    except KeyError as e:
+        raise _gone(st, endpoint, "+".join(reqs[0].capability) or "none", e) from None
+    _count(st, endpoint, reqs, out, started)
     return out
+
+
+def _streams(st, reqs: list[GenerationRequest]) -> bool:
+    """Stream token by token: one prompt, on a backend that produces text incrementally (vLLM). Otherwise
+    the completion goes through the batcher and is sent in pieces once it is done."""
+    return len(reqs) == 1 and st.engine.backend.streams_incrementally
+
+
+async def _backend_deltas(st, req: GenerationRequest) -> AsyncIterator[Delta]:
+    """`Backend.stream` driven from a thread of its own, its pieces handed to the event loop as they come;
+    when the consumer stops early (client gone), the backend's iterator is closed, which cancels the request."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def hand(item) -> None:
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+        except RuntimeError:  # the loop is closed (shutdown)
+            stop.set()
+
+    def pump() -> None:
+        it = st.engine.backend.stream(req)
+        try:
+            for d in it:
+                hand(d)
+                if stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            hand(e)
+        finally:
+            it.close()
+
+    threading.Thread(target=pump, name="spd-stream", daemon=True).start()
+    try:
+        while True:
+            d = await pieces.get()
+            if isinstance(d, BaseException):
+                raise d
+            yield d
+            if d.completion is not None:
+                return
+    finally:
+        stop.set()
+
+
+async def _open_stream(st, endpoint: str, req: GenerationRequest) -> tuple[Delta, AsyncIterator[Delta]]:
+    """Start a streamed request and wait for its first piece, so a refused request still gets its 4xx."""
+    deltas = _backend_deltas(st, req)
+    try:
+        return await deltas.__anext__(), deltas
+    except KeyError as e:
+        raise _gone(st, endpoint, "+".join(req.capability) or "none", e) from None
+
+
+async def _pieces(st, endpoint: str, req: GenerationRequest, first: Delta, rest: AsyncIterator[Delta],
+                  started: float) -> AsyncIterator[Delta]:
+    """The pieces of a streamed request, counted in the metrics once it completes."""
+    d = first
+    try:
+        while True:
+            yield d
+            if d.completion is not None:
+                _count(st, endpoint, [req], [d.completion], started)
+                return
+            d = await rest.__anext__()
+    finally:
+        await rest.aclose()  # a client that went away cancels its request in the engine
 
 
 def _spd(st, capability, strength, adapter) -> dict:
@@ -114,9 +194,28 @@ async def completions(body: CompletionRequest, request: Request):
             raise APIError(422, "field 'prompt': must not be empty", "prompt", "invalid_field")
         _check_limits(st, len(ids), max_tokens, "prompt")
         reqs.append(_gen_request(body, ids, capability, adapter, max_tokens))
-    outs = await _run(st, "completions", reqs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     spd = _spd(st, capability, body.capability_strength, adapter)
+    if body.stream and _streams(st, reqs):
+        started = time.perf_counter()
+        first, rest = await _open_stream(st, "completions", reqs[0])
+
+        async def incremental():
+            base = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "spd": spd}
+            if body.echo:
+                yield _sse({**base, "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]})
+            async for d in _pieces(st, "completions", reqs[0], first, rest, started):
+                if d.text:
+                    yield _sse({**base, "choices": [{"index": 0, "text": d.text, "logprobs": None, "finish_reason": None}]})
+                if d.completion is not None:
+                    yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                     "finish_reason": d.completion.finish_reason}]})
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({**base, "choices": [], "usage": _usage(reqs, [d.completion])})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(incremental(), media_type="text/event-stream")
+    outs = await _run(st, "completions", reqs)
     if not body.stream:
         choices = [{"index": i, "text": (prompts[i] if body.echo else "") + o.text, "logprobs": None,
                     "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
@@ -156,9 +255,27 @@ async def chat_completions(body: ChatRequest, request: Request):
     ids = chat_prompt_ids(tok, body.messages)
     _check_limits(st, len(ids), max_tokens, "messages")
     reqs = [_gen_request(body, ids, capability, adapter, max_tokens)]
-    (out,) = await _run(st, "chat", reqs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     spd = _spd(st, capability, body.capability_strength, adapter)
+    if body.stream and _streams(st, reqs):
+        started = time.perf_counter()
+        first, rest = await _open_stream(st, "chat", reqs[0])
+
+        async def incremental():
+            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "spd": spd}
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+            async for d in _pieces(st, "chat", reqs[0], first, rest, started):
+                if d.text:
+                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": d.text}, "finish_reason": None}]})
+                if d.completion is not None:
+                    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": d.completion.finish_reason}]})
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({**base, "choices": [], "usage": _usage(reqs, [d.completion])})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(incremental(), media_type="text/event-stream")
+    (out,) = await _run(st, "chat", reqs)
     if not body.stream:
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},

@@ -1,5 +1,6 @@
 """A real SPD server process for the server tests: `python -m server` under uvicorn on 127.0.0.1,
-a free port, temporary store and data dirs, the bundled model and the transformers backend."""
+a free port, temporary store and data dirs, the bundled model and the transformers backend (or
+`backend="vllm"`)."""
 from __future__ import annotations
 
 import os
@@ -29,8 +30,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path, api_key: str | None = None, extra: list[str] | None = None):
-        self.root, self.api_key, self.extra = Path(root), api_key, extra or []
+    def __init__(self, root: Path, api_key: str | None = None, extra: list[str] | None = None, backend: str = "hf"):
+        self.root, self.api_key, self.extra, self.backend = Path(root), api_key, extra or [], backend
         self.store, self.data = self.root / "store", self.root / "data"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -42,7 +43,7 @@ class Server:
     def start(self, timeout: float = 180) -> "Server":
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         env.pop("SPD_API_KEY", None)
-        cmd = [sys.executable, "-m", "server", "--backend", "hf", "--model", MODEL, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "server", "--backend", self.backend, "--model", MODEL, "--port", str(self.port),
                "--store", str(self.store), "--data-dir", str(self.data), "--batch-window-ms", "20", *self.extra]
         if self.api_key:
             cmd += ["--api-key", self.api_key]

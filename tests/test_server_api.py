@@ -41,8 +41,8 @@ def oai(server):
 
 @pytest.fixture(scope="module")
 def modes(http):
-    """Two modes made through the API: a gradient one from a multipart upload, and from JSON a random
-    rank-1 one on many layers (strong enough to change a few greedy tokens)."""
+    """Three modes made through the API: a gradient one from a multipart upload, and from JSON two random
+    rank-1 ones on many layers (strong enough to change a few greedy tokens)."""
     up = http.post("/v1/subspaces", files={"file": ("cal.jsonl", CALIBRATION)},
                    data={"name": "math", "kind": "math", "rank": "8", "layers": "15,29"})
     assert up.status_code == 202, up.text
@@ -50,10 +50,14 @@ def modes(http):
                                           "layers": [0, 2, 4, 8, 12, 15, 20, 25, 29],
                                           "calibration": {"data": CALIBRATION}})
     assert js.status_code == 202, js.text
-    for job in (up.json(), js.json()):
+    js2 = http.post("/v1/subspaces", json={"name": "rnd2", "kind": "math", "method": "random", "rank": 1,
+                                           "layers": [1, 3, 6, 10, 14, 18, 22, 26, 28],
+                                           "calibration": {"data": CALIBRATION}})
+    assert js2.status_code == 202, js2.text
+    for job in (up.json(), js.json(), js2.json()):
         done = wait_job(http, job["id"])
         assert done["state"] == "succeeded", done
-    return ["math", "rnd"]
+    return ["math", "rnd", "rnd2"]
 
 
 def _chat(oai, content, **kw):
@@ -105,24 +109,27 @@ def test_a_mode_changes_the_output_and_strength_zero_is_the_base_model(oai, mode
     assert full.choices[0].message.content != base
 
 
-def test_concurrent_requests_over_two_modes_and_none_each_equal_the_request_made_alone(oai, http, modes):
-    prompts = ["Count to five:", "My favourite fruit is"]
-    combos = [(p, cap) for p in prompts for cap in (None, "math", "rnd")]
+def test_64_concurrent_requests_over_three_modes_and_none_each_equal_the_request_made_alone(oai, http, modes):
+    prompts = ["Count to five:", "My favourite fruit is",
+               "Write one sentence about the sea and the sky at night:", "2 + 2 ="]
+    combos = [(p, cap) for p in prompts for cap in (None, "math", "rnd", "rnd2")]
 
     def ask(combo):
         p, cap = combo
         extra = {"capability": cap} if cap else {}
-        return oai.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0, extra_body=extra).choices[0].text
+        return oai.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, extra_body=extra).choices[0].text
 
     alone = {c: ask(c) for c in combos}
+    assert len({alone[(p, cap)] for p in prompts[:2] for cap in (None, "rnd", "rnd2")}) > 2, "modes change nothing"
     before = _batch_stats(http)
-    work = combos * 3  # 18 concurrent requests
+    work = combos * 4  # 64 concurrent requests, 16 per mode (and none), prompts of different lengths
+    assert len(work) == 64
     with ThreadPoolExecutor(len(work)) as pool:
         together = list(pool.map(ask, work))
     for c, text in zip(work, together):
         assert text == alone[c], f"{c} differs when batched"
     count, total = (a - b for a, b in zip(_batch_stats(http), before))
-    assert total == len(work) and count < len(work), f"{len(work)} requests took {count} backend calls"
+    assert total == len(work) and count < len(work) / 4, f"{len(work)} requests took {count} backend calls"
 
 
 def _batch_stats(http) -> tuple[float, float]:

@@ -226,13 +226,14 @@ def test_a_request_in_flight_keeps_its_mode_when_the_mode_is_removed(vllm_be, pa
     vllm_be.add_subspace(packs[C])
     req = _req(tok, 1, (C,), n=32)
     solo = vllm_be.generate([req])[0].token_ids
-    # drive the engine by hand: a few steps, remove the mode, then finish
-    vllm_be._submit("in-flight", req, vllm_be.bank)
-    for _ in range(4):
-        vllm_be.engine.step()
-    vllm_be.remove_subspace(C)
-    out = vllm_be._run({"in-flight"}, None)["in-flight"]
-    assert vllm_be._completion(out).token_ids == solo
+    stream = vllm_be.stream(req)
+    first = next(stream)  # the request is running: it has produced text
+    assert first.completion is None
+    vllm_be.remove_subspace(C)  # runs on the engine thread between two steps
+    last = list(stream)[-1]
+    assert last.completion is not None and last.completion.token_ids == solo
+    with pytest.raises(KeyError, match="unknown capability"):
+        vllm_be.generate([req])
 
 
 def test_unknown_capability_or_adapter_is_refused_before_anything_is_scheduled(vllm_be):
