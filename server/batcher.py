@@ -1,14 +1,16 @@
 """An async batcher: requests arriving within a few milliseconds of each other go to the backend
 as one `Backend.generate` call, so concurrent clients share a batch instead of queueing.
 
-One batch runs at a time (the engine's own batching does the rest); while it runs, new requests
-collect for the next one. A request that the backend rejects (its mode or adapter was removed
+On a backend that batches continuously (vLLM), each collected batch is handed over at once, so
+requests keep joining the engine's running batch; on one that does not (transformers), one batch
+runs at a time and new requests collect for the next one. A request that the backend rejects (its mode or adapter was removed
 while it waited) fails alone: the rest of its batch is retried without it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from spd_engine.backend import Backend, Completion, GenerationRequest
@@ -27,6 +29,10 @@ class Batcher:
         self.backend, self.max_batch, self.window = backend, max_batch, window_ms / 1000
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        # generate() blocks its thread until the batch is done: enough threads for every batch in flight
+        self._pool = ThreadPoolExecutor(max_workers=max_batch if backend.batches_continuously else 1,
+                                        thread_name_prefix="spd-batch")
 
     @property
     def depth(self) -> int:
@@ -37,12 +43,14 @@ class Batcher:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, requests: list[GenerationRequest]) -> list[Completion]:
         loop = asyncio.get_running_loop()
@@ -66,7 +74,13 @@ class Batcher:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             batch = [it for it in batch if not it.future.cancelled()]
-            if batch:
+            if not batch:
+                continue
+            if self.backend.batches_continuously:
+                task = asyncio.create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            else:
                 await self._execute(batch)
 
     def _stale(self, r: GenerationRequest) -> Exception | None:
@@ -90,7 +104,8 @@ class Batcher:
         if not batch:
             return
         try:
-            out = await asyncio.to_thread(self.backend.generate, [it.request for it in batch])
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.backend.generate, [it.request for it in batch])
         except Exception as e:  # noqa: BLE001 - isolate the failing request(s)
             if len(batch) == 1:
                 if not batch[0].future.done():

@@ -151,6 +151,10 @@ class VLLMBackend(Backend):
             self._thread.join()
         self.engine.engine_core.shutdown()
 
+    @property
+    def batches_continuously(self) -> bool:
+        return True  # every call's requests join the engine thread's running batch at the next step
+
     # ---------------------------------------------------------------- the engine thread
 
     def _on_engine(self, fn: Callable[[], object]) -> object:

@@ -78,6 +78,12 @@ class Backend(abc.ABC):
         """True when `stream` yields text as it is produced (it is overridden)."""
         return type(self).stream is not Backend.stream
 
+    @property
+    def batches_continuously(self) -> bool:
+        """True when concurrent `generate` calls join one continuous batch in the engine, so callers
+        need not gather requests into one call first (vLLM); False when each call is its own batch."""
+        return False
+
     @abc.abstractmethod
     def add_subspace(self, pack: Subspace) -> None:
         """Make a capability mode usable by the next request (validated against the model)."""
