@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # re-run setup when the dependencies change or the clone moves (the editable install points here)
 STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-16)
 
-.PHONY: setup serve demo test bench
+.PHONY: setup serve demo test bench bench-quick
 
 setup: $(STAMP)
 
@@ -32,4 +32,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) bench/hooked_generation.py
+	$(PY) bench/run.py
+
+bench-quick: setup
+	$(PY) bench/run.py --quick

@@ -68,6 +68,7 @@ class VLLMBackend(Backend):
         self.model_info = models.info(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.store = Store(Path(store) if store is not None else store_dir())
+        self.batch_size = max_num_seqs  # what one call should hold to fill the engine's batch
         if "OMP_NUM_THREADS" not in os.environ and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
             # the in-process worker binds itself to one core; more OpenMP threads thrash (~10x slower)
             torch.set_num_threads(1)

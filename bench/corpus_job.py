@@ -1,0 +1,98 @@
+"""6. Corpus generation through the server (POST /v1/jobs kind `generate`, polled to completion)
+/ vLLM's offline `LLM.generate` (stock engine, no plugin) on the same prompts and settings:
+the same token-id prompts (chat template, as the job builds them), greedy, the same max_tokens
+and stop strings. Each repetition uses prompts neither engine has seen (the prefix cache is
+warm for the shared system prompt only, in both engines). Ratio: offline seconds / job seconds
+(= the job's throughput / offline throughput; the same greedy work in both arms).
+
+The job's time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s).
+"""
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from common import MODEL, Context, Goal, headline, interleave, ratios, spread
+
+NAME = "corpus_job"
+TITLE = "corpus generation job through the server / offline vLLM LLM.generate"
+GOAL = Goal(">=", 0.9)
+USES = {"spd_server", "stock_engine"}
+
+
+def run(ctx: Context) -> dict:
+    from transformers import AutoTokenizer
+
+    from spd_engine import models
+    from spd_engine.corpus import read_corpus
+    from spd_engine.data import load_examples, resolve_data
+    from spd_engine.formatting import text_prompt_ids
+    from spd_engine.tasks import stop_strings, user_message
+
+    res = ctx.resources
+    res.start("spd_server", "stock_engine")
+    srv, stock = res.get("spd_server"), res.get("stock_engine")
+    tok = AutoTokenizer.from_pretrained(models.resolve(MODEL))
+    gsm = load_examples(resolve_data("gsm8k"), "math")
+    n, max_tokens, reps = ctx.size(4, 20), ctx.size(8, 32), ctx.size(1, 3)
+    stop = stop_strings("math")
+    client = httpx.Client(base_url=srv.url, timeout=600)
+    jobs: list[dict] = []
+    tokens: dict[str, list[int]] = {"job": [], "offline": []}
+
+    def chunk(i):  # warm-up (-1) on its own prompts; rep i on fresh ones
+        start = (i + 1) * n
+        return [gsm[(start + j) % len(gsm)] for j in range(n)]
+
+    def job(i):
+        exs = chunk(i)
+        body = {"kind": "generate", "params": {"task_kind": "math", "max_tokens": max_tokens, "temperature": 0.0,
+                                               "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in exs]}}}
+        t0 = time.perf_counter()
+        r = client.post("/v1/jobs", json=body)
+        r.raise_for_status()
+        jid = r.json()["id"]
+        while True:
+            j = client.get(f"/v1/jobs/{jid}").json()
+            if j["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        dt = time.perf_counter() - t0
+        if j["state"] != "succeeded":
+            raise RuntimeError(f"generate job {jid} {j['state']}: {j['error']}")
+        art = client.get(f"/v1/jobs/{jid}/artifact")
+        path = srv.root / "tmp-corpus.jsonl"
+        path.write_bytes(art.content)
+        n_tok = sum(row["n_tokens"] for row in read_corpus(path))
+        if i >= 0:
+            jobs.append({"id": jid, "client_seconds": dt, "server_seconds": j["finished"] - j["started"],
+                         "queue_seconds": j["started"] - j["created"], "tokens": n_tok})
+            tokens["job"].append(n_tok)
+        return dt
+
+    def offline(i):
+        ids = [text_prompt_ids(tok, user_message("math", e)) for e in chunk(i)]
+        out = stock.call("offline_generate", prompt_ids=ids, max_tokens=max_tokens, stop=stop)
+        if i >= 0:
+            tokens["offline"].append(out["tokens"])
+        return out["seconds"]
+
+    sec = interleave({"job": job, "offline": offline}, reps)
+    r = ratios(sec["offline"], sec["job"])
+    client.close()
+    return {
+        "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
+                     "task_kind": "math", "capability": "none (the offline arm is stock vLLM)",
+                     "server": "our server, --backend vllm (VLLMBackend defaults; the job runs through the serving "
+                               "backend in chunks of 16 prompts)",
+                     "offline": "LLM.generate, all prompts of the rep in one call, stock engine (VLLM_PLUGINS=)",
+                     "server_start_seconds": srv.start_seconds},
+        "seconds": sec,
+        "jobs": jobs,
+        "tokens": tokens,
+        "job_tok_s": spread([t / s for t, s in zip(tokens["job"], sec["job"])]),
+        "offline_tok_s": spread([t / s for t, s in zip(tokens["offline"], sec["offline"])]),
+        "job_over_offline_throughput": r,
+        "headline": [headline(f"job / offline LLM.generate ({n} prompts, {max_tokens} tokens)", r, GOAL)],
+    }

