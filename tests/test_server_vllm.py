@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from random_lora import write_random_lora
 from server_harness import CALIBRATION, MODEL, Server, wait_job
 
 pytest.importorskip("vllm")
@@ -160,20 +161,9 @@ def test_a_long_streamed_completion_arrives_piece_by_piece_while_other_requests_
 def adapter(server, http):
     """A PEFT LoRA (q/k/v/o, r 8) with random nonzero B written into the server's adapters dir, then
     hot-loaded through the API."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from spd_engine import models
 
-    model, _ = models.load(models.resolve(MODEL))
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft.save_pretrained(server.data / "adapters" / ADAPTER)
-    del peft, model
+    write_random_lora(models.resolve(MODEL), server.data / "adapters" / ADAPTER)
     r = http.post("/v1/adapters", json={"name": ADAPTER, "directory": ADAPTER})
     assert r.status_code == 201, r.text
     return ADAPTER

@@ -21,6 +21,7 @@ from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from spd_engine.data import load_examples, resolve_data  # noqa: E402
 from spd_engine.formatting import text_prompt_ids  # noqa: E402
 from spd_engine.subspace import PackError  # noqa: E402
+from random_lora import write_random_lora  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -49,20 +50,7 @@ def packs(hf_backend):
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, bundled_path):
     """A PEFT LoRA adapter (q/k/v/o, r 8) with random nonzero B, so it changes the output."""
-    from peft import LoraConfig, get_peft_model
-
-    from spd_engine import models
-
-    model, _ = models.load(bundled_path)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    path = tmp_path_factory.mktemp("adapter")
-    peft.save_pretrained(path)
-    return path
+    return write_random_lora(bundled_path, tmp_path_factory.mktemp("adapter") / "lora")
 
 
 @pytest.fixture(scope="module")
