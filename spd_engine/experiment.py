@@ -55,6 +55,7 @@ class DomainConfig(_Strict):
     generation: int = Field(gt=0)
     evaluation: int = Field(gt=0)
     max_tokens: int = Field(default=192, gt=0)  # generation and free-generation evaluation
+    metrics: list[Literal["accuracy", "span-nll"]] | None = None  # this domain's evaluation set; None: the experiment's
 
     @field_validator("name")
     @classmethod
@@ -234,7 +235,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             capability = (modes[(d.name, "gradient")],) if cond == "hooks-only" else ()
             adapter = adapters.get((d.name, cond))
             for e in cfg.domains:
-                for metric in cfg.metrics:
+                for metric in e.metrics or cfg.metrics:
                     key = {"model": ident, "train_domain": d.name if cond != "base" else None, "condition": cond,
                            "eval": e.name, "ids": [x.id for x in splits[e.name]["evaluation"]], "metric": metric,
                            "max_tokens": e.max_tokens, "calibration": cfg.calibration.model_dump(),

@@ -45,7 +45,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], store:
     paired: list[dict] = []
     for d in cfg.domains:
         lines += [f"## Trained on `{d.name}` ({d.kind}: {', '.join(d.data)})", ""]
-        for metric in cfg.metrics:
+        for metric in dict.fromkeys(m for e in cfg.domains for m in e.metrics or cfg.metrics):
             lines += [f"### {metric}", "", "| condition | eval set | " + metric + " | vs base | vs self-distill |",
                       "|---|---|---|---|---|"]
             for cond in cfg.conditions:
