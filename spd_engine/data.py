@@ -222,7 +222,9 @@ def _load_bigbench(path: Path, kind: Kind) -> list[Example]:
         if kind == "mcq":
             if scores is None:
                 raise DataError(f"{where}: an mcq example needs 'target_scores'")
-            options = tuple(scores)
+            # BIG-bench files list the correct option first in many tasks: shuffle (seeded by the
+            # example's id, so reproducible) or the gold letter would always be A
+            options = tuple(sorted(scores, key=lambda o: hashlib.sha256(f"{ex_id}\0{o}".encode()).digest()))
             if len(options) > _MAX_OPTIONS:
                 raise DataError(f"{where}: {len(options)} options; at most {_MAX_OPTIONS} can be lettered")
             answer = letter(options.index(_best_option(scores, where)))

@@ -165,7 +165,7 @@ def test_bigbench_mcq_answer_letter_matches_the_option_with_score_1(task: str) -
     assert len(examples) == len(raw)
     for i, (ex, row) in enumerate(zip(examples, raw)):
         assert ex.id == f"{task}-{i}" and ex.prompt.endswith(row["input"])
-        assert ex.options == tuple(row["target_scores"])
+        assert sorted(ex.options) == sorted(row["target_scores"])  # same options, shuffled
         assert row["target_scores"][ex.options[ord(ex.answer) - ord("A")]] == 1
         assert score("mcq", ex, f"The answer is ({ex.answer}).")
 
@@ -338,3 +338,13 @@ def test_custom_score_looks_for_the_marked_span_in_the_completion(tmp_path: Path
     [ex] = load_examples(path, "custom")
     assert score("custom", ex, "Definitely  PARIS, of course")
     assert not score("custom", ex, "Lyon")
+
+
+def test_bigbench_gold_letters_are_spread_over_the_options_not_always_the_first():
+    """BIG-bench lists the correct option first in many tasks; the loader must not keep that order."""
+    examples = load_examples(resolve_data("bigbench/date_understanding"), "mcq")
+    letters = {ex.answer for ex in examples}
+    assert len(letters) >= 4
+    assert max(sum(ex.answer == x for ex in examples) for x in letters) < 0.5 * len(examples)
+    again = load_examples(resolve_data("bigbench/date_understanding"), "mcq")
+    assert [ex.options for ex in again] == [ex.options for ex in examples]  # reproducible
