@@ -120,6 +120,11 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _content(examples: list[Example]) -> str:
+    """A stage's examples as they reach the model: a loader change invalidates the cache too."""
+    return _hash([[ex.id, ex.prompt, ex.answer, ex.span, ex.options] for ex in examples])
+
+
 class _Stages:
     """Runs each stage once per input hash; results (and wall time) land in `cache/<stage>-<hash>`."""
 
@@ -171,7 +176,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     for d in cfg.domains:
         for method in sorted({_MODE_OF[c] for c in cfg.conditions if c in _MODE_OF}):
             name = f"{d.name}-{method}"
-            key = {"model": ident, "data": sources[d.name], "ids": [e.id for e in splits[d.name]["calibration"]],
+            key = {"model": ident, "data": sources[d.name], "examples": _content(splits[d.name]["calibration"]),
                    "kind": d.kind, "method": method, "cfg": cfg.calibration.model_dump(), "seed": cfg.seed}
 
             def do_calibrate(where: Path, d=d, method=method, name=name) -> dict:
@@ -196,7 +201,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     for d in cfg.domains:
         for cond in [c for c in cfg.conditions if c not in ("base", "hooks-only")]:
             capability = (modes[(d.name, _MODE_OF[cond])],) if cond in _MODE_OF else ()
-            gen_key = {"model": ident, "data": sources[d.name], "ids": [e.id for e in splits[d.name]["generation"]],
+            gen_key = {"model": ident, "data": sources[d.name], "examples": _content(splits[d.name]["generation"]),
                        "kind": d.kind, "capability": capability, "strength": cfg.strength, "max_tokens": d.max_tokens,
                        "calibration": cfg.calibration.model_dump(), "seed": cfg.seed}
 
@@ -237,7 +242,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             for e in cfg.domains:
                 for metric in e.metrics or cfg.metrics:
                     key = {"model": ident, "train_domain": d.name if cond != "base" else None, "condition": cond,
-                           "eval": e.name, "ids": [x.id for x in splits[e.name]["evaluation"]], "metric": metric,
+                           "eval": e.name, "examples": _content(splits[e.name]["evaluation"]), "metric": metric,
                            "max_tokens": e.max_tokens, "calibration": cfg.calibration.model_dump(),
                            "distill": cfg.distill.model_dump(), "strength": cfg.strength, "seed": cfg.seed,
                            "data": sources[e.name]}
