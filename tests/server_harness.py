@@ -77,6 +77,12 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
+    def openai_client(self):
+        """The official openai client pointed at this server (with its API key, if any)."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0, timeout=300)
+
     def client(self) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)

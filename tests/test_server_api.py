@@ -36,7 +36,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    return server.openai_client()
 
 
 def _chat(oai, content, model=MODEL, **kw):
