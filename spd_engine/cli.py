@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -73,10 +74,17 @@ def _backend(args):
     return HFBackend(args.model, batch_size=args.batch_size)
 
 
-def _load_modes(backend, args, capability: tuple[str, ...]) -> None:
-    store = _store(args)
-    for name in capability:
-        backend.add_subspace(store.load(name, backend.model_info))
+@contextlib.contextmanager
+def _serving(args, capability: tuple[str, ...]):
+    """The command's backend with the named modes loaded from the store; closed afterwards."""
+    backend = _backend(args)
+    try:
+        store = _store(args)
+        for name in capability:
+            backend.add_subspace(store.load(name, backend.model_info))
+        yield backend
+    finally:
+        backend.close()
 
 
 # ---------------------------------------------------------------- commands
@@ -116,15 +124,10 @@ def cmd_generate(args) -> None:
 
     capability = tuple(args.capability)
     examples = _examples(args)
-    backend = _backend(args)
-    try:
-        _load_modes(backend, args, capability)
-        with _bar(len(examples), "generating") as bar:
-            result = generate_corpus(backend, args.kind, examples, Path(args.out), capability=capability,
-                                     strength=args.strength, max_tokens=args.max_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, seed=args.seed, chunk=max(args.batch_size, 8), progress=bar.update)
-    finally:
-        backend.close()
+    with _serving(args, capability) as backend, _bar(len(examples), "generating") as bar:
+        result = generate_corpus(backend, args.kind, examples, Path(args.out), capability=capability,
+                                 strength=args.strength, max_tokens=args.max_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, chunk=max(args.batch_size, 8), progress=bar.update)
     print(json.dumps(result, indent=2))
 
 
@@ -156,22 +159,17 @@ def cmd_eval(args) -> None:
 
     capability = tuple(args.capability)
     examples = _examples(args)
-    backend = _backend(args)
-    try:
-        _load_modes(backend, args, capability)
+    with _serving(args, capability) as backend, _bar(len(examples), f"evaluating {args.metric}") as bar:
         adapter = None
         if args.adapter:
             backend.load_adapter("cli-adapter", args.adapter)
             adapter = "cli-adapter"
-        with _bar(len(examples), f"evaluating {args.metric}") as bar:
-            if args.metric == "accuracy":
-                res = accuracy(backend, args.kind, examples, capability=capability, strength=args.strength,
-                               adapter=adapter, max_tokens=args.max_tokens, progress=bar.update)
-            else:
-                res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=args.strength,
-                                    adapter=adapter, batch_size=args.batch_size, progress=bar.update)
-    finally:
-        backend.close()
+        if args.metric == "accuracy":
+            res = accuracy(backend, args.kind, examples, capability=capability, strength=args.strength,
+                           adapter=adapter, max_tokens=args.max_tokens, progress=bar.update)
+        else:
+            res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=args.strength,
+                                adapter=adapter, batch_size=args.batch_size, progress=bar.update)
     summary = {**res.summary(), "data": args.data, "kind": args.kind, "capability": list(capability),
                "strength": args.strength if capability else 0.0, "adapter": args.adapter}
     print(json.dumps(summary, indent=2))
