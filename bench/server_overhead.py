@@ -2,7 +2,7 @@
 OpenAI server (`python -m vllm.entrypoints.openai.api_server`, no plugin loaded) on the same
 engine settings (float32, eager, 32 sequences, max_model_len 2048, prefix caching on, seed 0,
 VLLM_CPU_KVCACHE_SPACE=2) and the same load: closed-loop clients at concurrency 1, 8, 32, a fixed
-number of /v1/completions requests (raw prompts, greedy, fixed max_tokens), with p50/p99 latency.
+number of /v1/completions requests (raw prompts, greedy, max_tokens tokens each: ignore_eos), with p50/p99 latency.
 The load alternates between the two servers, level by level, round by round (A B A B).
 
 Known architectural difference, part of what is measured: vLLM's server runs its engine core in
@@ -48,7 +48,7 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
                     return
                 t0 = time.perf_counter()
                 r = await client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": max_tokens,
-                                                               "temperature": 0.0})
+                                                               "temperature": 0.0, "ignore_eos": True})
                 latencies.append(time.perf_counter() - t0)
                 r.raise_for_status()
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -96,7 +96,7 @@ def run(ctx: Context) -> dict:
         heads.append(headline(f"requests/s, concurrency {c}", req, GOAL))
     return {
         "settings": {"levels": levels, "requests_per_level": n_requests, "max_tokens": max_tokens, "rounds": rounds,
-                     "greedy": True, "ignore_eos": "not available on our API: fixed max_tokens, same prompts on both",
+                     "greedy": True, "ignore_eos": True,
                      "endpoint": "/v1/completions, raw prompt 'Question: <gsm8k question>\\nAnswer:'",
                      "vllm_server": "VLLM_PLUGINS= (no plugin), --enforce-eager --max-num-seqs 32 --max-model-len 2048 "
                                     "--enable-prefix-caching --dtype float32 --seed 0, VLLM_CPU_KVCACHE_SPACE=2",

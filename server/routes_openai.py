@@ -6,7 +6,7 @@ import json
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -56,7 +56,7 @@ def _check_limits(st, n_prompt: int, max_tokens: int, param: str) -> None:
 def _gen_request(body, ids: list[int], capability, adapter, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(prompt_ids=ids, capability=capability, strength=body.capability_strength if capability else 1.0,
                              adapter=adapter, max_tokens=max_tokens, temperature=body.temperature,
-                             top_p=body.top_p, seed=body.seed, stop=body.stops())
+                             top_p=body.top_p, seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
 
 
 def _gone(st, endpoint: str, cap: str, e: KeyError) -> APIError:
@@ -138,18 +138,62 @@ async def _open_stream(st, endpoint: str, req: GenerationRequest) -> tuple[Delta
 
 
 async def _pieces(st, endpoint: str, req: GenerationRequest, first: Delta, rest: AsyncIterator[Delta],
-                  started: float) -> AsyncIterator[Delta]:
-    """The pieces of a streamed request, counted in the metrics once it completes."""
+                  started: float) -> AsyncIterator[tuple[int, Delta]]:
+    """The pieces of a streamed request (choice 0), counted in the metrics once it completes."""
     d = first
     try:
         while True:
-            yield d
+            yield 0, d
             if d.completion is not None:
                 _count(st, endpoint, [req], [d.completion], started)
                 return
             d = await rest.__anext__()
     finally:
         await rest.aclose()  # a client that went away cancels its request in the engine
+
+
+async def _replay(tok, outs: list[Completion]) -> AsyncIterator[tuple[int, Delta]]:
+    """Finished completions cut into the pieces a stream would have sent."""
+    for i, o in enumerate(outs):
+        for text in _deltas(tok, o):
+            yield i, Delta(text)
+        yield i, Delta("", o)
+
+
+async def _start(st, endpoint: str, reqs: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
+    """Start the requests of a streamed response and return their (choice index, piece) stream. Awaits the
+    first piece (incremental) or the whole batch before returning, so a refused request still gets its 4xx."""
+    if _streams(st, reqs):
+        started = time.perf_counter()
+        first, rest = await _open_stream(st, endpoint, reqs[0])
+        return _pieces(st, endpoint, reqs[0], first, rest, started)
+    return _replay(st.engine.backend.tokenizer, await _run(st, endpoint, reqs))
+
+
+Choice = Callable[..., dict | None]
+
+
+async def _events(pieces: AsyncIterator[tuple[int, Delta]], base: dict, reqs: list[GenerationRequest],
+                  include_usage: bool, opening: Choice, text: Choice, finish: Choice) -> AsyncIterator[str]:
+    """Server-sent events of a streamed response; the endpoint says how a choice's opening, text and
+    finish chunks look."""
+    opened, outs = set(), []
+    try:
+        async for i, d in pieces:
+            if i not in opened:
+                opened.add(i)
+                if (c := opening(i)) is not None:
+                    yield _sse({**base, "choices": [c]})
+            if d.text:
+                yield _sse({**base, "choices": [text(i, d.text)]})
+            if d.completion is not None:
+                outs.append(d.completion)
+                yield _sse({**base, "choices": [finish(i, d.completion.finish_reason)]})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(reqs, outs)})
+        yield "data: [DONE]\n\n"
+    finally:
+        await pieces.aclose()
 
 
 def _spd(st, capability, strength, adapter) -> dict:
@@ -196,45 +240,19 @@ async def completions(body: CompletionRequest, request: Request):
         reqs.append(_gen_request(body, ids, capability, adapter, max_tokens))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     spd = _spd(st, capability, body.capability_strength, adapter)
-    if body.stream and _streams(st, reqs):
-        started = time.perf_counter()
-        first, rest = await _open_stream(st, "completions", reqs[0])
-
-        async def incremental():
-            base = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "spd": spd}
-            if body.echo:
-                yield _sse({**base, "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]})
-            async for d in _pieces(st, "completions", reqs[0], first, rest, started):
-                if d.text:
-                    yield _sse({**base, "choices": [{"index": 0, "text": d.text, "logprobs": None, "finish_reason": None}]})
-                if d.completion is not None:
-                    yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                     "finish_reason": d.completion.finish_reason}]})
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**base, "choices": [], "usage": _usage(reqs, [d.completion])})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(incremental(), media_type="text/event-stream")
-    outs = await _run(st, "completions", reqs)
-    if not body.stream:
-        choices = [{"index": i, "text": (prompts[i] if body.echo else "") + o.text, "logprobs": None,
-                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-                "usage": _usage(reqs, outs), "spd": spd}
-
-    def events():
+    if body.stream:
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "spd": spd}
-        for i, o in enumerate(outs):
-            if body.echo:
-                yield _sse({**base, "choices": [{"index": i, "text": prompts[i], "logprobs": None, "finish_reason": None}]})
-            for d in _deltas(tok, o):
-                yield _sse({**base, "choices": [{"index": i, "text": d, "logprobs": None, "finish_reason": None}]})
-            yield _sse({**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": o.finish_reason}]})
-        if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(reqs, outs)})
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+        events = _events(
+            await _start(st, "completions", reqs), base, reqs, body.include_usage(),
+            opening=lambda i: {"index": i, "text": prompts[i], "logprobs": None, "finish_reason": None} if body.echo else None,
+            text=lambda i, t: {"index": i, "text": t, "logprobs": None, "finish_reason": None},
+            finish=lambda i, r: {"index": i, "text": "", "logprobs": None, "finish_reason": r})
+        return StreamingResponse(events, media_type="text/event-stream")
+    outs = await _run(st, "completions", reqs)
+    choices = [{"index": i, "text": (prompts[i] if body.echo else "") + o.text, "logprobs": None,
+                "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+            "usage": _usage(reqs, outs), "spd": spd}
 
 
 def chat_prompt_ids(tok, messages) -> list[int]:
@@ -257,42 +275,19 @@ async def chat_completions(body: ChatRequest, request: Request):
     reqs = [_gen_request(body, ids, capability, adapter, max_tokens)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     spd = _spd(st, capability, body.capability_strength, adapter)
-    if body.stream and _streams(st, reqs):
-        started = time.perf_counter()
-        first, rest = await _open_stream(st, "chat", reqs[0])
-
-        async def incremental():
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "spd": spd}
-            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
-            async for d in _pieces(st, "chat", reqs[0], first, rest, started):
-                if d.text:
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": d.text}, "finish_reason": None}]})
-                if d.completion is not None:
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": d.completion.finish_reason}]})
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**base, "choices": [], "usage": _usage(reqs, [d.completion])})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(incremental(), media_type="text/event-stream")
-    (out,) = await _run(st, "chat", reqs)
-    if not body.stream:
-        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                             "logprobs": None, "finish_reason": out.finish_reason}],
-                "usage": _usage(reqs, [out]), "spd": spd}
-
-    def events():
+    if body.stream:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "spd": spd}
-        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-        for d in _deltas(tok, out):
-            yield _sse({**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
-        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
-        if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(reqs, [out])})
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+        events = _events(
+            await _start(st, "chat", reqs), base, reqs, body.include_usage(),
+            opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            text=lambda i, t: {"index": i, "delta": {"content": t}, "finish_reason": None},
+            finish=lambda i, r: {"index": i, "delta": {}, "finish_reason": r})
+        return StreamingResponse(events, media_type="text/event-stream")
+    (out,) = await _run(st, "chat", reqs)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                         "logprobs": None, "finish_reason": out.finish_reason}],
+            "usage": _usage(reqs, [out]), "spd": spd}
 
 
 @router.get("/v1/models", summary="The base model and every loaded adapter")

@@ -29,6 +29,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens, past EOS")
     # SPD extensions (top-level fields; the openai client sends them through `extra_body`)
     capability: str | list[str] | None = Field(default=None, description="a capability mode, or a list to compose")
     capability_strength: float = Field(default=1.0, ge=0.0, le=1.0, description="projection strength alpha in [0, 1]")
@@ -50,6 +51,9 @@ class _Sampling(_Strict):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 non-empty stop strings")
         return v
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stops(self) -> tuple[str, ...]:
         return tuple([self.stop] if isinstance(self.stop, str) else (self.stop or []))

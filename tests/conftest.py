@@ -45,3 +45,16 @@ def tiny_path(tmp_path_factory, tokenizer):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The server test modules each define a module-scoped `server` (a real server process); these clients
+# talk to whichever one the module defines.
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return server.openai_client()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -96,3 +97,22 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 300, states=("suc
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} still {job['state']}")
+
+
+def batch_stats(http: httpx.Client) -> tuple[float, float]:
+    """The server's batch-size histogram: (backend calls, requests in them)."""
+    text = http.get("/metrics").text
+    val = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("spd_batch_size_")}
+    return val["spd_batch_size_count"], val["spd_batch_size_sum"]
+
+
+def assert_concurrent_like_alone(http: httpx.Client, ask, work: list, alone: dict) -> None:
+    """Sent all at once, every request in `work` gets the answer it got alone (`alone[request]`), and the
+    server served them in few backend calls (they were batched, not queued one by one)."""
+    before = batch_stats(http)
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(ask, work))
+    for c, text in zip(work, together):
+        assert text == alone[c], f"{c} differs when batched"
+    count, total = (a - b for a, b in zip(batch_stats(http), before))
+    assert total == len(work) and count < len(work) / 4, f"{len(work)} requests took {count} backend calls"

@@ -5,14 +5,12 @@ restart, pack archives, and a 4xx naming the field for every bad input."""
 from __future__ import annotations
 
 import io
-import json
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server_harness import CALIBRATION, MODEL, Server, assert_concurrent_like_alone, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +24,6 @@ def server(tmp_path_factory):
                extra=["--max-body-bytes", str(BODY_LIMIT), "--max-prompt-tokens", "512", "--max-tokens", "64"]).start()
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +49,7 @@ def modes(http):
 
 def _chat(oai, content, **kw):
     return oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                       temperature=0, max_tokens=8, **kw)
+                                       temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
 
 
 def test_health_is_open_but_every_other_endpoint_needs_the_api_key(server, http):
@@ -101,6 +88,13 @@ def test_completion_and_chat_stream_the_same_text_as_without_streaming_with_and_
         assert chat.model_extra["spd"]["capability"] == want
 
 
+def test_ignore_eos_generates_exactly_max_tokens_past_the_end_of_the_answer(oai):
+    short = _chat(oai, "Reply with one word: yes or no?", max_tokens=32)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 32
+    full = _chat(oai, "Reply with one word: yes or no?", max_tokens=32, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 32
+
+
 def test_a_mode_changes_the_output_and_strength_zero_is_the_base_model(oai, modes):
     base = _chat(oai, "Tell me about the moon.").choices[0].message.content
     zero = _chat(oai, "Tell me about the moon.", extra_body={"capability": "rnd", "capability_strength": 0.0})
@@ -121,21 +115,9 @@ def test_64_concurrent_requests_over_three_modes_and_none_each_equal_the_request
 
     alone = {c: ask(c) for c in combos}
     assert len({alone[(p, cap)] for p in prompts[:2] for cap in (None, "rnd", "rnd2")}) > 2, "modes change nothing"
-    before = _batch_stats(http)
     work = combos * 4  # 64 concurrent requests, 16 per mode (and none), prompts of different lengths
     assert len(work) == 64
-    with ThreadPoolExecutor(len(work)) as pool:
-        together = list(pool.map(ask, work))
-    for c, text in zip(work, together):
-        assert text == alone[c], f"{c} differs when batched"
-    count, total = (a - b for a, b in zip(_batch_stats(http), before))
-    assert total == len(work) and count < len(work) / 4, f"{len(work)} requests took {count} backend calls"
-
-
-def _batch_stats(http) -> tuple[float, float]:
-    text = http.get("/metrics").text
-    val = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("spd_batch_size_")}
-    return val["spd_batch_size_count"], val["spd_batch_size_sum"]
+    assert_concurrent_like_alone(http, ask, work, alone)
 
 
 def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, tmp_path_factory):

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from random_lora import write_random_lora
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server_harness import CALIBRATION, MODEL, Server, assert_concurrent_like_alone, wait_job
 
 pytest.importorskip("vllm")
 
@@ -28,17 +28,6 @@ def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("spd-vllm"), backend="vllm", extra=["--max-tokens", "128"]).start(timeout=400)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return server.openai_client()
 
 
 def _chat(oai, content, model=MODEL, **kw):
@@ -112,20 +101,7 @@ def test_32_concurrent_requests_over_two_modes_and_none_each_equal_the_request_m
 
     alone = {c: ask(c) for c in combos}
     assert len({alone[(p, cap)] for p in prompts for cap in (None, "rnd")}) > len(prompts), "the mode changes nothing"
-    work = (combos * 3)[:32]
-    before = _batch_stats(http)
-    with ThreadPoolExecutor(len(work)) as pool:
-        together = list(pool.map(ask, work))
-    for c, text in zip(work, together):
-        assert text == alone[c], f"{c} differs when batched"
-    count, total = (a - b for a, b in zip(_batch_stats(http), before))
-    assert total == len(work) and count < len(work) / 4, f"{len(work)} requests took {count} backend calls"
-
-
-def _batch_stats(http) -> tuple[float, float]:
-    text = http.get("/metrics").text
-    val = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("spd_batch_size_")}
-    return val["spd_batch_size_count"], val["spd_batch_size_sum"]
+    assert_concurrent_like_alone(http, ask, (combos * 3)[:32], alone)
 
 
 def test_a_long_streamed_completion_arrives_piece_by_piece_while_other_requests_are_served(oai, modes):
