@@ -70,88 +70,99 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def _ratios(plt, results: dict):
+    heads = [(n, h) for n in BY_NUMBER if n in results and not results[n].get("error")
+             for h in results[n]["headline"] if h["unit"] == "ratio"]
+    if not heads:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 0.35 * len(heads) + 1.5))
+    ys = range(len(heads))
+    med = [h["median"] for _, h in heads]
+    err = [[h["median"] - h["min"] for _, h in heads], [h["max"] - h["median"] for _, h in heads]]
+    colors = ["tab:gray" if h["met"] is None else ("tab:green" if h["met"] else "tab:red") for _, h in heads]
+    ax.barh(list(ys), med, xerr=err, color=colors, alpha=0.8, capsize=3)
+    ax.set_yticks(list(ys), [f"{n}: {h['label']}"[:90] for n, h in heads], fontsize=7)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio: median, whiskers [min, max]; green goal met, red not met, gray no goal")
+    return fig
+
+
+def _cost_growth(plt, cg: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, sweep in zip(axes, ("rank", "layers")):
+        rows = [r for r in cg["rows"] if r["sweep"] == sweep]
+        if sweep == "layers":  # the 2-layer point of this sweep is the rank sweep's d/2 row
+            two = [{**r, "label": f"{len(r['layers'])} layers"} for r in cg["rows"]
+                   if r["sweep"] == "rank" and r["rank"] == cg["settings"]["width_d"] // 2]
+            rows = two + rows
+        x = list(range(len(rows)))
+        meas = [100 * (1 - r["measured_ratio"]["median"]) for r in rows]
+        lo = [100 * (1 - r["measured_ratio"]["max"]) for r in rows]
+        hi = [100 * (1 - r["measured_ratio"]["min"]) for r in rows]
+        ax.errorbar(x, meas, yerr=[[m - a for m, a in zip(meas, lo)], [b - m for m, b in zip(meas, hi)]],
+                    fmt="o-", capsize=3, label="measured (median, [min, max])")
+        ax.plot(x, [100 * r["predicted_overhead"] for r in rows], "s--", label="FLOP prediction")
+        ax.set_xticks(x, [r["label"] for r in rows], rotation=20, fontsize=8)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_ylabel("overhead % (1 - mode/no-mode tokens/s)")
+        ax.set_title(f"vs {sweep}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _server_overhead(plt, so: dict):
+    levels = list(so["levels"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in ("spd", "vllm"):
+        tok = [[x["tok_s"] for x in so["levels"][c]["runs"][name]] for c in levels]
+        axes[0].plot(levels, [sorted(t)[len(t) // 2] for t in tok], "o-", label=name)
+        axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p50"] for c in levels], "o-", label=f"{name} p50")
+        axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p99"] for c in levels], "x--", label=f"{name} p99")
+    axes[0].set_xlabel("concurrency")
+    axes[0].set_ylabel("output tokens/s (median over rounds)")
+    axes[1].set_xlabel("concurrency")
+    axes[1].set_ylabel("latency, s")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _projection_overhead(plt, po: dict):
+    bs = list(po["results"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for arm in ("stock", "plugin_one_mode", "plugin_no_mode"):
+        vals = [po["results"][b]["tok_s"][arm] for b in bs]
+        ax.plot(bs, [sorted(v)[len(v) // 2] for v in vals], "o-", label=arm)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("output tokens/s (median)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+# one plot per benchmark that has one (its own JSON), plus the ratio overview
+PLOTS = {"cost_growth": _cost_growth, "server_overhead": _server_overhead,
+         "projection_overhead": _projection_overhead}
+
+
 def plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figures = {"ratios": _ratios(plt, results)}
+    for name, draw in PLOTS.items():
+        r = results.get(name)
+        figures[name] = draw(plt, r) if r and not r.get("error") else None
     made = []
-    heads = [(n, h) for n in BY_NUMBER if n in results and not results[n].get("error")
-             for h in results[n]["headline"] if h["unit"] == "ratio"]
-    if heads:
-        fig, ax = plt.subplots(figsize=(12, 0.35 * len(heads) + 1.5))
-        ys = range(len(heads))
-        med = [h["median"] for _, h in heads]
-        err = [[h["median"] - h["min"] for _, h in heads], [h["max"] - h["median"] for _, h in heads]]
-        colors = ["tab:gray" if h["met"] is None else ("tab:green" if h["met"] else "tab:red") for _, h in heads]
-        ax.barh(list(ys), med, xerr=err, color=colors, alpha=0.8, capsize=3)
-        ax.set_yticks(list(ys), [f"{n}: {h['label']}"[:90] for n, h in heads], fontsize=7)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.invert_yaxis()
-        ax.set_xlabel("ratio: median, whiskers [min, max]; green goal met, red not met, gray no goal")
+    for name, fig in figures.items():
+        if fig is None:
+            continue
         fig.tight_layout()
-        fig.savefig(out / "ratios.png", dpi=110)
+        fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
-        made.append("ratios.png")
-    cg = results.get("cost_growth")
-    if cg and not cg.get("error"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, sweep in zip(axes, ("rank", "layers")):
-            rows = [r for r in cg["rows"] if r["sweep"] == sweep]
-            if sweep == "layers":  # the 2-layer point of this sweep is the rank sweep's d/2 row
-                two = [{**r, "label": f"{len(r['layers'])} layers"} for r in cg["rows"]
-                       if r["sweep"] == "rank" and r["rank"] == cg["settings"]["width_d"] // 2]
-                rows = two + rows
-            x = list(range(len(rows)))
-            meas = [100 * (1 - r["measured_ratio"]["median"]) for r in rows]
-            lo = [100 * (1 - r["measured_ratio"]["max"]) for r in rows]
-            hi = [100 * (1 - r["measured_ratio"]["min"]) for r in rows]
-            ax.errorbar(x, meas, yerr=[[m - a for m, a in zip(meas, lo)], [b - m for m, b in zip(meas, hi)]],
-                        fmt="o-", capsize=3, label="measured (median, [min, max])")
-            ax.plot(x, [100 * r["predicted_overhead"] for r in rows], "s--", label="FLOP prediction")
-            ax.set_xticks(x, [r["label"] for r in rows], rotation=20, fontsize=8)
-            ax.axhline(0, color="k", lw=0.6)
-            ax.set_ylabel("overhead % (1 - mode/no-mode tokens/s)")
-            ax.set_title(f"vs {sweep}")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "cost_growth.png", dpi=110)
-        plt.close(fig)
-        made.append("cost_growth.png")
-    so = results.get("server_overhead")
-    if so and not so.get("error"):
-        levels = list(so["levels"])
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for name in ("spd", "vllm"):
-            tok = [[x["tok_s"] for x in so["levels"][c]["runs"][name]] for c in levels]
-            axes[0].plot(levels, [sorted(t)[len(t) // 2] for t in tok], "o-", label=name)
-            axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p50"] for c in levels], "o-", label=f"{name} p50")
-            axes[1].plot(levels, [so["levels"][c]["latency_seconds"][name]["p99"] for c in levels], "x--", label=f"{name} p99")
-        axes[0].set_xlabel("concurrency")
-        axes[0].set_ylabel("output tokens/s (median over rounds)")
-        axes[1].set_xlabel("concurrency")
-        axes[1].set_ylabel("latency, s")
-        for ax in axes:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "server_overhead.png", dpi=110)
-        plt.close(fig)
-        made.append("server_overhead.png")
-    po = results.get("projection_overhead")
-    if po and not po.get("error"):
-        bs = list(po["results"])
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for arm in ("stock", "plugin_one_mode", "plugin_no_mode"):
-            vals = [po["results"][b]["tok_s"][arm] for b in bs]
-            ax.plot(bs, [sorted(v)[len(v) // 2] for v in vals], "o-", label=arm)
-        ax.set_xlabel("batch")
-        ax.set_ylabel("output tokens/s (median)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "projection_overhead.png", dpi=110)
-        plt.close(fig)
-        made.append("projection_overhead.png")
+        made.append(f"{name}.png")
     return made
 
 
