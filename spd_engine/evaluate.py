@@ -16,7 +16,7 @@ from .backend import Backend, GenerationRequest
 from .calibrate import batches, span_nll
 from .formatting import prompt_ids
 from .hf_backend import HFBackend, SiteCache, projector
-from .tasks import Example, Kind, accuracy_interval, score, stop_strings
+from .tasks import Example, Kind, accuracy_interval, extract, score, stop_strings
 
 Metric = Literal["accuracy", "span-nll"]
 
@@ -43,9 +43,17 @@ def accuracy(backend: Backend, kind: Kind, examples: list[Example], *, capabilit
                               adapter=adapter, max_tokens=max_tokens, stop=tuple(stop_strings(kind)))
             for ex in examples]
     completions = backend.generate(reqs, progress=progress)
-    hits = [score(kind, ex, c.text) for ex, c in zip(examples, completions)]
+    return score_completions(kind, examples, [c.text for c in completions])
+
+
+def score_completions(kind: Kind, examples: list[Example], completions: list[str]) -> EvalResult:
+    """Accuracy of given completions (one per example, in order) with its 95% Wilson interval; each item
+    records the answer extracted from it (math, mcq)."""
+    hits = [score(kind, ex, c) for ex, c in zip(examples, completions, strict=True)]
     p, lo, hi = accuracy_interval(hits)
-    items = [{"id": ex.id, "correct": h, "completion": c.text} for ex, h, c in zip(examples, hits, completions)]
+    items = [{"id": ex.id, "correct": h, "answer": extract(kind, c) if kind in ("math", "mcq") else None,
+              "completion": c}
+             for ex, h, c in zip(examples, hits, completions)]
     return EvalResult("accuracy", p, len(hits), lo, hi, items)
 
 

@@ -21,6 +21,7 @@ import random
 import sys
 import time
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -33,11 +34,11 @@ from .calibrate import CalibrationConfig, calibrate
 from .corpus import generate_corpus, read_corpus
 from .data import data_sha256, load_examples, resolve_data
 from .distill import DistillConfig, distill
-from .evaluate import accuracy, span_nll_eval
+from .evaluate import accuracy, score_completions, span_nll_eval
 from .hf_backend import HFBackend
 from .paths import check_name
 from .subspace import Store
-from .tasks import Example
+from .tasks import Example, Kind
 
 CONDITIONS = ("base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca")
 _MODE_OF = {"hooks-only": "gradient", "spd": "gradient", "spd-random": "random", "spd-pca": "activation-pca"}
@@ -158,6 +159,16 @@ def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
     return {"calibration": items[:a], "generation": items[a:b], "evaluation": items[b:need]}
 
 
+def _corpus_quality(kind: Kind, prompts: list[Example], path: Path) -> dict:
+    """The generated corpus scored against the prompts' gold answers, and its most common answer's share
+    (a model that answers one letter whatever the question shows it here)."""
+    rows = {r["id"]: r["completion"] for r in read_corpus(path)}
+    r = score_completions(kind, prompts, [rows[ex.id] for ex in prompts])
+    answers = Counter(it["answer"] for it in r.items)
+    top, count = answers.most_common(1)[0]
+    return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n}
+
+
 def run_experiment(config_path: Path, out_root: Path) -> Path:
     cfg = load_config(config_path)
     root = Path(out_root) / cfg.name
@@ -169,7 +180,6 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     splits = {d.name: split(d, cfg.seed) for d in cfg.domains}
     sources = {d.name: {s: data_sha256(resolve_data(s)) for s in d.data} for d in cfg.domains}
     write_json(root / "splits.json", {d: {k: [ex.id for ex in v] for k, v in s.items()} for d, s in splits.items()})
-    domains = {d.name: d for d in cfg.domains}
 
     # ---- calibration: the modes each domain's conditions need
     modes: dict[tuple[str, str], str] = {}
@@ -198,6 +208,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
     # ---- generation + distillation for the trained conditions
     adapters: dict[tuple[str, str], str] = {}
+    corpora: list[dict] = []  # how good each condition's self-generated training data is
     for d in cfg.domains:
         for cond in [c for c in cfg.conditions if c not in ("base", "hooks-only")]:
             capability = (modes[(d.name, _MODE_OF[cond])],) if cond in _MODE_OF else ()
@@ -213,6 +224,8 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                                            chunk=cfg.batch_size, progress=bar.update)
 
             corpus = stages.run("generate", gen_key, do_generate)
+            corpora.append({"domain": d.name, "condition": cond, **_corpus_quality(d.kind, splits[d.name]["generation"],
+                                                                                  Path(corpus["path"]))})
 
             def do_distill(where: Path, corpus=corpus, cond=cond, d=d) -> dict:
                 rows = read_corpus(Path(corpus["path"]))
@@ -265,6 +278,6 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
     from .experiment_report import write_report
 
-    write_report(root, cfg, config_path, results, store, stages.timings)
+    write_report(root, cfg, config_path, results, corpora, store, stages.timings)
     return root
 

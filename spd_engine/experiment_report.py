@@ -34,7 +34,8 @@ def _vs(t: dict | None) -> str:
     return "" if t is None else f"{t['diff']:+.3f} (p={t['p']:.2f})"
 
 
-def write_report(root: Path, cfg, config_path: Path, results: list[dict], store: Store, timings: list[dict]) -> None:
+def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpora: list[dict], store: Store,
+                 timings: list[dict]) -> None:
     find = {(r["condition"], r["train_domain"], r["eval"], r["metric"]): r for r in results}
     lines = [f"# Experiment `{cfg.name}`", "",
              f"Model `{cfg.model}`, seed {cfg.seed}, strength {cfg.strength}, conditions {', '.join(cfg.conditions)}. "
@@ -62,6 +63,16 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], store:
                     tag = "" if e.name == d.name else " (out of domain)"
                     lines.append(f"| {cond} | {e.name}{tag} | {_cell(r)} | {_vs(t_base)} | {_vs(t_sd)} |")
             lines.append("")
+
+    # what each trained condition learnt from: its self-generated corpus, scored against the gold answers
+    lines += ["## Self-generated training corpora", "",
+              "Each trained condition's corpus (the generation prompts, answered by the base model with the condition's "
+              "mode, or none for self-distill), scored against the gold answers; top answer: the most common "
+              "extracted answer and its share.", "",
+              "| domain | condition | corpus accuracy | top answer (share) |", "|---|---|---|---|"]
+    lines += [f"| {c['domain']} | {c['condition']} | {_cell(c)} | {c['top_answer']} ({c['top_answer_share']:.2f}) |"
+              for c in corpora]
+    lines.append("")
 
     # subspaces: spectra and principal angles between the domains' gradient subspaces
     grads = [store.load(n) for n in store.names() if n.endswith("-gradient")]
@@ -98,6 +109,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], store:
         "config": cfg.model_dump(), "command": " ".join(["spd", "experiment", str(config_path)]),
         "python": sys.version.split()[0],
         "results": [{k: v for k, v in r.items() if k != "items"} for r in results], "paired": paired,
+        "corpora": corpora,
         "angles": angles, "timings": timings,
     })
 

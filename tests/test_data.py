@@ -170,6 +170,19 @@ def test_bigbench_mcq_answer_letter_matches_the_option_with_score_1(task: str) -
         assert score("mcq", ex, f"The answer is ({ex.answer}).")
 
 
+def test_scored_completions_record_the_extracted_answer_and_a_wilson_interval() -> None:
+    from spd_engine.evaluate import score_completions
+
+    examples = load_examples(resolve_data("bigbench/date_understanding"), "mcq", limit=4)
+    wrong = "B" if examples[1].answer != "B" else "C"
+    r = score_completions("mcq", examples[:2], [f"({examples[0].answer}) it is", f"The answer is ({wrong})."])
+    assert (r.value, r.n) == (0.5, 2) and 0 < r.ci_low < 0.5 < r.ci_high < 1
+    assert [it["answer"] for it in r.items] == [examples[0].answer, wrong]
+    assert [it["correct"] for it in r.items] == [True, False]
+    with pytest.raises(ValueError):
+        score_completions("mcq", examples, ["(A)"])  # one completion per example
+
+
 def test_bigbench_task_prefix_is_part_of_the_prompt() -> None:
     [ex] = load_examples(resolve_data("bigbench/navigate"), "mcq", limit=1)
     assert ex.prompt.startswith("If you follow these instructions, do you return to the starting point?\n")

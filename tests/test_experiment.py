@@ -40,8 +40,11 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
             for m in ("accuracy", "span-nll"):
                 assert (c, e, m) in conds
     assert "math-gradient vs mcq-gradient" in report["angles"]
+    trained = [c for c in CONDITIONS if c not in ("base", "hooks-only")]
+    assert [(c["domain"], c["condition"]) for c in report["corpora"]] == [(d, c) for d in ("math", "mcq") for c in trained]
+    assert all(c["n"] == 3 and 0 <= c["value"] <= 1 and 0 < c["top_answer_share"] <= 1 for c in report["corpora"])
     md = (root / "report.md").read_text()
-    assert "vs self-distill" in md and "(out of domain)" in md
+    assert "vs self-distill" in md and "(out of domain)" in md and "Self-generated training corpora" in md
     assert (root / "spectra.png").stat().st_size > 0 and (root / "angles.png").stat().st_size > 0
     # interrupted run: drop the report and one evaluation; the rerun recomputes only that stage
     (root / "report.md").unlink()
