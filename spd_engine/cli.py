@@ -16,11 +16,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from . import __version__, models, paths
 from .tasks import KINDS
+
+if TYPE_CHECKING:
+    from .subspace import Store
 
 
 def _csv(value: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 import torch

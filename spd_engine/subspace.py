@@ -9,7 +9,6 @@ Packs are validated when loaded; a pack that fails is never served. Writes are a
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
