@@ -127,14 +127,19 @@ def _content(examples: list[Example]) -> str:
 
 
 class _Stages:
-    """Runs each stage once per input hash; results (and wall time) land in `cache/<stage>-<hash>`."""
+    """Runs each stage once per input hash; results (and wall time) land in `cache/<stage>-<hash>`. A stage's
+    files are found through its directory (`dir`), never through a path stored in its result, so the
+    results folder can move."""
 
     def __init__(self, root: Path):
         self.root = root / "cache"
         self.timings: list[dict] = []
 
+    def dir(self, stage: str, key: dict) -> Path:
+        return self.root / f"{stage}-{_hash(key)}"
+
     def run(self, stage: str, key: dict, fn: Callable[[Path], dict]) -> dict:
-        where = self.root / f"{stage}-{_hash(key)}"
+        where = self.dir(stage, key)
         done = where / "done.json"
         if done.exists():
             result = json.loads(done.read_text())
@@ -196,10 +201,10 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                                  CalibrationConfig(layers=c.layers, kinds=tuple(c.kinds), granularity=c.granularity,
                                                    method=method, rank=c.rank, batch_size=c.batch_size, seed=cfg.seed))
                 Store(where).save(pack, overwrite=True)
-                return {"pack": str(where / name)}
+                return {"pack": name}
 
-            res = stages.run("calibrate", key, do_calibrate)
-            pack = Store(Path(res["pack"]).parent).load(name, backend.model_info)
+            stages.run("calibrate", key, do_calibrate)
+            pack = Store(stages.dir("calibrate", key)).load(name, backend.model_info)
             if name in store.names():
                 store.delete(name)
             store.save(pack)
@@ -223,25 +228,26 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                                            strength=cfg.strength, max_tokens=d.max_tokens, seed=cfg.seed,
                                            chunk=cfg.batch_size, progress=bar.update)
 
-            corpus = stages.run("generate", gen_key, do_generate)
-            corpora.append({"domain": d.name, "condition": cond, **_corpus_quality(d.kind, splits[d.name]["generation"],
-                                                                                  Path(corpus["path"]))})
+            stages.run("generate", gen_key, do_generate)
+            corpus = stages.dir("generate", gen_key) / "corpus.jsonl"
+            corpora.append({"domain": d.name, "condition": cond,
+                            **_corpus_quality(d.kind, splits[d.name]["generation"], corpus)})
 
             def do_distill(where: Path, corpus=corpus, cond=cond, d=d) -> dict:
-                rows = read_corpus(Path(corpus["path"]))
+                rows = read_corpus(corpus)
                 model, tok = models.load(backend.model_info.path)
                 dc = DistillConfig(**cfg.distill.model_dump(), seed=cfg.seed)
                 bar = tqdm(desc=f"{d.name}/{cond}: distill", unit="step", file=sys.stderr)
                 report = distill(model, tok, rows, where / "adapter", dc,
                                  lambda step, total, loss: (setattr(bar, "total", total), bar.update(1)))
                 bar.close()
-                return {"adapter": str(where / "adapter"), "train": report}
+                return {"adapter": "adapter", "train": report}
 
-            trained = stages.run("distill", {"corpus": gen_key, "distill": cfg.distill.model_dump(), "seed": cfg.seed},
-                                 do_distill)
+            distill_key = {"corpus": gen_key, "distill": cfg.distill.model_dump(), "seed": cfg.seed}
+            stages.run("distill", distill_key, do_distill)
             name = f"{d.name}-{cond}"
             if name not in backend.adapters():
-                backend.load_adapter(name, trained["adapter"])
+                backend.load_adapter(name, str(stages.dir("distill", distill_key) / "adapter"))
             adapters[(d.name, cond)] = name
 
     # ---- evaluation: every condition on every domain's evaluation set

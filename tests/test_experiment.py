@@ -53,3 +53,8 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
     run_experiment(TINY, tmp_path)
     rerun = json.loads((root / "report.json").read_text())["timings"]
     assert [t["stage"] for t in rerun if not t["cached"]] == ["evaluate"]
+    # the results folder moved elsewhere: every stage is still found in its cache
+    moved = tmp_path / "moved"
+    shutil.move(root, moved / root.name)
+    run_experiment(TINY, moved)
+    assert not [t for t in json.loads((moved / root.name / "report.json").read_text())["timings"] if not t["cached"]]
