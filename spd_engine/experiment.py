@@ -165,12 +165,13 @@ def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
 
 
 def _corpus_quality(kind: Kind, prompts: list[Example], path: Path) -> dict:
-    """The generated corpus scored against the prompts' gold answers, and its most common answer's share
-    (a model that answers one letter whatever the question shows it here)."""
+    """The generated corpus scored against the prompts' gold answers, and (math, mcq) its most common
+    answer's share: a model that answers one letter whatever the question shows it here."""
     rows = {r["id"]: r["completion"] for r in read_corpus(path)}
     r = score_completions(kind, prompts, [rows[ex.id] for ex in prompts])
-    answers = Counter(it["answer"] for it in r.items)
-    top, count = answers.most_common(1)[0]
+    if kind not in ("math", "mcq"):
+        return {**r.summary(), "top_answer": None, "top_answer_share": None}
+    top, count = Counter(it["answer"] for it in r.items).most_common(1)[0]
     return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n}
 
 

@@ -70,7 +70,8 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
               "mode, or none for self-distill), scored against the gold answers; top answer: the most common "
               "extracted answer and its share.", "",
               "| domain | condition | corpus accuracy | top answer (share) |", "|---|---|---|---|"]
-    lines += [f"| {c['domain']} | {c['condition']} | {_cell(c)} | {c['top_answer']} ({c['top_answer_share']:.2f}) |"
+    lines += [f"| {c['domain']} | {c['condition']} | {_cell(c)} | "
+              + ("n/a" if c["top_answer_share"] is None else f"{c['top_answer']} ({c['top_answer_share']:.2f})") + " |"
               for c in corpora]
     lines.append("")
 
