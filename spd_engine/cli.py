@@ -308,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", add_help=False, help="run the OpenAI-compatible server (spd serve --help)")
 
     x = sub.add_parser("experiment", help="run an SPD experiment (conditions x domains) from a TOML config")
-    x.add_argument("config", help="experiment config (TOML), e.g. experiments/math-mcq.toml")
+    x.add_argument("config", help="experiment config (TOML), e.g. experiments/math-mcq-code.toml")
     x.add_argument("--out", default="results", help="results directory (default ./results)")
     x.set_defaults(func=cmd_experiment)
 
