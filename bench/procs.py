@@ -119,10 +119,12 @@ class ServerProcess:
 
 
 def spd_server(logdir: Path) -> ServerProcess:
-    """Our server, `--backend vllm` (VLLMBackend defaults = ENGINE, LoRA slots on)."""
+    """Our server, `--backend vllm` (VLLMBackend defaults = ENGINE, LoRA slots on; the engine core in its
+    own process, the server's default)."""
     root = Path(tempfile.mkdtemp(prefix="bench-spd-server-"))
-    env = {**os.environ, **ENGINE_ENV, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"], "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_PLUGINS", None)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     srv = ServerProcess("spd", [sys.executable, "-m", "spd_engine.cli", "serve", "--port", "{port}",
                                 "--store", str(root / "store"), "--data-dir", str(root / "data"),
                                 "--backend", "vllm", "--log-level", "WARNING"], env, logdir)

@@ -5,9 +5,8 @@ VLLM_CPU_KVCACHE_SPACE=2) and the same load: closed-loop clients at concurrency 
 number of /v1/completions requests (raw prompts, greedy, max_tokens tokens each: ignore_eos), with p50/p99 latency.
 The load alternates between the two servers, level by level, round by round (A B A B).
 
-Known architectural difference, part of what is measured: vLLM's server runs its engine core in
-a separate process (AsyncLLM); ours runs VLLMBackend in-process and batches requests arriving
-within 5 ms into one `generate` call that runs to completion before the next one starts.
+Both run their engine core in a process of its own (ours: VLLMBackend(engine_process=True), one
+engine thread in the HTTP process stepping it; requests join the running batch at the next step).
 """
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ def make_backend(settings: Settings) -> Backend:
     if choice == "vllm":
         from server.vllm_backend import VLLMBackend
 
-        return VLLMBackend(settings.model, store=settings.store_dir)
+        # the engine core in its own process, as in vLLM's server: HTTP work does not wait on model steps
+        return VLLMBackend(settings.model, store=settings.store_dir, engine_process=True)
     if choice != "hf":
         raise ValueError(f"unknown backend {settings.backend!r}: use auto, vllm or hf")
     from spd_engine.hf_backend import HFBackend

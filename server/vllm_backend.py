@@ -1,4 +1,5 @@
-"""The vLLM backend: the same interface as the transformers backend, served by vLLM in-process.
+"""The vLLM backend: the same interface as the transformers backend, served by vLLM (its engine core
+in this process, or in a process of its own with `engine_process=True`, which the server uses).
 
 One engine thread owns the vLLM engine: it adds and aborts requests, steps the engine while
 any request is in flight and hands each request's outputs to its caller's queue; every other
@@ -36,10 +37,11 @@ from . import vllm_plugin
 KV_CACHE_GIB_DEFAULT = "2"
 
 
-def _engine_env() -> None:
-    """Defaults the CPU build needs: an in-process engine (fast start, one process), an explicit
-    KV-cache size (the default memory utilisation refuses to start here)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def _engine_env(engine_process: bool) -> None:
+    """Where the engine core runs (its own process, as in vLLM's server, or this one: faster start),
+    unless VLLM_ENABLE_V1_MULTIPROCESSING says; an explicit KV-cache size for the CPU build (its default
+    memory utilisation refuses to start here)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if engine_process else "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB_DEFAULT)
 
 
@@ -58,8 +60,9 @@ class VLLMBackend(Backend):
 
     def __init__(self, model: str, *, store: str | Path | None = None, enforce_eager: bool = True,
                  max_model_len: int = 2048, max_num_seqs: int = 32, max_loras: int = 2, max_lora_rank: int = 16,
-                 tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0):
-        _engine_env()
+                 tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0,
+                 engine_process: bool = False):
+        _engine_env(engine_process)
         import torch
         from transformers import AutoTokenizer
         from vllm import LLM
