@@ -59,15 +59,20 @@ def _gen_request(body, ids: list[int], capability, adapter, max_tokens: int) -> 
                              top_p=body.top_p, seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
 
 
-def _gone(st, endpoint: str, cap: str, e: KeyError) -> APIError:
+def _mode_label(req: GenerationRequest) -> str:
+    """The request's modes as a metrics label."""
+    return "+".join(req.capability) or "none"
+
+
+def _gone(st, endpoint: str, req: GenerationRequest, e: KeyError) -> APIError:
     """A mode or adapter removed while the request waited."""
-    st.metrics.requests.labels(endpoint, cap, "404").inc()
+    st.metrics.requests.labels(endpoint, _mode_label(req), "404").inc()
     return APIError(404, str(e.args[0]) if e.args else str(e), "capability" if "capability" in str(e) else "model",
                     "not_found")
 
 
 def _count(st, endpoint: str, reqs: list[GenerationRequest], out: list[Completion], started: float) -> None:
-    cap = "+".join(reqs[0].capability) or "none"
+    cap = _mode_label(reqs[0])
     st.metrics.requests.labels(endpoint, cap, "200").inc()
     st.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
     st.metrics.tokens.labels(cap, "prompt").inc(sum(len(r.prompt_ids) for r in reqs))
@@ -79,7 +84,7 @@ async def _run(st, endpoint: str, reqs: list[GenerationRequest]) -> list[Complet
     try:
         out = await st.batcher.submit(reqs)
     except KeyError as e:
-        raise _gone(st, endpoint, "+".join(reqs[0].capability) or "none", e) from None
+        raise _gone(st, endpoint, reqs[0], e) from None
     _count(st, endpoint, reqs, out, started)
     return out
 
@@ -134,7 +139,7 @@ async def _open_stream(st, endpoint: str, req: GenerationRequest) -> tuple[Delta
     try:
         return await deltas.__anext__(), deltas
     except KeyError as e:
-        raise _gone(st, endpoint, "+".join(req.capability) or "none", e) from None
+        raise _gone(st, endpoint, req, e) from None
 
 
 async def _pieces(st, endpoint: str, req: GenerationRequest, first: Delta, rest: AsyncIterator[Delta],

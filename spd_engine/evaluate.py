@@ -16,7 +16,7 @@ from .backend import Backend, GenerationRequest
 from .calibrate import batches, span_nll
 from .formatting import prompt_ids
 from .hf_backend import HFBackend, SiteCache, projector
-from .tasks import Example, Kind, accuracy_interval, extract, score, stop_strings
+from .tasks import SHORT_ANSWER_KINDS, Example, Kind, accuracy_interval, extract, score, stop_strings
 
 Metric = Literal["accuracy", "span-nll"]
 
@@ -51,7 +51,7 @@ def score_completions(kind: Kind, examples: list[Example], completions: list[str
     records the answer extracted from it (math, mcq)."""
     hits = [score(kind, ex, c) for ex, c in zip(examples, completions, strict=True)]
     p, lo, hi = accuracy_interval(hits)
-    items = [{"id": ex.id, "correct": h, "answer": extract(kind, c) if kind in ("math", "mcq") else None,
+    items = [{"id": ex.id, "correct": h, "answer": extract(kind, c) if kind in SHORT_ANSWER_KINDS else None,
               "completion": c}
              for ex, h, c in zip(examples, hits, completions)]
     return EvalResult("accuracy", p, len(hits), lo, hi, items)

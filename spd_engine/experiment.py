@@ -38,7 +38,7 @@ from .evaluate import accuracy, score_completions, span_nll_eval
 from .hf_backend import HFBackend
 from .paths import check_name
 from .subspace import Store
-from .tasks import Example, Kind
+from .tasks import SHORT_ANSWER_KINDS, Example, Kind
 
 CONDITIONS = ("base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca")
 _MODE_OF = {"hooks-only": "gradient", "spd": "gradient", "spd-random": "random", "spd-pca": "activation-pca"}
@@ -169,7 +169,7 @@ def _corpus_quality(kind: Kind, prompts: list[Example], path: Path) -> dict:
     answer's share: a model that answers one letter whatever the question shows it here."""
     rows = {r["id"]: r["completion"] for r in read_corpus(path)}
     r = score_completions(kind, prompts, [rows[ex.id] for ex in prompts])
-    if kind not in ("math", "mcq"):
+    if kind not in SHORT_ANSWER_KINDS:
         return {**r.summary(), "top_answer": None, "top_answer_share": None}
     top, count = Counter(it["answer"] for it in r.items).most_common(1)[0]
     return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n}

@@ -16,6 +16,8 @@ from typing import Literal, Sequence
 
 Kind = Literal["math", "mcq", "code", "custom"]
 KINDS: tuple[str, ...] = ("math", "mcq", "code", "custom")
+# kinds whose answer is a short value `extract` pulls out (a number, a letter), not a whole text
+SHORT_ANSWER_KINDS: tuple[str, ...] = ("math", "mcq")
 
 # Delimiters a `custom` answer may use to mark its correctness span instead of offsets.
 SPAN_OPEN, SPAN_CLOSE = "[[", "]]"
