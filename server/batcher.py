@@ -3,8 +3,8 @@ as one `Backend.generate` call, so concurrent clients share a batch instead of q
 
 On a backend that batches continuously (vLLM), each collected batch is handed over at once, so
 requests keep joining the engine's running batch; on one that does not (transformers), one batch
-runs at a time and new requests collect for the next one. A request that the backend rejects (its mode or adapter was removed
-while it waited) fails alone: the rest of its batch is retried without it.
+runs at a time and new requests collect for the next one. A request that the backend rejects (its
+mode or adapter was removed while it waited) fails alone: the rest of its batch is retried without it.
 """
 from __future__ import annotations
 
