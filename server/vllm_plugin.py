@@ -5,23 +5,24 @@ Registered as the `vllm.general_plugins` entry point `spd_kv_projection`, so vLL
 once per process (idempotent):
 
 - wraps the V1 model runner's `execute_model`, so the attention patch knows the runner of the step;
-- patches the KV-cache write of every attention backend that has one, through vLLM's backend
+- patches the KV-cache write of the attention backends the model actually uses, when the worker
+  has chosen them (`initialize_attn_backend`, before any request), through vLLM's backend
   interface rather than per backend. vLLM 0.32 writes the cache in a separate custom op,
   `unified_kv_cache_update` (model_executor/layers/attention/attention.py:724-746), which calls
   `attn_layer.impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)` for every
   backend whose `forward_includes_kv_cache_update` is False (CPU, FlashAttention, FlashInfer,
   Triton, FlexAttention, ROCm, ...). That call receives K after rotary, so it is exactly the
-  project's site. The backends are found in vLLM's registry (`AttentionBackendEnum`, respecting
-  `register_backend` overrides); each impl class that defines `do_kv_cache_update` with that
-  signature is patched where it is defined (subclasses inherit it). MLA impls (another signature,
-  a latent cache), backends that fail to import here, and backends that write the cache inside
-  `forward` are skipped; the patched and skipped lists are logged at INFO. Once per step the
-  tokens of the flattened batch are mapped to their requests (`input_batch.req_ids` and
-  `query_start_loc`), each request to a slot of the worker's `ProjectionBank` (from its
-  `SamplingParams.extra_args`), and every layer then projects all tokens in one batched call;
-- checks, when the worker sets up its attention backends (`initialize_attn_backend`, before any
-  request), every decoder self-attention layer of the loaded model: a backend impl not patched
-  yet (e.g. an out-of-tree backend registered after this plugin) is patched then; a layer whose
+  project's site. Each impl class in use is patched where `do_kv_cache_update` is defined
+  (subclasses inherit it). Once per step the tokens of the flattened batch are mapped to their
+  requests (`input_batch.req_ids` and `query_start_loc`), each request to a slot of the worker's
+  `ProjectionBank` (from its `SamplingParams.extra_args`), and every layer then projects all
+  tokens in one batched call.
+  The plugin imports nothing that vLLM would not import itself: model-runner patches are applied
+  when vLLM imports the runner's module (an import hook), and no attention backend module is
+  imported by the plugin. Importing a backend the platform does not use can load a second build
+  of vLLM's kernels (GPU backends import `vllm._C`, the AVX-512 build, while an AVX2-only CPU runs
+  `vllm._C_AVX2`), which aborts the process;
+- checks, at that point, every decoder self-attention layer of the loaded model: a layer whose
   backend writes K/V inside `forward` (`forward_includes_kv_cache_update = True`, e.g.
   HPC_ATTN), an MLA layer, or an impl whose KV write does not have the standard signature makes
   the engine refuse to start with a RuntimeError naming the backend. Refusing at start-up is
@@ -97,11 +98,16 @@ packs project the heads the rank holds; layer-granularity packs are refused with
 """
 from __future__ import annotations
 
+import importlib.abc
 import logging
+import os
 import re
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -425,34 +431,6 @@ def patch_impl(impl: type) -> bool:
     return True
 
 
-def patch_registered_backends() -> tuple[list[str], dict[str, str]]:
-    """Patch every backend of vLLM's registry that imports here and writes K/V outside `forward`.
-    Returns the patched backends (`NAME:ImplClass`) and the skipped ones with the reason."""
-    from vllm.v1.attention.backend import AttentionImpl, MLAAttentionImpl
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    patched, skipped = [], {}
-    for member in AttentionBackendEnum:
-        try:
-            backend = member.get_class()
-            impl = backend.get_impl_cls()
-        except Exception as e:  # not importable on this platform (missing kernels, CUDA-only code, ...)
-            skipped[member.name] = f"does not import here ({type(e).__name__})"
-            continue
-        if isinstance(impl, type) and issubclass(impl, MLAAttentionImpl):
-            skipped[member.name] = "MLA (latent cache, another do_kv_cache_update)"
-        elif not (isinstance(impl, type) and issubclass(impl, AttentionImpl)):
-            skipped[member.name] = "not an AttentionImpl"
-        elif backend.forward_includes_kv_cache_update:
-            skipped[member.name] = "writes the KV cache inside forward"
-        elif patch_impl(impl):
-            patched.append(f"{member.name}:{impl.__name__}")
-        else:
-            skipped[member.name] = ("no do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) of its own "
-                                    "(a composite delegating to patched impls is covered through them)")
-    return patched, skipped
-
-
 def check_model_layers(vllm_config) -> list[str]:
     """Make sure every decoder self-attention layer of the loaded model writes K/V through a
     patched `do_kv_cache_update` (patching impls not patched yet); RuntimeError naming the
@@ -571,41 +549,83 @@ def _patch_method(cls, name: str, wrap) -> None:
         setattr(cls, name, wrap(getattr(cls, name)))
 
 
+def _patch_v1_runner(module) -> None:
+    cls = module.GPUModelRunner  # the V1 runner; the CPU runner subclasses it
+    _patch_method(cls, "__init__", _wrap_runner_init)
+    _patch_method(cls, "execute_model", _wrap_execute_model)
+    _patch_method(cls, "initialize_attn_backend", _wrap_initialize_attn_backend)
+
+
+def _refuse_v2_runners(module) -> None:
+    for cls in vars(module).values():
+        if isinstance(cls, type) and cls.__module__ == module.__name__ and cls.__name__.endswith("ModelRunner") \
+                and "__init__" in cls.__dict__:
+            _patch_method(cls, "__init__", _refuse_v2_runner)
+
+
+def _add_worker_methods(module) -> None:
+    module.WorkerBase.spd_add_mode = spd_add_mode
+    module.WorkerBase.spd_remove_mode = spd_remove_mode
+    module.WorkerBase.spd_modes = spd_modes
+
+
+# module -> patch, applied when vLLM imports the module (at once if it already has)
+_PATCHES = {
+    "vllm.v1.worker.gpu_model_runner": _patch_v1_runner,
+    "vllm.v1.worker.gpu.model_runner": _refuse_v2_runners,
+    "vllm.v1.worker.cpu.model_runner": _refuse_v2_runners,
+    "vllm.v1.worker.worker_base": _add_worker_methods,
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies a patch when a module is first imported by whoever imports it. The plugin itself
+    imports none of these: a module the platform does not use may load foreign kernels."""
+
+    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]):
+        self.patches = patches
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.patches:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, self.patches[name])
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, patch: Callable[[ModuleType], None]):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
 def register() -> None:
     """vLLM's plugin hook: install the patches once per process (vLLM may call it again)."""
-    import os
-
     global _registered
     with _register_lock:
         if _registered:
             return
         _registered = True
         from vllm.platforms import current_platform
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-        from vllm.v1.worker.worker_base import WorkerBase
 
         if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # routing reads the V1 runner (inherited by workers)
             log.info("spd_kv_projection: VLLM_USE_V2_MODEL_RUNNER=0 (the projection needs the V1 model runner)")
-        _patch_method(GPUModelRunner, "__init__", _wrap_runner_init)
-        _patch_method(GPUModelRunner, "execute_model", _wrap_execute_model)
-        _patch_method(GPUModelRunner, "initialize_attn_backend", _wrap_initialize_attn_backend)
-        for module in ("vllm.v1.worker.gpu.model_runner", "vllm.v1.worker.cpu.model_runner"):
-            try:
-                import importlib
-
-                for cls in vars(importlib.import_module(module)).values():
-                    if isinstance(cls, type) and cls.__module__ == module and cls.__name__.endswith("ModelRunner") \
-                            and "__init__" in cls.__dict__:
-                        _patch_method(cls, "__init__", _refuse_v2_runner)
-            except Exception:  # noqa: BLE001 - the V2 runner does not import here: nothing to refuse
-                pass
-        patched, skipped = patch_registered_backends()
-        log.info("spd_kv_projection: patched do_kv_cache_update of %s", ", ".join(patched) or "(none)")
-        log.info("spd_kv_projection: skipped %s", "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        WorkerBase.spd_add_mode = spd_add_mode
-        WorkerBase.spd_remove_mode = spd_remove_mode
-        WorkerBase.spd_modes = spd_modes
+        for module, patch in _PATCHES.items():
+            if module in sys.modules:
+                patch(sys.modules[module])
+        sys.meta_path.insert(0, _PatchOnImport({m: p for m, p in _PATCHES.items() if m not in sys.modules}))
 
 
 def is_active() -> bool:
