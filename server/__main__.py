@@ -1,56 +1,86 @@
-"""`python -m server` / `spd serve`: run the SPD server with uvicorn and the job worker."""
+"""`spd serve` / `python -m server`: vLLM's OpenAI API server with this project's two plugins.
+
+It runs exactly what `vllm serve` runs (`python -m vllm.entrypoints.openai.api_server`, the same
+process model), with `VLLM_PLUGINS` naming `spd_kv_projection` (K/V projection, engine side) and
+`spd_api` (subspace, job and adapter routes, capability fields). Every vLLM flag passes through;
+this project's defaults apply only to what the user did not set:
+
+  --model           the bundled SmolLM2-135M-Instruct (served as `smollm2-135m`); a bundled name
+                    given to --model is resolved to its converted directory
+  --host            127.0.0.1 (vLLM's default listens on every interface)
+  --dtype           float32 on a machine without a GPU (bf16 is slower on these CPUs)
+  --enforce-eager   on a machine without a GPU: the compiled engine recompiles at every start
+                    here (3-4 minutes) for no measured throughput gain at this model size
+  --max-model-len   2048
+  VLLM_CPU_KVCACHE_SPACE  2 (GiB; vLLM's CPU default refuses to start on small machines)
+
+This project's own settings are environment variables, so plain
+`VLLM_PLUGINS=spd_kv_projection,spd_api vllm serve MODEL` reads the same ones:
+SPD_STORE_DIR (subspace store), SPD_SERVER_DATA (jobs, artifacts, adapters), SPD_API_KEY (copied
+to vLLM's VLLM_API_KEY: every /v1 route then needs `Authorization: Bearer KEY`).
+"""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
+
+PLUGINS = ("spd_kv_projection", "spd_api")
 
 
-def parser() -> argparse.ArgumentParser:
-    from spd_engine import models, paths
+def _given(argv: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
 
-    env = os.environ.get
-    p = argparse.ArgumentParser(prog="spd serve", description="OpenAI-compatible server with capability modes.")
-    p.add_argument("--host", default=env("SPD_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("SPD_PORT", "8000")))
-    p.add_argument("--model", default=env("SPD_MODEL", models.DEFAULT_MODEL),
-                   help="a bundled model name or a local HF model directory")
-    p.add_argument("--backend", choices=["auto", "vllm", "hf"], default=env("SPD_BACKEND", "auto"),
-                   help="auto: vLLM when installed, else transformers")
-    p.add_argument("--store", default=str(paths.store_dir()), help="subspace store dir ($SPD_STORE_DIR)")
-    p.add_argument("--data-dir", default=env("SPD_SERVER_DATA", str(Path.home() / ".local/share/spd")),
-                   help="jobs database, job artifacts and the adapters dir ($SPD_SERVER_DATA)")
-    p.add_argument("--api-key", default=env("SPD_API_KEY"), help="require 'Authorization: Bearer KEY' ($SPD_API_KEY)")
-    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
-    p.add_argument("--max-prompt-tokens", type=int, default=4096)
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--batch-window-ms", type=float, default=5.0)
-    p.add_argument("--hf-batch-size", type=int, default=16)
-    p.add_argument("--no-worker", action="store_true", help="do not run jobs in this process")
-    p.add_argument("--log-level", default=env("SPD_LOG_LEVEL", "INFO"))
-    return p
+
+def _value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for `spd serve ARGV`."""
+    from spd_engine import models
+
+    argv, env = list(argv), dict(env)
+    model = _value(argv, "--model")
+    if model is None:
+        argv += ["--model", str(models.resolve(models.DEFAULT_MODEL))]
+        if not _given(argv, "--served-model-name"):
+            argv += ["--served-model-name", models.DEFAULT_MODEL]
+    elif model in models.BUNDLED:
+        i = argv.index(model)
+        argv[i] = str(models.resolve(model))
+        if not _given(argv, "--served-model-name"):
+            argv += ["--served-model-name", model]
+    if not _given(argv, "--host"):
+        argv += ["--host", "127.0.0.1"]
+    if not _given(argv, "--max-model-len"):
+        argv += ["--max-model-len", "2048"]
+    import torch
+
+    if not torch.cuda.is_available():
+        if not _given(argv, "--dtype"):
+            argv += ["--dtype", "float32"]
+        if not _given(argv, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
+            argv += ["--enforce-eager"]
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    listed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if "VLLM_PLUGINS" in env and listed:
+        env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*listed, *PLUGINS]))
+    else:
+        env["VLLM_PLUGINS"] = ",".join(PLUGINS)
+    if env.get("SPD_API_KEY") and not env.get("VLLM_API_KEY"):
+        env["VLLM_API_KEY"] = env["SPD_API_KEY"]
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv], env
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    import uvicorn
-
-    from .app import create_app
-    from .observability import setup_logging
-    from .settings import Settings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    setup_logging(args.log_level.upper())
-    settings = Settings(model=args.model, backend=args.backend, store_dir=Path(args.store), data_dir=Path(args.data_dir),
-                        api_key=args.api_key or None, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-                        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
-                        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, hf_batch_size=args.hf_batch_size,
-                        run_worker=not args.no_worker)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=5)
-    return 0
+    cmd, env = vllm_command(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    os.execve(cmd[0], cmd, env)  # the server is vLLM's; this process becomes it
 
 
 if __name__ == "__main__":

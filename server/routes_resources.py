@@ -19,13 +19,14 @@ from . import steps
 from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, not_found
 from .schemas import AdapterLoad, JobCreate, SubspaceCreate
+from .state import SPDServer
 
 router = APIRouter()
 
 
 
-def _st(request: Request):
-    return request.app.state
+def _st(request: Request) -> SPDServer:
+    return request.app.state.spd
 
 
 def _validate(model, data):
@@ -40,27 +41,27 @@ def _validate(model, data):
 
 def _summary(st, name: str) -> dict:
     try:
-        m = st.engine.store.load(name).manifest
+        m = st.store.load(name).manifest
     except (PackError, KeyError) as e:
         return {"name": name, "valid": False, "error": str(e), "loaded": False}
-    return {"name": name, "valid": True, "loaded": name in st.engine.backend.capabilities(), "task_kind": m.task_kind,
+    return {"name": name, "valid": True, "loaded": name in st.capabilities(), "task_kind": m.task_kind,
             "method": m.method, "layers": m.layers, "kinds": m.kinds, "granularity": m.granularity, "ranks": m.ranks,
             "rank_rule": m.rank_rule, "created": m.created}
 
 
 def _known_pack(st, name: str) -> None:
     try:
-        st.engine.store.path(name)
+        st.store.path(name)
     except ValueError as e:
-        raise APIError(422, str(e), "name", "invalid_name") from None
-    if name not in st.engine.store.names():
-        raise not_found("subspace", name, st.engine.store.names(), "name")
+        raise APIError(422, str(e), "name") from None
+    if name not in st.store.names():
+        raise not_found("subspace", name, st.store.names(), "name")
 
 
 @router.get("/v1/subspaces", tags=["subspaces"], summary="Every pack in the store, and whether it is served")
 async def list_subspaces(request: Request):
     st = _st(request)
-    return {"object": "list", "data": [_summary(st, n) for n in st.engine.store.names()]}
+    return {"object": "list", "data": [_summary(st, n) for n in st.store.names()]}
 
 
 @router.get("/v1/subspaces/{name}", tags=["subspaces"], summary="A pack's manifest and spectrum")
@@ -70,13 +71,13 @@ async def get_subspace(name: str, request: Request):
     st = _st(request)
     _known_pack(st, name)
     try:
-        pack = st.engine.store.load(name)
+        pack = st.store.load(name)
     except PackError as e:
-        raise APIError(409, f"subspace {name!r} is invalid: {e}", "name", "invalid_pack") from None
+        raise APIError(409, f"subspace {name!r} is invalid: {e}", "name") from None
     spectrum = {f"{layer}.{kind}.g{g}": {"singular_values": [round(v, 6) for v in s.tolist()],
                                          "participation_ratio": round(participation_ratio(s), 3)}
                 for (layer, kind), groups in pack.spectra.items() for g, s in enumerate(groups)}
-    return {"name": name, "loaded": name in st.engine.backend.capabilities(), "manifest": pack.manifest.model_dump(),
+    return {"name": name, "loaded": name in st.capabilities(), "manifest": pack.manifest.model_dump(),
             "spectrum": spectrum}
 
 
@@ -84,9 +85,8 @@ async def get_subspace(name: str, request: Request):
 async def delete_subspace(name: str, request: Request):
     st = _st(request)
     _known_pack(st, name)
-    with st.engine.lock:
-        st.engine.remove_mode(name)
-        st.engine.store.delete(name)
+    with st.lock:
+        st.store.delete(name)
     return {"name": name, "deleted": True}
 
 
@@ -95,7 +95,7 @@ async def delete_subspace(name: str, request: Request):
 async def export_subspace(name: str, request: Request):
     st = _st(request)
     _known_pack(st, name)
-    return Response(export_pack(st.engine.store, name), media_type="application/x-tar",
+    return Response(export_pack(st.store, name), media_type="application/x-tar",
                     headers={"content-disposition": f'attachment; filename="{name}.tar"'})
 
 
@@ -104,31 +104,54 @@ async def export_subspace(name: str, request: Request):
 async def import_subspace(request: Request):
     st = _st(request)
     data, rename = await _upload(request, "file")
+
+    def install() -> str:  # off the event loop: unpacking and validating take a while
+        with st.lock:
+            name = import_pack(st.store, data, st.model_info, rename)
+            st.add_mode(name)
+            return name
+
     try:
-        with st.engine.lock:
-            name = import_pack(st.engine.store, data, st.engine.backend.model_info, rename)
-            st.engine.add_mode(name)
+        name = await asyncio.to_thread(install)
     except FileExistsError as e:
-        raise APIError(409, str(e), "name", "name_taken") from None
+        raise APIError(409, str(e), "name") from None
     except (ArchiveError, PackError) as e:
-        raise APIError(422, f"field 'file': {e}", "file", "invalid_archive") from None
+        raise APIError(422, f"field 'file': {e}", "file") from None
     except ValueError as e:
-        raise APIError(422, str(e), "name", "invalid_name") from None
+        raise APIError(422, str(e), "name") from None
     return _summary(st, name)
 
 
+async def _read_capped(request: Request) -> None:
+    """Read the body, refusing it (413) past the upload limit before reading more; later
+    `request.body()` / `request.form()` calls reuse what was read."""
+    limit = _st(request).settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the upload limit of {limit} bytes "
+                            "(SPD_MAX_UPLOAD_BYTES)", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the upload limit of {limit} bytes (SPD_MAX_UPLOAD_BYTES)", "body")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)
+
+
 async def _upload(request: Request, field: str) -> tuple[bytes, str | None]:
+    await _read_capped(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         f = form.get(field)
         if f is None or isinstance(f, str):
-            raise APIError(422, f"field {field!r}: a file upload is required", field, "invalid_field")
+            raise APIError(422, f"field {field!r}: a file upload is required", field)
         return await f.read(), (form.get("name") or None)
     data = await request.body()
     if not data:
         raise APIError(422, f"field {field!r}: send the archive as multipart field {field!r} or as the raw body",
-                       field, "invalid_field")
+                       field)
     return data, request.query_params.get("name")
 
 
@@ -147,30 +170,31 @@ _FORM_LISTS = {"layers": int, "kinds": str}
                      "limit": {"type": "integer"}}}}}}})
 async def create_subspace(request: Request):
     st = _st(request)
+    await _read_capped(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         f = form.get("file")
         if f is None or isinstance(f, str):
-            raise APIError(422, "field 'file': the calibration JSONL file is required", "file", "invalid_field")
+            raise APIError(422, "field 'file': the calibration JSONL file is required", "file")
         raw = await f.read()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise APIError(422, f"field 'file': not UTF-8 text (byte {e.start})", "file", "invalid_field") from None
+            raise APIError(422, f"field 'file': not UTF-8 text (byte {e.start})", "file") from None
         data: dict = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
         for k, conv in _FORM_LISTS.items():
             if k in data:
                 try:
                     data[k] = [conv(x.strip()) for x in data[k].split(",") if x.strip()]
                 except ValueError:
-                    raise APIError(422, f"field {k!r}: comma-separated integers expected", k, "invalid_field") from None
+                    raise APIError(422, f"field {k!r}: comma-separated integers expected", k) from None
         data["calibration"] = {"data": text, **({"limit": data.pop("limit")} if "limit" in data else {})}
     else:
         try:
             data = await request.json()
         except ValueError:
-            raise APIError(422, "request body is not valid JSON", "body", "invalid_json") from None
+            raise APIError(422, "request body is not valid JSON", "body") from None
     body = _validate(SubspaceCreate, data)
     job = submit(st, "calibrate", body.model_dump())
     return job
@@ -180,26 +204,24 @@ async def create_subspace(request: Request):
 
 
 def _check_calibration(st, p: dict, prefix: str = "") -> None:
-    info = st.engine.backend.model_info
-    if p["name"] in st.engine.store.names():
-        raise APIError(409, f"a subspace named {p['name']!r} already exists", f"{prefix}name", "name_taken")
+    info = st.model_info
+    if p["name"] in st.store.names():
+        raise APIError(409, f"a subspace named {p['name']!r} already exists", f"{prefix}name")
     bad = [x for x in (p.get("layers") or []) if not 0 <= x < info.n_layers]
     if bad:
         raise APIError(422, f"field '{prefix}layers': {bad} do not exist; the model has layers 0..{info.n_layers - 1}",
-                       f"{prefix}layers", "invalid_field")
+                       f"{prefix}layers")
     width = info.head_dim if p.get("granularity") == "head" else info.kv_width
     if p.get("rank") is not None and p["rank"] > width:
-        raise APIError(422, f"field '{prefix}rank': {p['rank']} exceeds the group width {width}", f"{prefix}rank",
-                       "invalid_field")
+        raise APIError(422, f"field '{prefix}rank': {p['rank']} exceeds the group width {width}", f"{prefix}rank")
     if p.get("rank") is not None and p.get("energy") is not None:
-        raise APIError(422, f"field '{prefix}energy': give rank or energy, not both", f"{prefix}energy", "invalid_field")
+        raise APIError(422, f"field '{prefix}energy': give rank or energy, not both", f"{prefix}energy")
     if p.get("method") == "random" and p.get("energy") is not None:
-        raise APIError(422, f"field '{prefix}energy': a random subspace needs a fixed rank", f"{prefix}energy",
-                       "invalid_field")
+        raise APIError(422, f"field '{prefix}energy': a random subspace needs a fixed rank", f"{prefix}energy")
 
 
 def _check_modes(st, names: list[str], param: str) -> None:
-    known = st.engine.backend.capabilities()
+    known = st.capabilities()
     for n in names:
         if n not in known:
             raise not_found("capability", n, known, param)
@@ -220,15 +242,15 @@ def submit(st, kind: str, params: dict) -> dict:
         elif kind == "distill":
             src = st.jobs.get(params["corpus_job"])
             if src is None:
-                raise APIError(404, f"unknown job {params['corpus_job']!r}", "params.corpus_job", "job_not_found")
+                raise APIError(404, f"unknown job {params['corpus_job']!r}", "params.corpus_job")
             if src["kind"] not in ("generate", "pipeline") or src["state"] != "succeeded":
                 raise APIError(409, f"job {params['corpus_job']!r} is a {src['state']} {src['kind']} job, not a "
-                               "succeeded generate job", "params.corpus_job", "job_not_ready")
+                               "succeeded generate job", "params.corpus_job")
             _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")
         elif kind == "evaluate":
             _check_modes(st, params["capability"], "params.capability")
-            if params.get("adapter") and params["adapter"] not in st.engine.backend.adapters():
-                raise not_found("adapter", params["adapter"], st.engine.backend.adapters(), "params.adapter")
+            if params.get("adapter") and params["adapter"] not in st.adapters():
+                raise not_found("adapter", params["adapter"], st.adapters(), "params.adapter")
             inputs["data"] = steps.prepare_data(params["data"], params["task_kind"], jd, "data")
         elif kind == "pipeline":
             _check_calibration(st, {"name": params["name"], **params["calibration_params"]}, "params.")
@@ -239,7 +261,7 @@ def submit(st, kind: str, params: dict) -> dict:
                 inputs["eval_data"] = steps.prepare_data(params["eval_data"], params["task_kind"], jd, "eval_data")
     except DataError as e:
         shutil.rmtree(jd, ignore_errors=True)
-        raise APIError(422, str(e), str(e).split(":")[0], "invalid_data") from None
+        raise APIError(422, str(e), str(e).split(":")[0]) from None
     except BaseException:
         shutil.rmtree(jd, ignore_errors=True)
         raise
@@ -252,8 +274,8 @@ def submit(st, kind: str, params: dict) -> dict:
 
 
 def _check_adapter_name(st, name: str | None, param: str) -> None:
-    if name and (name in st.engine.backend.adapters() or name == st.engine.model_id):
-        raise APIError(409, f"an adapter named {name!r} is already loaded", param, "name_taken")
+    if name and (name in st.adapters() or name == st.model_id):
+        raise APIError(409, f"an adapter named {name!r} is already loaded", param)
 
 
 @router.post("/v1/jobs", tags=["jobs"], status_code=202, summary="Queue a calibrate, generate, distill, evaluate or pipeline job")
@@ -263,19 +285,19 @@ async def create_job(body: Annotated[JobCreate, Field(discriminator="kind")], re
 
 def _job(st, job_id: str) -> dict:
     if not isinstance(job_id, str) or len(job_id) > 64:
-        raise APIError(404, "unknown job", "id", "job_not_found")
+        raise APIError(404, "unknown job", "id")
     job = st.jobs.get(job_id)
     if job is None:
-        raise APIError(404, f"unknown job {job_id!r}", "id", "job_not_found")
+        raise APIError(404, f"unknown job {job_id!r}", "id")
     return job
 
 
 @router.get("/v1/jobs", tags=["jobs"], summary="Recent jobs, newest first")
 async def list_jobs(request: Request, state: str | None = None, limit: int = 100):
     if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
-        raise APIError(422, f"field 'state': unknown state {state!r}", "state", "invalid_field")
+        raise APIError(422, f"field 'state': unknown state {state!r}", "state")
     if not 1 <= limit <= 1000:
-        raise APIError(422, "field 'limit': must be in 1..1000", "limit", "invalid_field")
+        raise APIError(422, "field 'limit': must be in 1..1000", "limit")
     return {"object": "list", "data": _st(request).jobs.list(state, limit)}
 
 
@@ -289,7 +311,7 @@ async def cancel_job(job_id: str, request: Request):
     st = _st(request)
     job = _job(st, job_id)
     if job["state"] in ("succeeded", "failed", "cancelled"):
-        raise APIError(409, f"job {job_id!r} already {job['state']}", "id", "job_finished")
+        raise APIError(409, f"job {job_id!r} already {job['state']}", "id")
     st.worker.cancel(job_id)
     return st.jobs.get(job_id)
 
@@ -300,7 +322,7 @@ async def job_artifact(job_id: str, request: Request):
     st = _st(request)
     job = _job(st, job_id)
     if job["state"] != "succeeded" or not job["artifact"]:
-        raise APIError(409, f"job {job_id!r} is {job['state']} and has no artifact", "id", "no_artifact")
+        raise APIError(409, f"job {job_id!r} is {job['state']} and has no artifact", "id")
     path = st.settings.jobs_dir / job_id / job["artifact"]
     if path.is_file():
         media = "application/json" if path.suffix == ".json" else "application/jsonl"
@@ -311,7 +333,7 @@ async def job_artifact(job_id: str, request: Request):
             tar.add(path, arcname=path.name)
         return Response(buf.getvalue(), media_type="application/x-tar",
                         headers={"content-disposition": f'attachment; filename="{job_id}-{path.name}.tar"'})
-    raise APIError(409, f"job {job_id!r}: its artifact is missing", "id", "no_artifact")
+    raise APIError(409, f"job {job_id!r}: its artifact is missing", "id")
 
 
 # ---------------------------------------------------------------- adapters
@@ -322,7 +344,7 @@ async def list_adapters(request: Request):
     st = _st(request)
     d = st.settings.adapters_dir
     available = sorted(p.name for p in d.iterdir() if (p / "adapter_config.json").is_file()) if d.is_dir() else []
-    return {"object": "list", "data": [{"name": n, "path": st.engine.adapter_paths.get(n)} for n in st.engine.backend.adapters()],
+    return {"object": "list", "data": [{"name": n, "path": st.adapter_paths().get(n)} for n in st.adapters()],
             "available": available}
 
 
@@ -331,36 +353,30 @@ async def list_adapters(request: Request):
 async def load_adapter(body: AdapterLoad, request: Request):
     st = _st(request)
     if (body.directory is None) == (body.job_id is None):
-        raise APIError(422, "give exactly one of 'directory' or 'job_id'", "directory", "invalid_field")
+        raise APIError(422, "give exactly one of 'directory' or 'job_id'", "directory")
     _check_adapter_name(st, body.name, "name")
     if body.directory is not None:
-        path = st.engine.adapter_dir(body.directory)
+        path = st.adapter_dir(body.directory)
         if not path.is_dir():
-            raise APIError(404, f"no adapter directory {body.directory!r} in the adapters dir", "directory", "adapter_not_found")
+            raise APIError(404, f"no adapter directory {body.directory!r} in the adapters dir", "directory")
         param = "directory"
     else:
         job = _job(st, body.job_id)
         if job["kind"] not in ("distill", "pipeline") or job["state"] != "succeeded":
             raise APIError(409, f"job {body.job_id!r} is a {job['state']} {job['kind']} job, not a succeeded distill job",
-                           "job_id", "job_not_ready")
+                           "job_id")
         path = st.settings.jobs_dir / job["id"] / "adapter"
         param = "job_id"
     if not (path / "adapter_config.json").is_file():
-        raise APIError(422, f"field {param!r}: {path.name} is not a PEFT adapter (no adapter_config.json)", param,
-                       "invalid_adapter")
-    try:
-        await asyncio.to_thread(st.engine.load_adapter, body.name, path)
-    except ValueError as e:
-        raise APIError(409 if "already" in str(e) else 422, str(e), "name", "invalid_adapter") from None
-    except Exception as e:  # noqa: BLE001 - peft refuses an adapter for another model
-        raise APIError(422, f"field {param!r}: the adapter does not load on this model: {e}", param, "invalid_adapter") from None
+        raise APIError(422, f"field {param!r}: {path.name} is not a PEFT adapter (no adapter_config.json)", param)
+    await st.load_adapter(body.name, path)  # AdapterError: 409 without --enable-lora, 422 if vLLM refuses it
     return {"name": body.name, "loaded": True}
 
 
 @router.delete("/v1/adapters/{name}", tags=["adapters"], summary="Unload an adapter (requests already running keep it)")
 async def unload_adapter(name: str, request: Request):
     st = _st(request)
-    if name not in st.engine.backend.adapters():
-        raise not_found("adapter", name, st.engine.backend.adapters(), "name")
-    await asyncio.to_thread(st.engine.unload_adapter, name)
+    if name not in st.adapters():
+        raise not_found("adapter", name, st.adapters(), "name")
+    await st.unload_adapter(name)
     return {"name": name, "loaded": False}

@@ -1,4 +1,5 @@
-"""Request and response models at the HTTP boundary (FastAPI builds the OpenAPI schema from them)."""
+"""Request models of the resource routes (subspaces, jobs, adapters); FastAPI builds their OpenAPI
+schema. The OpenAI routes and their models are vLLM's own."""
 from __future__ import annotations
 
 from typing import Any, Literal, Union
@@ -12,109 +13,6 @@ Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Sampling(_Strict):
-    model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Literal[1] = Field(default=1, description="only n=1 is supported")
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    user: str | None = None
-    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens, past EOS")
-    # SPD extensions (top-level fields; the openai client sends them through `extra_body`)
-    capability: str | list[str] | None = Field(default=None, description="a capability mode, or a list to compose")
-    capability_strength: float = Field(default=1.0, ge=0.0, le=1.0, description="projection strength alpha in [0, 1]")
-
-    @field_validator("capability")
-    @classmethod
-    def _names(cls, v):
-        if v is None:
-            return v
-        names = [v] if isinstance(v, str) else v
-        for n in names:
-            check_name(n, "capability name")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
-        return v
-
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-    def stops(self) -> tuple[str, ...]:
-        return tuple([self.stop] if isinstance(self.stop, str) else (self.stop or []))
-
-    def capability_names(self) -> list[str]:
-        if self.capability is None:
-            return []
-        return [self.capability] if isinstance(self.capability, str) else list(self.capability)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="a prompt (raw text, no chat template) or a list of prompts")
-    echo: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be an empty list")
-        return v
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for p in self.content:
-            if p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(p["text"])
-        return "".join(parts)
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-    @field_validator("messages")
-    @classmethod
-    def _texts(cls, v):
-        for m in v:
-            m.text()
-        return v
-
-
-class SPDInfo(BaseModel):
-    capability: list[str]
-    capability_strength: float
-    adapter: str | None
-    backend: str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 # ---------------------------------------------------------------- subspaces, adapters, jobs

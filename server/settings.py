@@ -1,37 +1,53 @@
-"""Server settings: one immutable object built by `server.__main__` (flags and env) or by tests."""
+"""The resource API's settings: one immutable object, read from the environment (so `spd serve`
+and plain `VLLM_PLUGINS=... vllm serve` configure it the same way). vLLM's own flags (host,
+port, API key, limits of the OpenAI routes) stay vLLM's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from spd_engine.paths import store_dir
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = "smollm2-135m"
-    backend: str = "auto"  # auto | vllm | hf
-    store_dir: Path = Path("subspaces")
-    data_dir: Path = Path("spd-data")
-    api_key: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # limits
-    max_body_bytes: int = 16 * 1024 * 1024  # any request body (uploads included) -> 413 above
-    max_prompt_tokens: int = 4096  # -> 400
-    max_tokens_limit: int = 2048  # per-request max_tokens cap -> 400
-    max_batch: int = 64  # requests per Backend.generate call from the batcher
-    batch_window_ms: float = 5.0  # how long the batcher waits to collect a batch
-    hf_batch_size: int = 16
-    run_worker: bool = True  # run the job worker thread inside the server process
-    extra: dict = field(default_factory=dict)
+    store_dir: Path  # SPD_STORE_DIR: the subspace store
+    data_dir: Path  # SPD_SERVER_DATA: jobs database, job dirs, adapters dir
+    max_upload_bytes: int = 16 * 1024 * 1024  # SPD_MAX_UPLOAD_BYTES: calibration files and pack archives
+    max_queued_jobs: int = 64  # SPD_MAX_QUEUED_JOBS: 429 above
+    allow_client_code: bool = False  # SPD_ALLOW_CLIENT_CODE=1: jobs may carry their own unit tests (runs code!)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        return cls(store_dir=store_dir(),
+                   data_dir=Path(env.get("SPD_SERVER_DATA") or Path.home() / ".local/share/spd").expanduser(),
+                   max_upload_bytes=_int(env, "SPD_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+                   max_queued_jobs=_int(env, "SPD_MAX_QUEUED_JOBS", cls.max_queued_jobs),
+                   allow_client_code=env.get("SPD_ALLOW_CLIENT_CODE", "") in ("1", "true", "yes"))
 
     @property
     def adapters_dir(self) -> Path:
-        return Path(self.data_dir) / "adapters"
+        return self.data_dir / "adapters"
 
     @property
     def jobs_dir(self) -> Path:
-        return Path(self.data_dir) / "jobs"
+        return self.data_dir / "jobs"
 
     @property
     def db_path(self) -> Path:
-        return Path(self.data_dir) / "jobs.sqlite3"
+        return self.data_dir / "jobs.sqlite3"

@@ -1,7 +1,7 @@
 """The job kinds: what each job does, by calling spd_engine (no method code here).
 
 calibrate and distill run in a worker subprocess (`server.worker_proc`); generate and evaluate
-run through the serving backend itself, in batches of its size, so they share the engine with
+run through vLLM's engine client (`EngineClientBackend`), so they share the continuous batch with
 live requests instead of loading a second model.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from spd_engine.atomic import write_json
 from spd_engine.data import DataError, load_examples, resolve_data
 
-from .engine import Engine
 from .jobs import JobContext, JobStore
+from .state import SPDServer
 
 INPUTS = "inputs"
 
@@ -97,27 +97,27 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
     return result
 
 
-def calibrate(engine: Engine, ctx: JobContext, p: dict, source: dict) -> dict:
-    if p["name"] in engine.store.names():
+def calibrate(server: SPDServer, ctx: JobContext, p: dict, source: dict) -> dict:
+    if p["name"] in server.store.names():
         raise ValueError(f"a subspace named {p['name']!r} already exists")
     cfg = {k: p.get(k) for k in ("layers", "kinds", "granularity", "method", "rank", "energy")}
-    spec = {"task": "calibrate", "model": engine.settings.model, "store": str(engine.store.root),
+    spec = {"task": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
             "data": str(source_path(ctx.dir, source)), "limit": source.get("limit"), "kind": p["kind"],
             "name": p["name"], "cfg": cfg, "data_label": f"job {ctx.id} ({source.get('dataset') or 'upload'})"}
     result = run_subprocess(ctx, spec, "calibrate")
-    engine.add_mode(p["name"])  # hot: the next request can use it
+    server.add_mode(p["name"])  # hot: the next request can use it
     return result
 
 
-def distill(engine: Engine, ctx: JobContext, corpus: Path, out: Path, cfg: dict) -> dict:
-    spec = {"task": "distill", "model": engine.settings.model, "corpus": str(corpus), "out": str(out), "cfg": cfg}
+def distill(server: SPDServer, ctx: JobContext, corpus: Path, out: Path, cfg: dict) -> dict:
+    spec = {"task": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out), "cfg": cfg}
     return run_subprocess(ctx, spec, "distill")
 
 
 # ---------------------------------------------------------------- in-process steps
 
 
-def generate(engine: Engine, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "corpus.jsonl") -> dict:
+def generate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "corpus.jsonl") -> dict:
     from spd_engine.corpus import generate_corpus
 
     examples = examples_of(ctx.dir, source, kind)
@@ -127,20 +127,20 @@ def generate(engine: Engine, ctx: JobContext, kind: str, source: dict, p: dict, 
     if final.exists():  # finished before a crash between publish and bookkeeping
         return {"written": 0, "skipped": len(examples), "total": len(examples), "path": out_name}
     partial = ctx.dir / f".{out_name}.partial"  # hidden and resumable; published by rename
-    chunk = getattr(engine.backend, "batch_size", 16)
-    res = generate_corpus(engine.backend, kind, examples, partial, capability=tuple(sorted(set(p.get("capability", [])))),
+    chunk = getattr(server.backend, "batch_size", 16)
+    res = generate_corpus(server.backend, kind, examples, partial, capability=tuple(sorted(set(p.get("capability", [])))),
                           strength=p.get("strength", 1.0), max_tokens=p.get("max_tokens", 256),
                           temperature=p.get("temperature", 0.0), seed=p.get("seed"), chunk=chunk, progress=ctx.advance)
     os.replace(partial, final)
     return {**res, "path": out_name}
 
 
-def evaluate(engine: Engine, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "report.json") -> dict:
+def evaluate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "report.json") -> dict:
     from spd_engine.evaluate import accuracy
 
     examples = examples_of(ctx.dir, source, kind)
     ctx.set_total(len(examples))
-    res = accuracy(engine.backend, kind, examples, capability=tuple(sorted(set(p.get("capability", [])))),
+    res = accuracy(server.backend, kind, examples, capability=tuple(sorted(set(p.get("capability", [])))),
                    strength=p.get("strength", 1.0), adapter=p.get("adapter"), max_tokens=p.get("max_tokens", 256),
                    progress=ctx.advance)
     report = {**res.summary(), "kind": kind, "capability": p.get("capability", []), "adapter": p.get("adapter"),
@@ -152,49 +152,49 @@ def evaluate(engine: Engine, ctx: JobContext, kind: str, source: dict, p: dict, 
 # ---------------------------------------------------------------- the runners, one per job kind
 
 
-def make_runners(engine: Engine, store: JobStore):
+def make_runners(server: SPDServer, store: JobStore):
     def run_calibrate(ctx: JobContext):
         p = ctx.job["params"]
-        return calibrate(engine, ctx, p, p["_inputs"]["calibration"]), None
+        return calibrate(server, ctx, p, p["_inputs"]["calibration"]), None
 
     def run_generate(ctx: JobContext):
         p = ctx.job["params"]
-        return generate(engine, ctx, p["task_kind"], p["_inputs"]["prompts"], p), "corpus.jsonl"
+        return generate(server, ctx, p["task_kind"], p["_inputs"]["prompts"], p), "corpus.jsonl"
 
     def run_distill(ctx: JobContext):
         p = ctx.job["params"]
         src = store.get(p["corpus_job"])
-        corpus = engine.settings.jobs_dir / p["corpus_job"] / "corpus.jsonl"
+        corpus = server.settings.jobs_dir / p["corpus_job"] / "corpus.jsonl"
         if src is None or src["state"] != "succeeded" or not corpus.is_file():
             raise ValueError(f"job {p['corpus_job']!r} has no finished corpus")
         cfg = {k: p[k] for k in ("epochs", "lr", "lora_rank", "lora_alpha", "batch_size", "max_length", "seed")}
-        result = distill(engine, ctx, corpus, ctx.dir / "adapter", cfg)
+        result = distill(server, ctx, corpus, ctx.dir / "adapter", cfg)
         if p.get("adapter_name"):
-            engine.load_adapter(p["adapter_name"], ctx.dir / "adapter")
+            server.call(server.load_adapter(p["adapter_name"], ctx.dir / "adapter"))
             result["adapter_loaded"] = p["adapter_name"]
         return result, "adapter"
 
     def run_evaluate(ctx: JobContext):
         p = ctx.job["params"]
-        return evaluate(engine, ctx, p["task_kind"], p["_inputs"]["data"], p), "report.json"
+        return evaluate(server, ctx, p["task_kind"], p["_inputs"]["data"], p), "report.json"
 
     def run_pipeline(ctx: JobContext):
         p = ctx.job["params"]
         kind, ins, result = p["task_kind"], p["_inputs"], {}
         cal = {"name": p["name"], "kind": kind, **p.get("calibration_params", {})}
-        result["calibrate"] = calibrate(engine, ctx, cal, ins["calibration"])
+        result["calibrate"] = calibrate(server, ctx, cal, ins["calibration"])
         gen = {"capability": [p["name"]], "strength": p["strength"], "max_tokens": p["max_tokens"]}
-        result["generate"] = generate(engine, ctx, kind, ins["prompts"], gen)
+        result["generate"] = generate(server, ctx, kind, ins["prompts"], gen)
         cfg = {"epochs": p["epochs"], "lr": p["lr"], "lora_rank": p["lora_rank"], "lora_alpha": float(p["lora_rank"]),
                "batch_size": 4, "max_length": 1024, "seed": 42}
-        result["distill"] = distill(engine, ctx, ctx.dir / "corpus.jsonl", ctx.dir / "adapter", cfg)
+        result["distill"] = distill(server, ctx, ctx.dir / "corpus.jsonl", ctx.dir / "adapter", cfg)
         adapter = p.get("adapter_name") or f"{p['name']}-{ctx.id[-6:]}"
-        engine.load_adapter(adapter, ctx.dir / "adapter")
+        server.call(server.load_adapter(adapter, ctx.dir / "adapter"))
         result["adapter_loaded"] = adapter
         ev = ins.get("eval_data") or ins["calibration"]  # scored data needs gold answers
         result["evaluate"] = {
-            "base": evaluate(engine, ctx, kind, ev, {"max_tokens": p["max_tokens"]}, "report_base.json"),
-            "adapter": evaluate(engine, ctx, kind, ev, {"max_tokens": p["max_tokens"], "adapter": adapter}, "report.json"),
+            "base": evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"]}, "report_base.json"),
+            "adapter": evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"], "adapter": adapter}, "report.json"),
         }
         return result, "adapter"
 

@@ -32,8 +32,8 @@ once per process (idempotent):
   supported backend (`--attention-backend FLASH_ATTN`, `TRITON_ATTN`, `FLASHINFER`, ...) or
   run vLLM without this plugin (`VLLM_PLUGINS` set to a list that leaves out
   `spd_kv_projection`);
-- adds worker methods `spd_add_mode` / `spd_remove_mode` / `spd_modes`, reached by name through
-  `collective_rpc`, so they work when workers are separate processes.
+- admits requests in the front end (`InputProcessor.process_inputs`, in the process that
+  receives requests: the API server, or the `LLM` process): see `FrontEnd`.
 
 With no mode in a step (or no mode loaded) nothing is computed and vLLM's own write runs as is.
 
@@ -82,23 +82,22 @@ start with a RuntimeError. The CPU build always uses V1 (no Triton CPU backend).
 Requests select modes with `extra_args` (OpenAI: `vllm_xargs`):
     {"capability": "math" | ["math", "code"], "capability_strength": 0.0 .. 1.0 (default 1)}
 
-Stock OpenAI server: packs are read from the store directory `SPD_STORE_DIR` (default: the
-repository's `subspaces/`); a worker loads a pack the first time a request names it. Start the
-server with the validator so unknown names and bad strengths get an HTTP 400 before scheduling:
-
-    SPD_STORE_DIR=/path/to/store python -m vllm.entrypoints.openai.api_server --model DIR \
-        --dtype float32 --logits-processors server.vllm_plugin:CapabilityValidator
-
-To add a mode without a restart, save it into the store; to remove one, delete it from the store
-(the validator then rejects it) and, with VLLM_SERVER_DEV_MODE=1, `POST /collective_rpc
-{"method": "spd_remove_mode", "args": [name]}` to unload it from the workers.
+Packs are read from the store directory `SPD_STORE_DIR` (default: the repository's `subspaces/`).
+The front end admits a request only if every mode it names is a valid pack for the served model
+there (else an HTTP 400 naming the field, before scheduling), and records each pack's digest in
+the request; a worker loads a pack the first time a request names it (or names other bases under
+the same name) and projects with exactly the admitted bases. So a mode is added by saving a pack
+into the store and removed by deleting it, in a running server, with no RPC. A worker keeps at
+most 64 modes and 32 compositions loaded, least recently used evicted first.
 
 Tensor parallelism: each rank builds its bank over its own KV heads (`heads=`), so head-granularity
 packs project the heads the rank holds; layer-granularity packs are refused with a PackError.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
+import json
 import logging
 import os
 import re
@@ -112,39 +111,42 @@ from typing import Any
 
 import torch
 
-from spd_engine.bank import Capability, ProjectionBank, capability_key
+from spd_engine.bank import Capability, ProjectionBank
 from spd_engine.models import ModelInfo, info
 from spd_engine.paths import store_dir
 from spd_engine.projection import NO_MODE, SiteBank
 from spd_engine.subspace import Site, Store
+from spd_engine.vllm_requests import CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
 
 log = logging.getLogger("spd.vllm_plugin")
 
-CAPABILITY_ARG = "capability"
-STRENGTH_ARG = "capability_strength"
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_registered = False
-_register_lock = threading.Lock()
 
 
-# ------------------------------------------------------------------ request arguments
-
-def parse_extra_args(extra_args: dict[str, Any] | None) -> tuple[Capability, float]:
-    """A request's (capability, strength) from its extra_args; ValueError if malformed."""
-    args = extra_args or {}
-    raw = args.get(CAPABILITY_ARG)
-    if raw is not None and not (isinstance(raw, str) or (isinstance(raw, list) and all(isinstance(n, str) for n in raw))):
-        raise ValueError(f"{CAPABILITY_ARG} must be a mode name or a list of names, got {raw!r}")
-    strength = args.get(STRENGTH_ARG, 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"{STRENGTH_ARG} must be a number in [0, 1], got {strength!r}")
-    return capability_key(raw), float(strength)
+class _Step(threading.local):
+    runner: Any = None
+    route: "Route | None" = None
+    routed: bool = False
+    in_update: bool = False  # inside a patched KV write: a nested patched write must not project again
 
 
-def extra_args_for(capability: Capability, strength: float) -> dict[str, Any] | None:
-    """The extra_args selecting a mode (None for no mode), the inverse of parse_extra_args."""
-    return {CAPABILITY_ARG: list(capability), STRENGTH_ARG: strength} if capability else None
+class PluginState:
+    """Everything the plugin keeps in one process: whether it is registered, the patched impls,
+    the worker's modes and their device copy, the current step (per thread), the front end's
+    admission cache."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.registered = False
+        self.patched: dict[str, type] = {}  # impl class name -> the class whose do_kv_cache_update carries the patch
+        self.modes: WorkerModes | None = None
+        # the current bank's site banks on one device and dtype: (bank, device, dtype, sites)
+        self.device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
+        self.step = _Step()
+        self.front = FrontEnd()
+
+
 
 
 # ------------------------------------------------------------------ worker-side modes
@@ -160,94 +162,89 @@ def kv_heads_of_rank(total_kv_heads: int, tp_rank: int, tp_size: int) -> list[in
     return list(range(start, start + local))
 
 
-class WorkerModes:
-    """One worker's loaded modes. The bank is immutable and swapped by reference: a step keeps
-    the bank it started with. A removed mode is retired, and leaves the bank only once no running
-    request names it, so requests in flight finish in their mode."""
+def pack_digest(path: Path) -> str:
+    """The content identity of a pack directory (manifest and bases): what a request is admitted
+    with, what its cache salt is made of, and what the worker checks it projects with."""
+    h = hashlib.sha256()
+    for member in ("manifest.json", "bases.safetensors"):
+        with open(path / member, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
 
-    def __init__(self, model: ModelInfo, heads: list[int] | None, root: Path):
-        self.model, self.root = model, root
+
+class WorkerModes:
+    """One worker's loaded modes, each with the digest it was loaded with. The bank is immutable
+    and swapped by reference: a step keeps the bank it started with. A request names each mode's
+    digest (set by the front end when it admitted the request); a mode whose digest changed in
+    the store (deleted and re-imported under the same name) is reloaded. Modes and compositions
+    beyond the caps are evicted least recently used first (never one the current step needs)."""
+
+    def __init__(self, model: ModelInfo, heads: list[int] | None, root: Path, max_modes: int = 64,
+                 max_compositions: int = 32):
+        self.model, self.root, self.max_modes, self.max_compositions = model, root, max_modes, max_compositions
         self.bank = ProjectionBank(heads=heads)
-        self.retired: set[str] = set()
-        self._failed: set[str] = set()
+        self.digests: dict[str, str] = {}
+        self._used: dict[Capability, None] = {}  # recency order, oldest first
         self._lock = threading.Lock()
 
-    def add(self, name: str, root: Path | None = None) -> None:
-        pack = Store(root or self.root).load(name, self.model)
+    def bank_for(self, caps: list[Capability], digests: dict[str, str]) -> tuple[ProjectionBank, list[Capability]]:
+        """The bank for one step's capabilities and the capabilities it serves: a mode that cannot
+        be loaded with the digest its request was admitted with is logged and not served."""
         with self._lock:
-            self.bank = self.bank.with_mode(pack)  # PackError here under TP with a layer pack
-            self.retired.discard(name)
-            self._failed.discard(name)
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            if name not in self.bank.modes or name in self.retired:
-                raise KeyError(f"no capability named {name!r} is loaded")
-            self.retired.add(name)
-
-    def names(self) -> list[str]:
-        return sorted(set(self.bank.modes) - self.retired)
-
-    def bank_for(self, caps: list[Capability]) -> tuple[ProjectionBank, list[Capability]]:
-        """The bank for one step's capabilities (loading first-named packs from the store,
-        dropping retired modes nobody uses, adding first-seen compositions), and the
-        capabilities it can serve (a name that cannot be loaded runs without a mode)."""
-        with self._lock:
-            wanted = {n for c in caps for n in c}
-            for name in sorted(wanted - set(self.bank.modes) - self.retired - self._failed):
-                self._load_on_first_use(name)
             bank = self.bank
-            for name in sorted(self.retired - wanted):
-                bank = bank.without_mode(name)
-                self.retired.discard(name)
+            for name in sorted({n for c in caps for n in c}):
+                want = digests.get(name)
+                if name in bank.modes and (want is None or self.digests[name] == want):
+                    continue
+                store = Store(self.root)
+                try:
+                    pack = store.load(name, self.model)
+                    got = pack_digest(store.path(name))
+                    if want is not None and got != want:
+                        raise ValueError(f"the store holds other bases now (digest {got}, admitted with {want})")
+                except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError
+                    log.error("capability %r cannot be loaded from %s (%s); not projected", name, self.root, e)
+                    if name in bank.modes:
+                        bank = bank.without_mode(name)
+                    continue
+                bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
+                self.digests[name] = got
             served = [c if all(n in bank.modes for n in c) else () for c in caps]
-            for c in dict.fromkeys(served):
-                bank = bank.with_capability(c)
-            self.bank = bank
-            return bank, served
+            for c in served:
+                if c:
+                    self._used.pop(c, None)
+                    self._used[c] = None
+                    bank = bank.with_capability(c)
+            self.bank = self._evict(bank, set(served))
+            return self.bank, served
 
-    def _load_on_first_use(self, name: str) -> None:
-        try:
-            self.bank = self.bank.with_mode(Store(self.root).load(name, self.model))
-        except (KeyError, ValueError) as e:  # PackError is a ValueError
-            self._failed.add(name)  # log once; the front end's validation should have refused it
-            log.error("capability %r cannot be loaded from %s (%s); its requests run without a mode", name, self.root, e)
-
-
-_modes: WorkerModes | None = None
-_modes_lock = threading.Lock()
+    def _evict(self, bank: ProjectionBank, keep: set[Capability]) -> ProjectionBank:
+        combos = [c for c in self._used if len(c) > 1 and c in bank.index and c not in keep]
+        for c in combos[: max(0, len(bank.slots) - len(bank.modes) - self.max_compositions)]:
+            bank = ProjectionBank(bank.modes, [s for s in bank.slots if s != c], bank.heads)
+            del self._used[c]
+        needed = {n for c in keep for n in c}
+        for c in [c for c in self._used if len(c) == 1 and c[0] not in needed]:
+            if len(bank.modes) <= self.max_modes:
+                break
+            bank = bank.without_mode(c[0])
+            self.digests.pop(c[0], None)
+            del self._used[c]
+        return bank
 
 
 def worker_modes(runner) -> WorkerModes:
     """This worker's modes, created on first use from the runner's model and TP rank."""
-    global _modes
-    with _modes_lock:
-        if _modes is None:
+    with PLUGIN.lock:
+        if PLUGIN.modes is None:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
             cfg = runner.vllm_config.model_config
             heads = kv_heads_of_rank(cfg.get_total_num_kv_heads(), get_tensor_model_parallel_rank(),
                                      get_tensor_model_parallel_world_size())
-            _modes = WorkerModes(info(Path(cfg.model)), heads, store_dir())
-        return _modes
-
-
-# Worker methods, called by name through collective_rpc (self: the vLLM worker).
-
-def spd_add_mode(self, name: str, root: str | None = None) -> list[str]:
-    modes = worker_modes(self.model_runner)
-    modes.add(name, Path(root) if root else None)
-    return modes.names()
-
-
-def spd_remove_mode(self, name: str) -> list[str]:
-    modes = worker_modes(self.model_runner)
-    modes.remove(name)
-    return modes.names()
-
-
-def spd_modes(self) -> list[str]:
-    return worker_modes(self.model_runner).names()
+            PLUGIN.modes = WorkerModes(info(Path(cfg.model)), heads, store_dir())
+        return PLUGIN.modes
 
 
 # ------------------------------------------------------------------ per-step routing
@@ -264,30 +261,16 @@ class Route:
     layers: frozenset[int]
 
 
-class _Step(threading.local):
-    runner: Any = None
-    route: Route | None = None
-    routed: bool = False
-    in_update: bool = False  # inside a patched KV write: a nested patched write must not project again
-
-
-_step = _Step()
-
-# the current bank's site banks on one device and dtype: (bank, device, dtype, sites)
-_device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
-
-
 def device_sites(bank: ProjectionBank, device: torch.device, dtype: torch.dtype) -> dict[Site, SiteBank]:
     """The bank's site banks with W in `dtype` and every tensor on `device`: built once per bank
     (and device/dtype), then reused by every layer and step, so `SiteBank.apply`'s own `.to()`
     calls are no-ops. On the CPU in float32 these are the bank's own tensors (no copy)."""
-    global _device_bank
-    cached = _device_bank
+    cached = PLUGIN.device_bank
     if cached is not None and cached[0] is bank and cached[1] == device and cached[2] == dtype:
         return cached[3]
     sites = {site: SiteBank(sb.W.to(device=device, dtype=dtype), sb.col_slot.to(device), sb.covers.to(device))
              for site, sb in bank.sites.items()}
-    _device_bank = (bank, device, dtype, sites)
+    PLUGIN.device_bank = (bank, device, dtype, sites)
     return sites
 
 
@@ -305,30 +288,33 @@ def _step_metadata(layer_name: str):
 def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     """The current step's route, built at the first KV write of the step (the runner's request
     order is final by then) and reused by every later layer."""
-    if _step.routed:
-        return _step.route
+    if PLUGIN.step.routed:
+        return PLUGIN.step.route
     from vllm.forward_context import is_forward_context_available
 
-    runner = _step.runner
+    runner = PLUGIN.step.runner
     if runner is None or not is_forward_context_available():
         return None  # a dummy/profile/capture run outside execute_model
     md = _step_metadata(layer_name)
     if md is None or not hasattr(md, "query_start_loc"):
         return None  # warm-up without attention metadata (or micro-batching, not supported)
-    _step.routed = True
+    PLUGIN.step.routed = True
     req_ids = runner.input_batch.req_ids
-    caps, strengths = [], []
+    caps, strengths, digests = [], [], {}
     for rid in req_ids:  # one entry per request, never per token
         sp = runner.requests[rid].sampling_params
+        args = sp.extra_args if sp is not None else None
         try:
-            cap, strength = parse_extra_args(sp.extra_args if sp is not None else None)
+            cap, strength = parse_extra_args(args)
         except ValueError:
             cap, strength = (), 0.0  # the front end validates; never fail the whole batch here
         caps.append(cap if strength > 0 else ())
         strengths.append(strength)
+        if cap:
+            digests.update(args.get(DIGESTS_ARG) or {})
     if not any(caps):
         return None
-    bank, caps = worker_modes(runner).bank_for(caps)
+    bank, caps = worker_modes(runner).bank_for(caps, digests)
     if not any(caps):
         return None
     qsl = md.query_start_loc
@@ -343,9 +329,9 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     slot[:real] = torch.tensor([bank.slot(c) for c in caps]).repeat_interleave(counts)
     strength[:real] = torch.tensor(strengths).repeat_interleave(counts)
     device = key.device
-    _step.route = Route(bank, device_sites(bank, device, key.dtype), slot.to(device, non_blocking=True),
+    PLUGIN.step.route = Route(bank, device_sites(bank, device, key.dtype), slot.to(device, non_blocking=True),
                         strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites))
-    return _step.route
+    return PLUGIN.step.route
 
 
 def layer_index(layer_name: str) -> int | None:
@@ -357,11 +343,11 @@ def layer_index(layer_name: str) -> int | None:
 
 def _wrap_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
-        _step.runner, _step.route, _step.routed = self, None, False
+        PLUGIN.step.runner, PLUGIN.step.route, PLUGIN.step.routed = self, None, False
         try:
             return orig(self, scheduler_output, *args, **kwargs)
         finally:
-            _step.runner, _step.route, _step.routed = None, None, False
+            PLUGIN.step.runner, PLUGIN.step.route, PLUGIN.step.routed = None, None, False
 
     execute_model.__spd_patched__ = True
     return execute_model
@@ -369,7 +355,7 @@ def _wrap_execute_model(orig):
 
 def _wrap_kv_cache_update(orig):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if _step.in_update:  # a subclass's write calling its patched parent's: project once
+        if PLUGIN.step.in_update:  # a subclass's write calling its patched parent's: project once
             return orig(self, layer, key, value, kv_cache, slot_mapping)
         route = _route(key, layer.layer_name) if getattr(layer, "attn_type", "decoder") == "decoder" else None
         if route is not None:
@@ -380,11 +366,11 @@ def _wrap_kv_cache_update(orig):
                     key = k_bank.apply(key, route.slot, route.strength)
                 if v_bank is not None:
                     value = v_bank.apply(value, route.slot, route.strength)
-        _step.in_update = True
+        PLUGIN.step.in_update = True
         try:
             return orig(self, layer, key, value, kv_cache, slot_mapping)
         finally:
-            _step.in_update = False
+            PLUGIN.step.in_update = False
 
     do_kv_cache_update.__spd_patched__ = True
     do_kv_cache_update.__wrapped__ = orig
@@ -392,7 +378,6 @@ def _wrap_kv_cache_update(orig):
 
 
 _STANDARD_UPDATE = ("self", "layer", "key", "value", "kv_cache", "slot_mapping")
-_patched: dict[str, type] = {}  # impl class name -> the class whose do_kv_cache_update carries the patch
 
 
 def _update_owner(impl: type) -> type | None:
@@ -427,7 +412,7 @@ def patch_impl(impl: type) -> bool:
         if not _has_standard_signature(fn):
             return False
         owner.do_kv_cache_update = _wrap_kv_cache_update(fn)
-    _patched[impl.__name__] = owner
+    PLUGIN.patched[impl.__name__] = owner
     return True
 
 
@@ -465,6 +450,93 @@ def check_model_layers(vllm_config) -> list[str]:
               "TRITON_ATTN or FLASHINFER), or run vLLM without this plugin (VLLM_PLUGINS set to a list "
               "that leaves out spd_kv_projection).")
     return sorted(used)
+
+
+# ------------------------------------------------------------------ front end (the process that admits requests)
+
+MAX_COMPOSED = 8  # modes one request may compose
+
+
+class FrontEnd:
+    """Admits requests that name a mode: checks the names and strength against the store (an
+    HTTP 400 naming the field, before scheduling), records each pack's digest in the request's
+    extra_args (the worker projects with exactly those bases), and sets the request's prefix-cache
+    salt from the digests, the strength and any client salt, so KV blocks computed under one mode
+    (or other bases under the same name) are never served to another. Runs in vLLM's
+    `InputProcessor.process_inputs`, so the OpenAI server, `LLM.generate` and every other entry
+    point get it, whatever the client sent as `cache_salt`."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple, str]] = {}  # name -> (stat signature, digest) of a valid pack
+        self._lock = threading.Lock()
+
+    def digest(self, store: Store, name: str, model: ModelInfo) -> str:
+        """A valid pack's digest, validated once per content (PackError, KeyError otherwise)."""
+        path = store.path(name)
+        try:
+            sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns)
+                        for st in (os.stat(path / m) for m in ("manifest.json", "bases.safetensors")))
+        except OSError:
+            raise KeyError(name) from None
+        with self._lock:
+            hit = self._known.get(name)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        store.load(name, model)  # full validation against the served model
+        digest = pack_digest(path)
+        with self._lock:
+            self._known[name] = (sig, digest)
+        return digest
+
+    def admit(self, params, client_salt: str | None, model: ModelInfo) -> str | None:
+        """Validate and annotate one request's SamplingParams; return its cache salt."""
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            cap, strength = parse_extra_args(params.extra_args)
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter=str(e).split()[0]) from None
+        if not cap:
+            return client_salt
+        if len(cap) > MAX_COMPOSED:
+            raise VLLMValidationError(f"{CAPABILITY_ARG} composes {len(cap)} modes; at most {MAX_COMPOSED}",
+                                      parameter=CAPABILITY_ARG)
+        store = Store(store_dir())
+        digests = {}
+        for name in cap:
+            try:
+                digests[name] = self.digest(store, name, model)
+            except (KeyError, ValueError) as e:  # unknown, invalid name, or an invalid pack (PackError)
+                known = ", ".join(store.names()) or "(none)"
+                why = "unknown capability" if isinstance(e, KeyError) else f"capability cannot be served ({e}):"
+                raise VLLMValidationError(f"{why} {name!r}; available: {known}", parameter=CAPABILITY_ARG,
+                                          value=name) from None
+        params.extra_args = {**params.extra_args, DIGESTS_ARG: digests}
+        if strength == 0:
+            return client_salt  # the plain model: share its prefix cache
+        h = hashlib.sha256(json.dumps([client_salt, strength, sorted(digests.items())]).encode())
+        return f"spd-{h.hexdigest()[:32]}"
+
+
+def _wrap_process_inputs(orig):
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        from vllm.sampling_params import SamplingParams
+
+        request = orig(self, request_id, prompt, params, *args, **kwargs)
+        sp = request.sampling_params
+        if isinstance(sp, SamplingParams) and sp.extra_args:
+            model = getattr(self, "_spd_model_info", None)
+            if model is None:
+                model = self._spd_model_info = info(Path(self.vllm_config.model_config.model))
+            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model)
+        return request
+
+    process_inputs.__spd_patched__ = True
+    return process_inputs
+
+
+def _patch_input_processor(module) -> None:
+    _patch_method(module.InputProcessor, "process_inputs", _wrap_process_inputs)
 
 
 # ------------------------------------------------------------------ CUDA graphs
@@ -563,18 +635,12 @@ def _refuse_v2_runners(module) -> None:
             _patch_method(cls, "__init__", _refuse_v2_runner)
 
 
-def _add_worker_methods(module) -> None:
-    module.WorkerBase.spd_add_mode = spd_add_mode
-    module.WorkerBase.spd_remove_mode = spd_remove_mode
-    module.WorkerBase.spd_modes = spd_modes
-
-
 # module -> patch, applied when vLLM imports the module (at once if it already has)
 _PATCHES = {
     "vllm.v1.worker.gpu_model_runner": _patch_v1_runner,
     "vllm.v1.worker.gpu.model_runner": _refuse_v2_runners,
     "vllm.v1.worker.cpu.model_runner": _refuse_v2_runners,
-    "vllm.v1.worker.worker_base": _add_worker_methods,
+    "vllm.v1.engine.input_processor": _patch_input_processor,
 }
 
 
@@ -612,11 +678,10 @@ class _PatchingLoader(importlib.abc.Loader):
 
 def register() -> None:
     """vLLM's plugin hook: install the patches once per process (vLLM may call it again)."""
-    global _registered
-    with _register_lock:
-        if _registered:
+    with PLUGIN.lock:
+        if PLUGIN.registered:
             return
-        _registered = True
+        PLUGIN.registered = True
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
@@ -630,46 +695,8 @@ def register() -> None:
 
 def is_active() -> bool:
     """Whether this process's attention backends carry the projection patch."""
-    return bool(_patched) and all(getattr(owner.__dict__["do_kv_cache_update"], "__spd_patched__", False)
-                                  for owner in _patched.values())
+    return bool(PLUGIN.patched) and all(getattr(owner.__dict__["do_kv_cache_update"], "__spd_patched__", False)
+                                        for owner in PLUGIN.patched.values())
 
 
-# ------------------------------------------------------------------ request validation (process 0)
-
-def _validator_base():
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-
-    return LogitsProcessor
-
-
-class CapabilityValidator(_validator_base()):
-    """A logits processor that changes nothing: vLLM calls its `validate_params` for each request
-    before scheduling, which turns an unknown mode or a bad strength into an HTTP 400."""
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        from vllm.exceptions import VLLMValidationError
-
-        try:
-            cap, _ = parse_extra_args(sampling_params.extra_args)
-        except ValueError as e:
-            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
-        store = Store(store_dir())
-        known = store.names()
-        unknown = [n for n in cap if n not in known]
-        if unknown:
-            raise VLLMValidationError(
-                f"unknown capability {', '.join(map(repr, unknown))}; available in {store.root}: "
-                f"{', '.join(known) or '(none)'}", parameter=f"vllm_xargs.{CAPABILITY_ARG}", value=unknown[0])
-
-    def __init__(self, vllm_config, device, is_pin_memory) -> None:
-        pass
-
-    def is_argmax_invariant(self) -> bool:
-        return True
-
-    def update_state(self, batch_update) -> None:
-        pass
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+PLUGIN = PluginState()  # this process's plugin state (vLLM loads the plugin once per process)

