@@ -149,7 +149,8 @@ class SlotGroups:
 class SiteBank:
     """All slots' bases at one site. W: (w, R) with R the total rank; col_slot: (R,) the slot owning
     each column; covers: (S,) whether each slot projects this site at all. `bases[s]` is slot s's
-    own basis (w, r_s), a view of W's columns (None where slot s skips the site)."""
+    own basis (w, r_s), a view of W's columns (None where slot s skips the site); any (w, R) W
+    works, `build` lays it out with each slot's columns contiguous in memory."""
 
     W: torch.Tensor
     col_slot: torch.Tensor
@@ -166,7 +167,11 @@ class SiteBank:
             raise ValueError(f"bases at one site must all have width {width}")
         owners = [torch.full((b.shape[1],), s, dtype=torch.long) for s, b in enumerate(slot_bases) if b is not None]
         covers = torch.tensor([b is not None for b in slot_bases])
-        return SiteBank(torch.cat(present, dim=1).to(dtype), torch.cat(owners), covers)
+        # W is stored transposed (W.T contiguous, (R, w)): each slot's basis is then one contiguous
+        # block of memory, not r columns strided by the whole bank's R (with 256 slots loaded that
+        # stride is ~100 KB, one page per row of a basis). `.to()` keeps these strides.
+        Wt = torch.cat([b.T for b in present], dim=0).to(dtype).contiguous()
+        return SiteBank(Wt.T, torch.cat(owners), covers)
 
     # Host-side layout, read once per SiteBank (for tensors on a GPU, one sync per bank, not per
     # step): the bank is built once per bank change and reused by every step.

@@ -162,6 +162,8 @@ def test_per_slot_bases_are_views_of_W_and_survive_a_rebuild_from_the_fields():
     bank = SiteBank.build([A, None, B])
     assert torch.equal(bank.bases[0], A) and bank.bases[1] is None and torch.equal(bank.bases[2], B)
     assert bank.bases[2].data_ptr() == bank.W[:, 3:].data_ptr()  # no copy
+    assert torch.equal(bank.W, torch.cat([A, B], dim=1)) and bank.W.T.is_contiguous()  # each slot's block contiguous
+    assert bank.W.to(torch.float64).T.is_contiguous()  # as the vLLM plugin moves it: layout kept
     again = SiteBank(bank.W.to(torch.float64), bank.col_slot, bank.covers)  # as the vLLM plugin rebuilds it
     assert torch.allclose(again.bases[2], B.double())
     # a hand-built bank whose slot columns are interleaved still projects each row with its own
