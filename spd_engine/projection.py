@@ -197,7 +197,12 @@ class SiteBank:
         return tuple(out)
 
     def _slot_bases(self, W: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
-        return tuple(None if c is None else (lambda U: (U, U.T))(W[:, c]) for c in self._columns)
+        """Per slot, (U, U.T) as views of W (a copy only for a hand-built W with interleaved columns)."""
+        out = []
+        for cols in self._columns:
+            U = None if cols is None else W[:, cols]
+            out.append(None if U is None else (U, U.T))
+        return tuple(out)
 
     @cached_property
     def _bases(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
@@ -234,10 +239,11 @@ class SiteBank:
         else:
             idx = plan.index(x2.device)
             xs, a = x2.index_select(0, idx), a.index_select(0, idx)
-        # one group per slot present: two matmuls with that slot's own basis. Measured on the CPU
-        # (bench/many_modes_projection.py) against gathering every row's basis into one batched
-        # matmul (no per-group loop, no host-side grouping): the gather copies w x r values per row
-        # and was 3-30x slower here; on a GPU a batched gather would save kernel launches per group.
+        # One group per slot present: two matmuls with that slot's own basis. Chosen by measurement
+        # on the CPU (bench/many_modes_projection.py): gathering every row's basis into one batched
+        # matmul instead (no loop over groups, no host-side grouping) copies w x r values per row
+        # and was 3-30x slower than this loop. Not measured on a GPU: there each group costs two
+        # kernel launches, so a decode step with many distinct slots may favour the gather there.
         if torch.is_grad_enabled() and (xs.requires_grad or self.W.requires_grad):
             px = torch.cat([(xs[b0:b1] @ bases[s][0]) @ bases[s][1] for s, b0, b1 in plan.segments])
         else:
