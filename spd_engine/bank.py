@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .projection import NO_MODE, SiteBank, orthonormal_union
+from .projection import NO_MODE, SiteBank, SlotGroups, orthonormal_union
 from .subspace import Site, Subspace, site_basis
 
 Capability = tuple[str, ...]  # sorted, unique mode names; () = no mode
@@ -68,6 +68,9 @@ class ProjectionBank:
     def slot(self, capability: Capability) -> int:
         return NO_MODE if not capability else self.index[capability]
 
-    def apply(self, site: Site, x: torch.Tensor, slot: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    def apply(self, site: Site, x: torch.Tensor, slot: torch.Tensor, strength: torch.Tensor,
+              groups: SlotGroups | None = None) -> torch.Tensor:
+        """`SiteBank.apply` at `site` (x unchanged where no slot has a basis); `groups`, optional,
+        are the rows' `SlotGroups`, built once per step and shared by every site."""
         bank = self.sites.get(site)
-        return x if bank is None else bank.apply(x, slot, strength)
+        return x if bank is None else bank.apply(x, slot, strength, groups)
