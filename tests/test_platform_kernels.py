@@ -42,7 +42,7 @@ from server import vllm_plugin
 after_register = kernel_libraries()
 from vllm.platforms import current_platform
 current_platform.import_kernels()
-RESULT = {"registered": vllm_plugin._registered, "after_register": after_register, "after_platform": kernel_libraries()}
+RESULT = {"registered": vllm_plugin.PLUGIN.registered, "after_register": after_register, "after_platform": kernel_libraries()}
 """
 
 _ENGINE = """

@@ -55,9 +55,9 @@ def adapter_dir(tmp_path_factory, bundled_path):
 
 @pytest.fixture(scope="module")
 def vllm_be(tmp_path_factory, bundled_path, packs, adapter_dir):
-    from server.vllm_backend import VLLMBackend
+    from spd_engine.vllm_backend import VLLMBackend
 
-    be = VLLMBackend(str(bundled_path), store=tmp_path_factory.mktemp("store"))
+    be = VLLMBackend(str(bundled_path))
     be.add_subspace(packs[A])
     be.add_subspace(packs[B])
     be.load_adapter("lora", str(adapter_dir))
@@ -85,10 +85,10 @@ RESULT = {"patched": vllm_plugin.is_active(), "tokens": [list(o.outputs[0].token
 """
 
 _COMPILED = """
-from server.vllm_backend import VLLMBackend
+from spd_engine.vllm_backend import VLLMBackend
 from spd_engine.backend import GenerationRequest
 from spd_engine.subspace import Store
-be = VLLMBackend(ARGS["model"], store=ARGS["store"], enforce_eager=False, max_loras=0)
+be = VLLMBackend(ARGS["model"], enforce_eager=False, max_loras=0)
 for name in ARGS["modes"]:
     be.add_subspace(Store(ARGS["store"]).load(name))
 RESULT = [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])}) for r in ARGS["requests"]])]
@@ -149,41 +149,36 @@ def test_every_request_of_a_mixed_batch_equals_its_solo_run(vllm_be):
     assert lora.token_ids != base.token_ids and lora_b.token_ids != lora.token_ids  # adapter and mode both act
 
 
-def test_same_long_prompt_under_two_modes_never_reuses_the_other_modes_kv_blocks(vllm_be, packs):
+def test_same_long_prompt_under_two_modes_never_reuses_the_other_modes_kv_blocks_without_a_client_salt(vllm_be):
+    """The plugin salts the prefix cache per mode in the front end: a caller that sends no
+    cache_salt (raw LLM.generate here) still never gets blocks computed under another mode."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from server.vllm_backend import cache_salt
-    from server.vllm_plugin import extra_args_for
+    from spd_engine.vllm_requests import extra_args_for
 
     tok = vllm_be.tokenizer
     long_text = " ".join(ex.prompt for ex in load_examples(resolve_data("gsm8k"), "math", limit=6))
     ids = text_prompt_ids(tok, long_text + "\nWhat is the first number above?")
     assert len(ids) > 2 * 128  # spans full prefix-cache blocks (128 tokens on CPU)
 
-    def raw(cap, salted):
-        prompt = TokensPrompt(prompt_token_ids=ids)
-        if salted:
-            prompt["cache_salt"] = cache_salt([packs[n] for n in cap], 1.0)
+    def raw(cap, salt=None):
+        prompt = TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {}))
         sp = SamplingParams(max_tokens=16, temperature=0.0, extra_args=extra_args_for(cap, 1.0))
         out = vllm_be.llm.generate(prompt, sp, use_tqdm=False)[0]
         return list(out.outputs[0].token_ids), out.num_cached_tokens
 
     vllm_be.llm.reset_prefix_cache()
-    own_b, cached = raw((B,), salted=True)
+    own_b, cached = raw((B,))
     assert cached == 0
     vllm_be.llm.reset_prefix_cache()
-    # the hazard the salt exists for: without it, mode B reuses blocks written under mode A
-    raw((A,), salted=False)
-    leaked_b, cached = raw((B,), salted=False)
-    assert cached >= 128 and leaked_b != own_b
-    # through the backend (salted): A then B on the same prompt, each gets its own tokens
-    a1, b1 = (vllm_be.generate([GenerationRequest(ids, capability=(m,), max_tokens=16)])[0] for m in (A, B))
-    assert b1.token_ids == own_b[: len(b1.token_ids)]
-    assert a1.token_ids != b1.token_ids
-    # and a mode still reuses its own blocks
-    again, cached = raw((B,), salted=True)
-    assert again == own_b and cached >= 128
+    raw((A,))  # fills the cache under mode A
+    after_a, cached = raw((B,))
+    assert after_a == own_b and cached == 0, "mode B was served blocks computed under mode A"
+    again, cached = raw((B,))
+    assert again == own_b and cached >= 128  # a mode still reuses its own blocks
+    with_client_salt, cached = raw((B,), salt="client-1")
+    assert with_client_salt == own_b and cached == 0  # the client's salt is combined, not replaced
 
 
 def test_a_mode_added_to_the_running_engine_serves_the_next_request(vllm_be, hf_backend, packs):
@@ -192,45 +187,32 @@ def test_a_mode_added_to_the_running_engine_serves_the_next_request(vllm_be, hf_
     vllm_be.add_subspace(packs[C])
     req = _req(tok, 1, (C,))
     assert vllm_be.generate([req])[0].token_ids == hf_backend.generate([req])[0].token_ids
-    assert C in vllm_be.engine.collective_rpc("spd_modes")[0]
 
 
 def test_removing_a_mode_fails_its_requests_clearly_and_leaves_the_others_alone(vllm_be, packs):
+    from vllm.exceptions import VLLMValidationError
+
     tok = vllm_be.tokenizer
     if C not in vllm_be.capabilities():
         vllm_be.add_subspace(packs[C])
     others = [_req(tok, 1, (A,)), _req(tok, 1)]
     before = vllm_be.generate(others)
     vllm_be.remove_subspace(C)
-    with pytest.raises(KeyError, match=f"unknown capability '{C}'"):
+    with pytest.raises(VLLMValidationError, match=f"unknown capability '{C}'"):
         vllm_be.generate([_req(tok, 1, (C,)), *others])
     after = vllm_be.generate(others)
     assert [o.token_ids for o in after] == [o.token_ids for o in before]
-    assert C not in vllm_be.engine.collective_rpc("spd_modes")[0]
-
-
-def test_a_request_in_flight_keeps_its_mode_when_the_mode_is_removed(vllm_be, packs):
-    tok = vllm_be.tokenizer
-    vllm_be.add_subspace(packs[C])
-    req = _req(tok, 1, (C,), n=32)
-    solo = vllm_be.generate([req])[0].token_ids
-    stream = vllm_be.stream(req)
-    first = next(stream)  # the request is running: it has produced text
-    assert first.completion is None
-    vllm_be.remove_subspace(C)  # runs on the engine thread between two steps
-    last = list(stream)[-1]
-    assert last.completion is not None and last.completion.token_ids == solo
-    with pytest.raises(KeyError, match="unknown capability"):
-        vllm_be.generate([req])
 
 
 def test_unknown_capability_or_adapter_is_refused_before_anything_is_scheduled(vllm_be):
+    from vllm.exceptions import VLLMValidationError
+
     tok = vllm_be.tokenizer
-    with pytest.raises(KeyError, match=f"unknown capability 'nope'.*{A}"):
+    with pytest.raises(VLLMValidationError, match=f"unknown capability 'nope'.*{A}"):
         vllm_be.generate([_req(tok, 0), _req(tok, 0, ("nope",))])
     with pytest.raises(KeyError, match="unknown adapter 'nope'"):
         vllm_be.generate([_req(tok, 0, adapter="nope")])
-    assert not vllm_be.engine.has_unfinished_requests()
+    assert not vllm_be.llm.llm_engine.has_unfinished_requests()
 
 
 # ---------------------------------------------------------------- plugin pieces without an engine
@@ -257,31 +239,48 @@ def test_under_tensor_parallelism_head_packs_project_the_ranks_heads_and_layer_p
     for p in (head, packs[B]):
         Store(tmp_path).save(p)
     rank1 = WorkerModes(be.model_info, [1], tmp_path)  # this rank holds KV head 1 only
-    rank1.add("v-head")
+    rank1.bank_for([("v-head",)], {})
     x = torch.randn(5, 1, be.model_info.head_dim)
     got = rank1.bank.apply((15, "k"), x, torch.zeros(5, dtype=torch.long), torch.ones(5))
     assert torch.allclose(got.reshape(5, -1), project(x.reshape(5, -1), head.bases[(15, "k")][1]), atol=1e-5)
     with pytest.raises(PackError, match="layer granularity.*tensor parallelism"):
-        rank1.add(B)
+        rank1.bank.with_mode(packs[B])
+    assert rank1.bank_for([(B,)], {})[1] == [()]  # a worker never projects a layer pack under TP
 
 
-def test_request_arguments_are_validated_with_clear_messages(monkeypatch, tmp_path, packs):
+def test_the_front_end_validates_requests_and_salts_by_pack_content(monkeypatch, tmp_path, packs, hf_backend):
+    import copy
+    import shutil
+
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    from server.vllm_plugin import CapabilityValidator, parse_extra_args
+    from server.vllm_plugin import FrontEnd
     from spd_engine.subspace import Store
+    from spd_engine.vllm_requests import parse_extra_args
 
     assert parse_extra_args(None) == ((), 1.0)
     assert parse_extra_args({"capability": "b", "capability_strength": 0.5}) == (("b",), 0.5)
     assert parse_extra_args({"capability": ["b", "a", "b"]}) == (("a", "b"), 1.0)
     Store(tmp_path).save(packs[A])
     monkeypatch.setenv("SPD_STORE_DIR", str(tmp_path))
-    CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": A}))
+    front, model = FrontEnd(), hf_backend.model_info
+    sp = SamplingParams(extra_args={"capability": A})
+    salt = front.admit(sp, None, model)
+    assert salt.startswith("spd-") and sp.extra_args["spd_digests"][A]
+    assert front.admit(SamplingParams(extra_args={"capability": A}), "client", model) != salt
+    assert front.admit(SamplingParams(extra_args={"capability": A, "capability_strength": 0}), "c", model) == "c"
     with pytest.raises(VLLMValidationError, match=f"unknown capability 'zzz'.*{A}"):
-        CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": ["zzz", A]}))
+        front.admit(SamplingParams(extra_args={"capability": ["zzz", A]}), None, model)
     with pytest.raises(VLLMValidationError, match=r"capability_strength must be a number in \[0, 1\]"):
-        CapabilityValidator.validate_params(SamplingParams(extra_args={"capability": A, "capability_strength": 2}))
+        front.admit(SamplingParams(extra_args={"capability": A, "capability_strength": 2}), None, model)
+    # the same name with other bases (deleted and re-imported): another salt, another digest
+    shutil.rmtree(tmp_path / A)
+    other = copy.copy(packs[B])  # B's bases under A's name
+    other.manifest = other.manifest.model_copy(update={"name": A})
+    Store(tmp_path).save(other)
+    sp2 = SamplingParams(extra_args={"capability": A})
+    assert front.admit(sp2, None, model) != salt and sp2.extra_args["spd_digests"][A] != sp.extra_args["spd_digests"][A]
 
 
 def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):

@@ -29,11 +29,11 @@ def test_register_patches_the_v1_runner_once_and_imports_no_attention_backend(re
 
     assert GPUModelRunner.execute_model.__spd_patched__ and GPUModelRunner.initialize_attn_backend.__spd_patched__
     before = GPUModelRunner.execute_model, GPUModelRunner.initialize_attn_backend
-    vllm_plugin._registered = False  # as if vLLM loaded the plugin again in this process
+    vllm_plugin.PLUGIN.registered = False  # as if vLLM loaded the plugin again in this process
     try:
         vllm_plugin.register()
     finally:
-        vllm_plugin._registered = True
+        vllm_plugin.PLUGIN.registered = True
     assert (GPUModelRunner.execute_model, GPUModelRunner.initialize_attn_backend) == before
     assert "vllm.v1.attention.backends.flash_attn" not in sys.modules
 
@@ -64,7 +64,7 @@ def step(monkeypatch):
     bases = [torch.linalg.qr(torch.randn(w, 3))[0], torch.linalg.qr(torch.randn(w, 2))[0]]
     bank = SimpleNamespace(sites={(0, "k"): SiteBank.build(bases), (0, "v"): SiteBank.build([None, bases[1]])},
                            slot=lambda c: {(): -1, ("a",): 0, ("b",): 1}[c])
-    monkeypatch.setattr(vllm_plugin, "worker_modes", lambda runner: SimpleNamespace(bank_for=lambda caps: (bank, caps)))
+    monkeypatch.setattr(vllm_plugin, "worker_modes", lambda runner: SimpleNamespace(bank_for=lambda caps, digests: (bank, caps)))
     qsl = [0, 2, 5, 6]
     md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32))
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
@@ -78,12 +78,12 @@ def step(monkeypatch):
 
     yield SimpleNamespace(bases=bases, md=md, runner=runner, seen=seen, orig=orig, w=w,
                           layer=SimpleNamespace(layer_name="model.layers.0.attn", attn_type="decoder"))
-    vllm_plugin._step.runner, vllm_plugin._step.route, vllm_plugin._step.routed = None, None, False
+    vllm_plugin.PLUGIN.step.runner, vllm_plugin.PLUGIN.step.route, vllm_plugin.PLUGIN.step.routed = None, None, False
 
 
 def _run(step, update, n=7):
     key, value = torch.randn(n, 2, step.w // 2), torch.randn(n, 2, step.w // 2)  # 6 real tokens + 1 padding row
-    vllm_plugin._step.runner, vllm_plugin._step.route, vllm_plugin._step.routed = step.runner, None, False
+    vllm_plugin.PLUGIN.step.runner, vllm_plugin.PLUGIN.step.route, vllm_plugin.PLUGIN.step.routed = step.runner, None, False
     update(None, step.layer, key, value, None, None)
     return key, value
 
@@ -114,7 +114,7 @@ def test_device_metadata_is_routed_from_the_runners_host_copy_and_the_route_live
     step.md.query_start_loc = torch.empty(4, dtype=torch.int32, device="meta")  # a device tensor: never read
     key, _ = _run(step, vllm_plugin._wrap_kv_cache_update(step.orig))
     assert torch.allclose(step.seen[0][0], _expected(step, key, "k"), atol=1e-6)
-    route = vllm_plugin._step.route
+    route = vllm_plugin.PLUGIN.step.route
     assert route.slot.device == key.device and route.strength.device == key.device
     assert route.slot.tolist() == [0, 0, -1, -1, -1, 1, -1]
 
