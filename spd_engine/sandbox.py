@@ -51,8 +51,8 @@ With "bwrap" and "unshare" (enforced by the kernel, so `posix`/`ctypes` do not g
     the probe fails and the mode is not used.
 With "bwrap-userns" (server not root): namespaces and file system view as "bwrap", but the child
 keeps the server's uid (mapped in a user namespace, without capabilities on the host, nested user
-namespaces disabled) and no process limit is set (RLIMIT_NPROC would count all the user's
-processes).
+namespaces disabled); the process limit counts the processes of that user namespace only on Linux
+>= 5.14 (before, all of the server user's processes, so a program that starts any may fail there).
 
 Not prevented in any mode: kernel exploits (nested user namespaces can be created under "bwrap"
 and "unshare"); using CPU and memory up to the limits above; a program faking a pass from inside,
@@ -295,7 +295,7 @@ def run_tests(program: str, tests: str, entry_point: str, timeout: float = 10.0)
         token_read, token_write = os.pipe()
         os.write(token_write, token)
         os.close(token_write)
-        nproc = _NPROC if mode in ("bwrap", "unshare") else 0
+        nproc = 0 if mode == "none" else _NPROC
         args = [str(token_read), str(math.ceil(timeout) + 1), str(_MEMORY_BYTES), str(_FILE_BYTES), str(nproc)]
         argv = _wrap(mode, work, _sandbox_uid()) + [sys.executable, "-I", "-c", _RUNNER, *args]
         with output.open("wb") as out:

@@ -142,7 +142,7 @@ def test_tests_cannot_read_files_of_the_servers_user(tmp_path: Path) -> None:
     assert run_tests(attack(body), CHECK, "double") is False
 
 
-@pytest.mark.skipif(isolation() not in ("bwrap", "unshare"), reason="the process limit needs its own uid")
+@isolated
 def test_tests_cannot_start_more_processes_than_the_limit() -> None:
     body = textwrap.dedent("""
         import posix, time
