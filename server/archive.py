@@ -3,10 +3,11 @@
 An imported archive (plain tar, or tar compressed with gzip, bzip2 or xz) must hold exactly one pack
 directory `<name>/manifest.json` and `<name>/bases.safetensors` as regular files: no links, devices,
 sparse files, absolute paths or `..`. It is read as a stream, member by member, and refused with
-an ArchiveError before anything is written when:
+an ArchiveError as soon as a header or the bytes read so far show that:
   * it has more than `Limits.max_members` entries;
-  * a pax header or GNU long name is over 64 KiB, or a member's header claims more than its cap (manifest: 1 MiB; bases: the largest pack the served
-    model can have, every layer x {k, v} at full rank) or the members more than their sum;
+  * a pax header or GNU long name is over 64 KiB, or a member's header claims more than its cap
+    (manifest: 1 MiB; bases: the largest pack the served model can have, every layer x {k, v} at
+    full rank);
   * it decompresses to more than that total, or to more than `max_ratio` times its compressed size
     once past 1 MiB (a compression bomb is stopped after at most that much output, never inflated).
 The manifest is validated (bounds, ranks <= widths, the served model's identity and geometry:
@@ -50,7 +51,7 @@ class Limits:
     @property
     def max_total_bytes(self) -> int:
         """The whole decompressed tar stream: both members plus headers and padding."""
-        return self.max_manifest_bytes + self.max_bases_bytes + 64 * 1024
+        return self.max_manifest_bytes + self.max_bases_bytes + 4 * _MAX_EXTENDED_HEADER + 64 * 1024
 
     @classmethod
     def for_model(cls, model_info) -> "Limits":

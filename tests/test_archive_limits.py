@@ -82,7 +82,8 @@ def test_a_valid_pack_round_trips_plain_and_gzipped(store: Store, tmp_path: Path
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "posix"])
-def test_a_2_kib_sparse_tar_claiming_8_gib_is_refused_without_extracting(store: Store, tmp_path: Path, fmt: str) -> None:
+def test_a_2_kib_sparse_tar_claiming_8_gib_is_refused_without_extracting(store: Store, tmp_path: Path,
+                                                                          fmt: str) -> None:
     if shutil.which("tar") is None:
         pytest.skip("GNU tar is needed to write a sparse archive")
     (tmp_path / "p").mkdir()
@@ -146,9 +147,12 @@ def _rank_60000_width_1_pack(tmp_path: Path) -> tuple[bytes, ModelInfo]:
     bases = tmp_path / "bases.safetensors"
     basis = torch.zeros(1, 60000)
     basis[0, 0] = 1
-    save_file({f"L0.{k}.g0.{t}": (basis.clone() if t == "basis" else torch.ones(1)) for k in "kv" for t in ("basis", "spectrum")},
-              str(bases))
-    return tar_of([("p/manifest.json", json.dumps(manifest).encode()), ("p/bases.safetensors", bases.read_bytes())]), model
+    tensors = {}
+    for kind in "kv":
+        tensors[f"L0.{kind}.g0.basis"], tensors[f"L0.{kind}.g0.spectrum"] = basis.clone(), torch.ones(1)
+    save_file(tensors, str(bases))
+    members = [("p/manifest.json", json.dumps(manifest).encode()), ("p/bases.safetensors", bases.read_bytes())]
+    return tar_of(members), model
 
 
 def test_a_rank_60000_width_1_manifest_is_refused_before_any_tensor_is_allocated(store: Store, tmp_path: Path) -> None:
