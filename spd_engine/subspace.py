@@ -200,8 +200,8 @@ def publish(staged: Path, target: Path, *, overwrite: bool = False) -> None:
 
 
 # Hidden directories of a store that writers create and remove: save staging (`.<name>.<8 chars>`),
-# import staging (`.import-<name>.<8 chars>`), a replaced pack (`.<name>.old-<ns>`), a deleted one
-# (`.<name>.deleted-<ns>`). Anything else hidden in the store is left alone.
+# import staging (`.import-pack.<8 chars>`; before, `.import-<name>.<8 chars>`), a replaced pack
+# (`.<name>.old-<ns>`), a deleted one (`.<name>.deleted-<ns>`). Anything else hidden is left alone.
 _LEFTOVER = re.compile(r"\.(?:import-)?[A-Za-z0-9][A-Za-z0-9._-]*\.(?:[a-z0-9_]{8}|old-[0-9]+|deleted-[0-9]+)")
 
 
