@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ _PROJECT_FIELDS = ("id", "prompt", "answer", "span", "tests", "entry_point")
 _GSM8K_FIELDS = ("id", "question", "answer", "final")
 _HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 _MAX_OPTIONS = 26  # options are lettered A..Z
+_DATASET_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")  # one part of bigbench/<task>[/<subtask>]
 
 
 class DataError(ValueError):
@@ -57,11 +59,20 @@ def data_dir() -> Path:
 
 def resolve_data(name: str) -> Path:
     """Short names for the shared data: `gsm8k`, `bigbench/<task>` (also `bigbench/arithmetic/<sub>`).
-    Anything else is a path; `humaneval` passes through unchanged because `load_examples` knows it."""
+    A name starting `bigbench/` must be such a name (DataError otherwise: no `..`, empty or hidden
+    parts, so it cannot leave the data directory). Anything else is a path; `humaneval` passes
+    through unchanged because `load_examples` knows it."""
     if name == "gsm8k":
         return data_dir() / "gsm8k_test100.jsonl"
-    if name.startswith("bigbench/") and not name.endswith(".json"):
-        return data_dir() / f"{name}.json"
+    if name.startswith("bigbench/"):
+        parts = name.split("/")[1:]
+        if not 1 <= len(parts) <= 2 or not all(_DATASET_PART.fullmatch(p) for p in parts):
+            raise DataError(
+                f"invalid dataset name {name!r}: use bigbench/<task> or bigbench/<task>/<subtask>, each part 1-64 "
+                "letters, digits, '.', '_' or '-' starting with a letter, digit or '_' (no '..', no absolute path)"
+            )
+        if not name.endswith(".json"):
+            return data_dir() / f"{name}.json"
     return Path(name)
 
 
