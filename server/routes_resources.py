@@ -235,10 +235,10 @@ def submit(st, kind: str, params: dict) -> dict:
     try:
         if kind == "calibrate":
             _check_calibration(st, params)
-            inputs["calibration"] = steps.prepare_data(params["calibration"], params["kind"], jd, "calibration")
+            inputs["calibration"] = steps.prepare_data(params["calibration"], params["kind"], jd, "calibration", st.settings.allow_client_code)
         elif kind == "generate":
             _check_modes(st, params["capability"], "params.capability")
-            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts")
+            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
         elif kind == "distill":
             src = st.jobs.get(params["corpus_job"])
             if src is None:
@@ -251,14 +251,14 @@ def submit(st, kind: str, params: dict) -> dict:
             _check_modes(st, params["capability"], "params.capability")
             if params.get("adapter") and params["adapter"] not in st.adapters():
                 raise not_found("adapter", params["adapter"], st.adapters(), "params.adapter")
-            inputs["data"] = steps.prepare_data(params["data"], params["task_kind"], jd, "data")
+            inputs["data"] = steps.prepare_data(params["data"], params["task_kind"], jd, "data", st.settings.allow_client_code)
         elif kind == "pipeline":
             _check_calibration(st, {"name": params["name"], **params["calibration_params"]}, "params.")
             _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")
-            inputs["calibration"] = steps.prepare_data(params["calibration"], params["task_kind"], jd, "calibration")
-            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts")
+            inputs["calibration"] = steps.prepare_data(params["calibration"], params["task_kind"], jd, "calibration", st.settings.allow_client_code)
+            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
             if params.get("eval_data"):
-                inputs["eval_data"] = steps.prepare_data(params["eval_data"], params["task_kind"], jd, "eval_data")
+                inputs["eval_data"] = steps.prepare_data(params["eval_data"], params["task_kind"], jd, "eval_data", st.settings.allow_client_code)
     except DataError as e:
         shutil.rmtree(jd, ignore_errors=True)
         raise APIError(422, str(e), str(e).split(":")[0]) from None

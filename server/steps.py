@@ -24,8 +24,10 @@ INPUTS = "inputs"
 # ---------------------------------------------------------------- inputs (validated at submission)
 
 
-def prepare_data(spec: dict, kind: str, job_dir: Path, role: str) -> dict:
-    """Write an inline data spec into the job dir and validate it; a DataError names `role:line`."""
+def prepare_data(spec: dict, kind: str, job_dir: Path, role: str, allow_code: bool = False) -> dict:
+    """Write an inline data spec into the job dir and validate it; a DataError names `role:line`.
+    Inline rows with their own unit tests are refused unless the operator allows client code
+    (SPD_ALLOW_CLIENT_CODE): scoring them runs that code on the server."""
     given = [k for k in ("data", "examples", "dataset") if spec.get(k) is not None]
     if len(given) != 1:
         raise DataError(f"{role}: give exactly one of 'data' (JSONL text), 'examples' (list) or 'dataset'")
@@ -43,6 +45,9 @@ def prepare_data(spec: dict, kind: str, job_dir: Path, role: str) -> dict:
         raise DataError(str(e).replace(str(job_dir / INPUTS / f"{role}.jsonl"), role)) from None
     if not examples:
         raise DataError(f"{role}: no examples")
+    if not spec.get("dataset") and not allow_code and any(ex.tests for ex in examples):
+        raise DataError(f"{role}: rows with 'tests' run client code on the server, which this server does not allow "
+                        "(the operator can turn it on with SPD_ALLOW_CLIENT_CODE=1; use dataset 'humaneval' otherwise)")
     source["n"] = len(examples)
     return source
 

@@ -203,12 +203,12 @@ class WorkerModes:
                     got = pack_digest(store.path(name))
                     if want is not None and got != want:
                         raise ValueError(f"the store holds other bases now (digest {got}, admitted with {want})")
-                except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError
+                    bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
+                except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError (e.g. a layer pack under TP)
                     log.error("capability %r cannot be loaded from %s (%s); not projected", name, self.root, e)
                     if name in bank.modes:
                         bank = bank.without_mode(name)
                     continue
-                bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
                 self.digests[name] = got
             served = [c if all(n in bank.modes for n in c) else () for c in caps]
             for c in served:
