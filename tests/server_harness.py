@@ -1,6 +1,7 @@
-"""A real SPD server process for the server tests: `python -m server` under uvicorn on 127.0.0.1,
-a free port, temporary store and data dirs, the bundled model and the transformers backend (or
-`backend="vllm"`)."""
+"""A real server process for the server tests: `python -m server` (what `spd serve` runs: vLLM's
+OpenAI API server with this project's plugins) on 127.0.0.1, a free port, temporary store and
+data dirs, the bundled model; or, with `stock=True`, plain `python -m
+vllm.entrypoints.openai.api_server` with `VLLM_PLUGINS` naming the plugins."""
 from __future__ import annotations
 
 import os
@@ -9,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
+PLUGINS = "spd_kv_projection,spd_api"
 
 CALIBRATION = "\n".join([
     '{"id": "a", "prompt": "What is 2+3?", "answer": "2+3 = 5. The answer is 5"}',
@@ -31,8 +32,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path, api_key: str | None = None, extra: list[str] | None = None, backend: str = "hf"):
-        self.root, self.api_key, self.extra, self.backend = Path(root), api_key, extra or [], backend
+    def __init__(self, root: Path, api_key: str | None = None, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None, stock: bool = False):
+        self.root, self.api_key, self.extra, self.env, self.stock = Path(root), api_key, extra or [], env or {}, stock
         self.store, self.data = self.root / "store", self.root / "data"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -41,15 +43,28 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180) -> "Server":
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-        env.pop("SPD_API_KEY", None)
-        cmd = [sys.executable, "-m", "server", "--backend", self.backend, "--model", MODEL, "--port", str(self.port),
-               "--store", str(self.store), "--data-dir", str(self.data), "--batch-window-ms", "20", *self.extra]
+    def command(self) -> list[str]:
+        if not self.stock:
+            return [sys.executable, "-m", "server", "--port", str(self.port), *self.extra]
+        from spd_engine import models
+
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
+                "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
+
+    def start(self, timeout: float = 400) -> "Server":
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "SPD_STORE_DIR": str(self.store), "SPD_SERVER_DATA": str(self.data), **self.env}
+        for k in ("SPD_API_KEY", "VLLM_API_KEY", "VLLM_PLUGINS"):
+            env.pop(k, None)
         if self.api_key:
-            cmd += ["--api-key", self.api_key]
+            env["SPD_API_KEY" if not self.stock else "VLLM_API_KEY"] = self.api_key
+        if self.stock:
+            env["VLLM_PLUGINS"] = PLUGINS
         self.log = open(self.root / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # its own process group: stopping it stops vLLM's engine-core process too
+        self.proc = subprocess.Popen(self.command(), cwd=self.root, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -60,23 +75,30 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        self.stop()
         raise RuntimeError(f"server did not start: {self.tail()}")
 
     def tail(self) -> str:
-        return (self.root / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
+        return (self.root / f"server-{self.port}.log").read_text(errors="replace")[-4000:]
 
     def kill9(self) -> None:
+        """SIGKILL the server process alone (as a crash would): its children must go by themselves."""
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group
+            except ProcessLookupError:
+                pass
 
     def openai_client(self):
         """The official openai client pointed at this server (with its API key, if any)."""
@@ -89,7 +111,7 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
 
-def wait_job(http: httpx.Client, job_id: str, timeout: float = 300, states=("succeeded", "failed", "cancelled")) -> dict:
+def wait_job(http: httpx.Client, job_id: str, timeout: float = 400, states=("succeeded", "failed", "cancelled")) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = http.get(f"/v1/jobs/{job_id}").json()
@@ -97,22 +119,3 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 300, states=("suc
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} still {job['state']}")
-
-
-def batch_stats(http: httpx.Client) -> tuple[float, float]:
-    """The server's batch-size histogram: (backend calls, requests in them)."""
-    text = http.get("/metrics").text
-    val = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("spd_batch_size_")}
-    return val["spd_batch_size_count"], val["spd_batch_size_sum"]
-
-
-def assert_concurrent_like_alone(http: httpx.Client, ask, work: list, alone: dict) -> None:
-    """Sent all at once, every request in `work` gets the answer it got alone (`alone[request]`), and the
-    server served them in few backend calls (they were batched, not queued one by one)."""
-    before = batch_stats(http)
-    with ThreadPoolExecutor(len(work)) as pool:
-        together = list(pool.map(ask, work))
-    for c, text in zip(work, together):
-        assert text == alone[c], f"{c} differs when batched"
-    count, total = (a - b for a, b in zip(batch_stats(http), before))
-    assert total == len(work) and count < len(work) / 4, f"{len(work)} requests took {count} backend calls"

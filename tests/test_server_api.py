@@ -1,27 +1,30 @@
-"""The server's HTTP surface, against a real uvicorn process and the official openai client:
-completions and chat (streaming and not) with and without capability modes and adapters,
-batching that never changes a greedy answer, calibration uploads that become modes without a
-restart, pack archives, and a 4xx naming the field for every bad input."""
+"""The server's HTTP surface, against a real `spd serve` process (vLLM's OpenAI server with this
+project's plugins) and the official openai client: vLLM's OpenAI features together with
+capability modes, the two ways to name a mode, prefix-cache isolation between modes, calibration
+uploads that become modes without a restart, adapters, pack archives, and a 4xx naming the
+field for every bad input."""
 from __future__ import annotations
 
 import io
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, assert_concurrent_like_alone, wait_job
+from server_harness import CALIBRATION, MODEL, Server, wait_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 KEY = "test-key-123"
-BODY_LIMIT = 256 * 1024
+UPLOAD_LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("spd-api"), api_key=KEY,
-               extra=["--max-body-bytes", str(BODY_LIMIT), "--max-prompt-tokens", "512", "--max-tokens", "64"]).start()
+               extra=["--enable-lora", "--max-loras", "2", "--max-lora-rank", "16"],
+               env={"SPD_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}).start()
     yield s
     s.stop()
 
@@ -33,15 +36,13 @@ def modes(http):
     up = http.post("/v1/subspaces", files={"file": ("cal.jsonl", CALIBRATION)},
                    data={"name": "math", "kind": "math", "rank": "8", "layers": "15,29"})
     assert up.status_code == 202, up.text
-    js = http.post("/v1/subspaces", json={"name": "rnd", "kind": "math", "method": "random", "rank": 1,
-                                          "layers": [0, 2, 4, 8, 12, 15, 20, 25, 29],
-                                          "calibration": {"data": CALIBRATION}})
-    assert js.status_code == 202, js.text
-    js2 = http.post("/v1/subspaces", json={"name": "rnd2", "kind": "math", "method": "random", "rank": 1,
-                                           "layers": [1, 3, 6, 10, 14, 18, 22, 26, 28],
-                                           "calibration": {"data": CALIBRATION}})
-    assert js2.status_code == 202, js2.text
-    for job in (up.json(), js.json(), js2.json()):
+    jobs = [up.json()]
+    for name, layers in (("rnd", [0, 2, 4, 8, 12, 15, 20, 25, 29]), ("rnd2", [1, 3, 6, 10, 14, 18, 22, 26, 28])):
+        r = http.post("/v1/subspaces", json={"name": name, "kind": "math", "method": "random", "rank": 1,
+                                             "layers": layers, "calibration": {"data": CALIBRATION}})
+        assert r.status_code == 202, r.text
+        jobs.append(r.json())
+    for job in jobs:
         done = wait_job(http, job["id"])
         assert done["state"] == "succeeded", done
     return ["math", "rnd", "rnd2"]
@@ -52,13 +53,21 @@ def _chat(oai, content, **kw):
                                        temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
 
 
-def test_health_is_open_but_every_other_endpoint_needs_the_api_key(server, http):
+def _complete(oai, prompt, **kw):
+    return oai.completions.create(model=MODEL, prompt=prompt, temperature=kw.pop("temperature", 0),
+                                  max_tokens=kw.pop("max_tokens", 8), **kw)
+
+
+def test_v1_routes_need_the_api_key_and_vllms_own_routes_are_served_beside_ours(server, http):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    for path in ("/v1/models", "/v1/subspaces", "/v1/jobs", "/metrics", "/openapi.json"):
-        r = httpx.get(f"{server.url}{path}")
-        assert r.status_code == 401 and r.json()["error"]["param"] == "authorization", path
+    for path in ("/v1/models", "/v1/subspaces", "/v1/jobs", "/v1/adapters"):
+        assert httpx.get(f"{server.url}{path}").status_code == 401, path
         assert httpx.get(f"{server.url}{path}", headers={"authorization": "Bearer wrong"}).status_code == 401
-    assert http.get("/v1/models").status_code == 200
+        assert http.get(path).status_code == 200, path
+    tok = http.post("/tokenize", json={"model": MODEL, "prompt": "The capital of France"})
+    assert tok.status_code == 200 and tok.json()["count"] >= 4
+    metrics = http.get("/metrics").text
+    assert "vllm:num_requests_running" in metrics and "vllm:prefix_cache_queries" in metrics
 
 
 def test_uploaded_calibration_becomes_a_mode_usable_by_the_next_request_without_restart(oai, http, modes):
@@ -67,32 +76,43 @@ def test_uploaded_calibration_becomes_a_mode_usable_by_the_next_request_without_
     shown = http.get("/v1/subspaces/math").json()
     assert shown["manifest"]["ranks"] == {"15.k": [8], "15.v": [8], "29.k": [8], "29.v": [8]}
     assert len(shown["spectrum"]["15.k.g0"]["singular_values"]) == 192
-    r = _chat(oai, "What is 3+4?", extra_body={"capability": "math"})
-    assert r.model_extra["spd"]["capability"] == ["math"] and r.model_extra["spd"]["capability_strength"] == 1.0
-    assert r.choices[0].message.content
+    assert _chat(oai, "What is 3+4?", extra_body={"capability": "math"}).choices[0].message.content
 
 
-def test_completion_and_chat_stream_the_same_text_as_without_streaming_with_and_without_a_mode(oai, modes):
-    for extra in ({}, {"capability": "rnd", "capability_strength": 0.5}, {"capability": ["math", "rnd"]}):
-        plain = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
-                                       extra_body=extra)
-        streamed = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
-                                          extra_body=extra, stream=True)
-        assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
-        assert plain.usage.completion_tokens >= 1
-        chat = _chat(oai, "Name a color.", extra_body=extra)
-        chunks = list(_chat(oai, "Name a color.", extra_body=extra, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
-        assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
-        want = sorted([extra["capability"]] if isinstance(extra.get("capability"), str) else extra.get("capability", []))
-        assert chat.model_extra["spd"]["capability"] == want
+def test_vllms_sampling_and_scoring_features_work_under_a_mode(oai, modes):
+    mode = {"capability": "rnd", "capability_strength": 0.5}
+    r = _complete(oai, "The capital of France is", logprobs=3, extra_body=mode)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens and all(len(t) >= 1 for t in lp.top_logprobs)
+    # what lm-eval's loglikelihood requests send: the prompt's own logprobs, nothing generated
+    echo = _complete(oai, "The capital of France is Paris", max_tokens=1, echo=True, logprobs=1, extra_body=mode)
+    assert echo.choices[0].text.startswith("The capital of France is Paris")
+    assert len(echo.choices[0].logprobs.token_logprobs) > 5
+    two = _complete(oai, "Name a fruit:", n=2, temperature=1.0, seed=7, extra_body=mode)
+    again = _complete(oai, "Name a fruit:", n=2, temperature=1.0, seed=7, extra_body=mode)
+    assert len(two.choices) == 2 and [c.text for c in two.choices] == [c.text for c in again.choices]
+    stopped = _complete(oai, "Count: 1, 2, 3,", max_tokens=30, stop=[","], extra_body=mode)
+    assert "," not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    chunks = list(_complete(oai, "The capital of France is", stream=True, stream_options={"include_usage": True},
+                            extra_body=mode))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    plain = _complete(oai, "The capital of France is", extra_body=mode)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    chat = _chat(oai, "Name a color.", extra_body=mode)
+    streamed = list(_chat(oai, "Name a color.", extra_body=mode, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
 
 
-def test_ignore_eos_generates_exactly_max_tokens_past_the_end_of_the_answer(oai):
-    short = _chat(oai, "Reply with one word: yes or no?", max_tokens=32)
-    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 32
-    full = _chat(oai, "Reply with one word: yes or no?", max_tokens=32, extra_body={"ignore_eos": True})
-    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 32
+def test_a_mode_named_by_extra_body_gives_the_tokens_of_the_same_mode_named_by_vllm_xargs(oai, http, modes):
+    for cap, strength in (("rnd", 1.0), (["math", "rnd"], 0.5)):
+        top = _complete(oai, "Write about the sea:", max_tokens=16,
+                        extra_body={"capability": cap, "capability_strength": strength}).choices[0].text
+        xargs = _complete(oai, "Write about the sea:", max_tokens=16,
+                          extra_body={"vllm_xargs": {"capability": cap, "capability_strength": strength}}).choices[0].text
+        assert top == xargs
+    both = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "capability": "rnd",
+                                              "vllm_xargs": {"capability": "math"}})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "capability"
 
 
 def test_a_mode_changes_the_output_and_strength_zero_is_the_base_model(oai, modes):
@@ -103,47 +123,50 @@ def test_a_mode_changes_the_output_and_strength_zero_is_the_base_model(oai, mode
     assert full.choices[0].message.content != base
 
 
-def test_64_concurrent_requests_over_three_modes_and_none_each_equal_the_request_made_alone(oai, http, modes):
-    prompts = ["Count to five:", "My favourite fruit is",
-               "Write one sentence about the sea and the sky at night:", "2 + 2 ="]
+def test_the_same_long_prefix_under_two_modes_without_a_client_salt_gives_each_mode_its_own_output(oai, modes):
+    prefix = " ".join(f"Item {i}: a line of text about the number {i} and the colour blue." for i in range(40))
+    prompt = prefix + "\nThe last item was"
+    for first, second in (("rnd", "rnd2"), ("rnd2", "rnd")):
+        _complete(oai, prompt, extra_body={"capability": first})  # fills the prefix cache under `first`
+        got = _complete(oai, prompt, extra_body={"capability": second}).choices[0].text
+        # the same request with a client salt of its own: blocks computed fresh under `second`
+        fresh = _complete(oai, prompt, extra_body={"capability": second, "cache_salt": f"own-{first}"}).choices[0].text
+        assert got == fresh, f"{second} was served prefix-cache blocks computed under {first}"
+
+
+def test_32_concurrent_requests_over_three_modes_and_none_each_equal_the_request_made_alone(oai, modes):
+    prompts = ["Count to five:", "My favourite fruit is", "Write one sentence about the sea and the sky at night:",
+               "2 + 2 ="]
     combos = [(p, cap) for p in prompts for cap in (None, "math", "rnd", "rnd2")]
 
     def ask(combo):
         p, cap = combo
-        extra = {"capability": cap} if cap else {}
-        return oai.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, extra_body=extra).choices[0].text
+        return _complete(oai, p, extra_body={"capability": cap} if cap else {}).choices[0].text
 
     alone = {c: ask(c) for c in combos}
     assert len({alone[(p, cap)] for p in prompts[:2] for cap in (None, "rnd", "rnd2")}) > 2, "modes change nothing"
-    work = combos * 4  # 64 concurrent requests, 16 per mode (and none), prompts of different lengths
-    assert len(work) == 64
-    assert_concurrent_like_alone(http, ask, work, alone)
+    work = combos * 2
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(ask, work))
+    assert [alone[c] for c in work] == together
 
 
-def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, tmp_path_factory):
-    import torch
-    from peft import LoraConfig, get_peft_model
-
+def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, modes):
+    from random_lora import write_random_lora
     from spd_engine import models
 
-    model, _ = models.load(models.resolve(MODEL))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    peft_model.save_pretrained(server.data / "adapters" / "noisy")
-    del peft_model, model
-
+    write_random_lora(models.resolve(MODEL), server.data / "adapters" / "noisy")
     r = http.post("/v1/adapters", json={"name": "noisy", "directory": "noisy"})
     assert r.status_code == 201, r.text
     assert "noisy" in [m.id for m in oai.models.list().data]
+    assert [a["name"] for a in http.get("/v1/adapters").json()["data"]] == ["noisy"]
     base = _chat(oai, "Say hello.").choices[0].message.content
     tuned = oai.chat.completions.create(model="noisy", messages=[{"role": "user", "content": "Say hello."}],
                                         temperature=0, max_tokens=8)
-    assert tuned.model_extra["spd"]["adapter"] == "noisy"
     assert tuned.choices[0].message.content != base
-    streamed = oai.chat.completions.create(model="noisy", messages=[{"role": "user", "content": "Say hello."}],
-                                           temperature=0, max_tokens=8, stream=True, extra_body={"capability": "math"})
-    assert "".join(c.choices[0].delta.content or "" for c in streamed)
+    both = oai.chat.completions.create(model="noisy", messages=[{"role": "user", "content": "Say hello."}],
+                                       temperature=0, max_tokens=8, extra_body={"capability": "rnd"})
+    assert both.choices[0].message.content
     assert http.post("/v1/adapters", json={"name": "noisy", "directory": "noisy"}).status_code == 409
     assert http.delete("/v1/adapters/noisy").status_code == 200
     with pytest.raises(openai.NotFoundError):
@@ -156,47 +179,38 @@ def _store_snapshot(server, http):
     return files, http.get("/v1/subspaces").json(), len(http.get("/v1/jobs").json()["data"])
 
 
+CODE_ROW = '{"prompt": "def f():", "answer": "    return 1", "tests": "import os\\nos._exit(0)", "entry_point": "f"}\n'
+
 BAD = [
     # (method, path, kwargs, status, param)
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "nope"}}, 404, "capability"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "math", "capability_strength": 1.5}}, 422, "capability_strength"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability_strength": -0.1}}, 422, "capability_strength"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "../etc"}}, 422, "capability"),
-    ("post", "/v1/completions", {"json": {"model": "gpt-9", "prompt": "x"}}, 404, "model"),
-    ("post", "/v1/completions", {"json": {"model": MODEL}}, 422, "prompt"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "max_tokens": 0}}, 422, "max_tokens"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "max_tokens": 65}}, 400, "max_tokens"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "word " * 600}}, 400, "prompt"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "temperature": "hot"}}, 422, "temperature"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "n": 2}}, 422, "n"),
-    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capabilty": "math"}}, 422, "capabilty"),
-    ("post", "/v1/completions", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "body"),
-    ("post", "/v1/completions", {"json": [1, 2]}, 422, "body"),
-    ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": []}}, 422, "messages"),
-    ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}}, 422, "messages.0.role"),
-    ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "capability": ["math", "ghost"]}}, 404, "capability"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "nope"}}, 400, "capability"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "math", "capability_strength": 1.5}}, 400, "capability_strength"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability_strength": -0.1}}, 400, "capability_strength"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": "../etc"}}, 400, "capability"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": [f"m{i}" for i in range(9)]}}, 400, "capability"),
+    ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "vllm_xargs": {"capability": "ghost"}}}, 400, "capability"),
+    ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "capability": ["math", "ghost"]}}, 400, "capability"),
     ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q2"\n'}}}, 422, "calibration"),
     ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q", "answer": "no number"}\n'}}}, 422, "calibration"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "poetry", "calibration": {"data": CALIBRATION}}}, 422, "kind"),
-    ("post", "/v1/subspaces", {"json": {"name": "../../evil", "kind": "math", "calibration": {"data": CALIBRATION}}}, 422, "name"),
-    ("post", "/v1/subspaces", {"json": {"name": "/abs", "kind": "math", "calibration": {"data": CALIBRATION}}}, 422, "name"),
+    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "poetry", "calibration": {"data": CALIBRATION}}}, 400, "kind"),
+    ("post", "/v1/subspaces", {"json": {"name": "../../evil", "kind": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
+    ("post", "/v1/subspaces", {"json": {"name": "ok\n", "kind": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
     ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "layers": [99], "calibration": {"data": CALIBRATION}}}, 422, "layers"),
     ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "rank": 999, "calibration": {"data": CALIBRATION}}}, 422, "rank"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "rank": 0, "calibration": {"data": CALIBRATION}}}, 422, "rank"),
     ("post", "/v1/subspaces", {"json": {"name": "math", "kind": "math", "calibration": {"data": CALIBRATION}}}, 409, "name"),
     ("post", "/v1/subspaces", {"files": {"file": ("c.jsonl", '{"prompt": "ok", "answer": "The answer is 1"}\n\n{"prompt": 5}\n')}, "data": {"name": "x2", "kind": "math"}}, 422, "calibration"),
-    ("post", "/v1/subspaces", {"files": {"file": ("c.jsonl", "x" * (BODY_LIMIT + 10))}, "data": {"name": "x3", "kind": "math"}}, 413, "body"),
+    ("post", "/v1/subspaces", {"files": {"file": ("c.jsonl", "x" * (UPLOAD_LIMIT + 10))}, "data": {"name": "x3", "kind": "math"}}, 413, "body"),
     ("get", "/v1/subspaces/ghost", {}, 404, "name"),
     ("delete", "/v1/subspaces/ghost", {}, 404, "name"),
-    ("get", "/v1/subspaces/..%2F..%2Fetc", {}, 404, None),
-    ("post", "/v1/jobs", {"json": {"kind": "teleport", "params": {}}}, 422, "kind"),
-    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {"dataset": "../../etc/passwd"}}}}, 422, "params.prompts.dataset"),
+    ("post", "/v1/jobs", {"json": {"kind": "teleport", "params": {}}}, 400, None),
+    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {"dataset": "../../etc/passwd"}}}}, 400, None),
     ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "capability": ["ghost"], "prompts": {"data": CALIBRATION}}}}, 404, "params.capability"),
+    ("post", "/v1/jobs", {"json": {"kind": "evaluate", "params": {"task_kind": "code", "data": {"data": CODE_ROW}}}}, 422, "data"),
     ("post", "/v1/jobs", {"json": {"kind": "distill", "params": {"corpus_job": "job-nope"}}}, 404, "params.corpus_job"),
     ("get", "/v1/jobs/job-nope", {}, 404, "id"),
     ("delete", "/v1/jobs/job-nope", {}, 404, "id"),
     ("get", "/v1/jobs/job-nope/artifact", {}, 404, "id"),
-    ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "../../etc"}}, 422, "directory"),
+    ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "../../etc"}}, 400, None),
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "missing"}}, 404, "directory"),
     ("post", "/v1/adapters", {"json": {"name": "a1"}}, 422, "directory"),
     ("delete", "/v1/adapters/ghost", {}, 404, "name"),
@@ -210,15 +224,15 @@ def test_every_bad_input_gets_its_4xx_naming_the_field_and_leaves_the_store_unch
         r = getattr(http, method)(path, **kwargs)
         assert r.status_code == status, (path, kwargs, r.status_code, r.text)
         err = r.json()["error"]
-        assert set(err) == {"message", "type", "param", "code"}, r.text
+        assert {"message", "type", "param", "code"} <= set(err), r.text
         if param is not None:
             assert err["param"] == param, (path, kwargs, err)
-            assert param.split(".")[-1] in err["message"] or status in (404, 409, 413), err
+        assert str(server.root) not in err["message"], err  # no server paths in messages
     assert _store_snapshot(server, http) == before
     assert http.get("/health").status_code == 200
 
 
-def test_unknown_capability_lists_the_known_ones_and_bad_line_is_named(http, modes):
+def test_unknown_capability_lists_the_known_ones_and_a_bad_line_is_named(http, modes):
     err = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "capability": "nope"}).json()["error"]
     assert "math" in err["message"] and "rnd" in err["message"]
     bad = '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q2", "answer": "The answer is 4", "colour": 1}\n'
@@ -232,7 +246,7 @@ def test_a_pack_exports_and_imports_as_an_archive_and_unsafe_archives_are_refuse
     assert http.post("/v1/subspaces/import", files={"file": ("m.tar", tar.content)}).status_code == 409  # name taken
     r = http.post("/v1/subspaces/import", files={"file": ("m.tar", tar.content)}, data={"name": "math2"})
     assert r.status_code == 201, r.text
-    assert "math2" in http.get("/health").json()["capabilities"]
+    assert "math2" in [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]]
     before = _store_snapshot(server, http)
     for members in ([("../evil/manifest.json", b"{}")], [("/abs/manifest.json", b"{}")],
                     [("p/manifest.json", b"{}"), ("p/bases.safetensors", b"xx")],
@@ -245,38 +259,26 @@ def test_a_pack_exports_and_imports_as_an_archive_and_unsafe_archives_are_refuse
                 t.addfile(info, io.BytesIO(data))
         r = http.post("/v1/subspaces/import", files={"file": ("x.tar", buf.getvalue())})
         assert r.status_code == 422 and r.json()["error"]["param"] == "file", (members, r.text)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        link = tarfile.TarInfo("p/manifest.json")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        t.addfile(link)
-    assert http.post("/v1/subspaces/import", files={"file": ("x.tar", buf.getvalue())}).status_code == 422
     assert _store_snapshot(server, http) == before
     assert http.delete("/v1/subspaces/math2").status_code == 200
 
 
-def test_deleting_a_subspace_stops_serving_it(oai, http, modes):
-    tar = http.get("/v1/subspaces/rnd/export").content
-    assert http.post("/v1/subspaces/import", files={"file": ("r.tar", tar)}, data={"name": "tmpmode"}).status_code == 201
-    assert _chat(oai, "hi", extra_body={"capability": "tmpmode"}).choices[0].message.content
-    assert http.delete("/v1/subspaces/tmpmode").status_code == 200
-    with pytest.raises(openai.NotFoundError):
-        _chat(oai, "hi", extra_body={"capability": "tmpmode"})
-    assert "tmpmode" not in [s["name"] for s in http.get("/v1/subspaces").json()["data"]]
+def test_deleting_a_subspace_stops_serving_it_and_a_reimport_with_other_bases_is_served_fresh(oai, http, modes):
+    for source in ("rnd", "rnd2"):
+        tar = http.get(f"/v1/subspaces/{source}/export").content
+        assert http.post("/v1/subspaces/import", files={"file": ("r.tar", tar)},
+                         data={"name": "tmpmode"}).status_code == 201
+        got = _complete(oai, "Write about the sea:", max_tokens=16, extra_body={"capability": "tmpmode"})
+        want = _complete(oai, "Write about the sea:", max_tokens=16, extra_body={"capability": source})
+        assert got.choices[0].text == want.choices[0].text  # the bases now under the name, not the old ones
+        assert http.delete("/v1/subspaces/tmpmode").status_code == 200
+        with pytest.raises(openai.BadRequestError, match="unknown capability 'tmpmode'"):
+            _chat(oai, "hi", extra_body={"capability": "tmpmode"})
 
 
-def test_metrics_count_requests_and_tokens_per_capability(oai, http, modes):
-    _chat(oai, "hi", extra_body={"capability": "math"})
-    _chat(oai, "hi")
-    text = http.get("/metrics").text
-    assert 'spd_requests_total{capability="math",endpoint="chat",status="200"}' in text
-    assert 'spd_tokens_total{capability="none",type="completion"}' in text
-    assert "spd_request_latency_seconds_bucket" in text and "spd_queue_depth" in text
-    assert 'spd_jobs{state="succeeded"}' in text
-
-
-def test_openapi_schema_lists_every_endpoint(http):
+def test_openapi_schema_lists_vllms_routes_and_ours(http):
     paths = http.get("/openapi.json").json()["paths"]
-    for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/subspaces", "/v1/subspaces/{name}",
-              "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifact", "/v1/adapters", "/health", "/metrics"):
-        assert p in paths
+    for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/v1/subspaces",
+              "/v1/subspaces/{name}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifact", "/v1/adapters",
+              "/health", "/metrics"):
+        assert p in paths, p
