@@ -676,12 +676,31 @@ class _PatchingLoader(importlib.abc.Loader):
         self.patch(module)
 
 
+def die_with_parent() -> None:
+    """In a process vLLM spawned (engine core, workers): be killed when the parent dies, so a
+    server killed with SIGKILL leaves no engine behind holding memory (vLLM does not do this)."""
+    import ctypes
+    import multiprocessing
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return  # the process the user started (API server, LLM): its lifetime is the user's
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux
+    if os.getppid() != parent.pid:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def register() -> None:
     """vLLM's plugin hook: install the patches once per process (vLLM may call it again)."""
     with PLUGIN.lock:
         if PLUGIN.registered:
             return
         PLUGIN.registered = True
+        die_with_parent()
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:

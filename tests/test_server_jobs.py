@@ -9,13 +9,14 @@ import openai
 import pytest
 from server_harness import CALIBRATION, MODEL, Server, wait_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+LORA = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "16"]
 
 PROMPTS = '{"id": "p1", "prompt": "What is 6+1?"}\n{"id": "p2", "prompt": "What is 9-3?"}\n'
 
 
 def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_path):
-    server = Server(tmp_path).start()
+    server = Server(tmp_path, extra=LORA).start()
     try:
         with server.client() as http:
             r = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
@@ -28,7 +29,7 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             assert job["progress"] == 1.0 and job["started"] <= job["finished"]
             assert job["result"]["adapter_loaded"] == "pipe-lora"
             assert set(job["result"]["evaluate"]) == {"base", "adapter"}
-            assert "pipe" in http.get("/health").json()["capabilities"]
+            assert "pipe" in [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]]
             tar = http.get(f"/v1/jobs/{job['id']}/artifact")
             assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
             corpus = (server.data / "jobs" / job["id"] / "corpus.jsonl").read_text().splitlines()
@@ -38,13 +39,22 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             msgs = [{"role": "user", "content": "What is 6+1?"}]
             base = oai.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=12)
             tuned = oai.chat.completions.create(model="pipe-lora", messages=msgs, temperature=0, max_tokens=12)
-            assert tuned.model_extra["spd"]["adapter"] == "pipe-lora"
             assert tuned.choices[0].message.content != base.choices[0].message.content
 
             # a finished job cannot be cancelled; a queued one can, and never runs
             assert http.delete(f"/v1/jobs/{job['id']}").status_code == 409
     finally:
         server.stop()
+
+
+def _alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_and_leaves_no_partial_pack(tmp_path):
@@ -59,7 +69,10 @@ def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_a
         assert http.delete(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
         wait_job(http, first["id"], timeout=120, states=("running",))
     server.kill9()
-    time.sleep(1)  # the worker subprocess dies with the server (PDEATHSIG)
+    deadline = time.time() + 30  # the engine core and the job's subprocess die with the server
+    while time.time() < deadline and _alive(server.proc.pid):
+        time.sleep(0.5)
+    assert not _alive(server.proc.pid), "processes of the killed server live on"
     assert not (server.store / "first").exists()
 
     server.start()
@@ -75,7 +88,7 @@ def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_a
             assert {j["id"] for j in http.get("/v1/jobs").json()["data"]} == {first["id"], second["id"], third["id"]}
             assert [s["name"] for s in http.get("/v1/subspaces").json()["data"]] == ["second"]
             assert sorted(p.name for p in server.store.iterdir()) == ["second"]  # no hidden half-written pack
-            assert http.get("/health").json()["capabilities"] == ["second"]
+            assert [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]] == ["second"]
     finally:
         server.stop()
 
@@ -97,5 +110,12 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
             assert report["n"] == 3 and report["metric"] == "accuracy"
             dist = http.post("/v1/jobs", json={"kind": "distill", "params": {"corpus_job": ev["id"]}})
             assert dist.status_code == 409 and dist.json()["error"]["param"] == "params.corpus_job"
+            # an adapter needs LoRA, which this server was started without: 409 naming the flag
+            from random_lora import write_random_lora
+            from spd_engine import models
+
+            write_random_lora(models.resolve(MODEL), server.data / "adapters" / "a1")
+            lora = http.post("/v1/adapters", json={"name": "a1", "directory": "a1"})
+            assert lora.status_code == 409 and "--enable-lora" in lora.json()["error"]["message"], lora.text
     finally:
         server.stop()
