@@ -13,12 +13,16 @@ Loaded when `VLLM_PLUGINS` names it (`spd serve` does), in the API server proces
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG
+
+from .settings import Limits
 
 log = logging.getLogger("spd.server")
 
@@ -44,15 +48,35 @@ def move_capability_fields(body: dict) -> dict:
     return body
 
 
-class CapabilityFields:
-    """ASGI middleware: rewrites the JSON body of the OpenAI completion routes (see above)."""
+def check_bounds(body: dict, limits: Limits) -> None:
+    """The work one request may ask for, beyond vLLM's own checks (ValueError naming the field)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > limits.max_prompts:
+        raise ValueError(f"prompt: {len(prompt)} prompts in one request; at most {limits.max_prompts} (SPD_MAX_PROMPTS)")
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+        raise ValueError(f"n: {n} completions per prompt; at most {limits.max_n} (SPD_MAX_N)")
+    seed = body.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: {seed} is outside the 64-bit signed range")
+
+
+class OpenAIGuard:
+    """ASGI middleware on vLLM's completion routes: moves the capability fields (see above),
+    bounds the work per request (`check_bounds`) and the requests in flight (429 with
+    Retry-After beyond SPD_MAX_INFLIGHT, instead of an unbounded queue)."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        self.app, self.limits, self.inflight = app, Limits.from_env(), 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in OPENAI_ROUTES:
             return await self.app(scope, receive, send)
+        from .errors import response
+
+        if self.inflight >= self.limits.max_inflight:
+            return await response(429, f"{self.inflight} requests are in flight (SPD_MAX_INFLIGHT); retry shortly",
+                                  None, {"retry-after": "1"})(scope, receive, send)
         chunks, more = [], True
         while more:
             message = await receive()
@@ -63,14 +87,15 @@ class CapabilityFields:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-            if isinstance(body, dict) and any(k in body for k in FIELDS):
-                raw = json.dumps(move_capability_fields(body)).encode()
+            if isinstance(body, dict):
+                check_bounds(body, self.limits)
+                if any(k in body for k in FIELDS):
+                    raw = json.dumps(move_capability_fields(body)).encode()
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
         except ValueError as e:
-            from .errors import response
-
-            return await response(400, str(e), CAPABILITY_ARG)(scope, receive, send)
+            field = str(e).split(":")[0] if ":" in str(e).split()[0] else CAPABILITY_ARG
+            return await response(400, str(e), field)(scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(raw)).encode())]}
         sent = False
@@ -82,7 +107,11 @@ class CapabilityFields:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()  # after the body: wait for the disconnect, as the server would
 
-        await self.app(scope, replay, send)
+        self.inflight += 1
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.inflight -= 1
 
 
 class SPDEndpoints:
@@ -95,8 +124,9 @@ class SPDEndpoints:
         from . import errors, routes_resources
 
         app.include_router(routes_resources.router)
-        app.add_middleware(CapabilityFields)
+        app.add_middleware(OpenAIGuard)
         errors.install(app)
+        app.router.lifespan_context = _with_shutdown(app.router.lifespan_context)
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
@@ -106,3 +136,21 @@ class SPDEndpoints:
         from .state import SPDServer
 
         state.spd = SPDServer(engine_client, state, args, Settings.from_env())
+        asyncio.get_running_loop().create_task(state.spd.restore_adapters())
+
+
+def _with_shutdown(inner):
+    """vLLM's app lifespan, then ours: at shutdown (SIGTERM, SIGINT) the job worker stops and puts
+    its running job back in the queue, while the event loop still runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with inner(app) as value:
+            try:
+                yield value
+            finally:
+                spd = getattr(app.state, "spd", None)
+                if spd is not None:
+                    await asyncio.to_thread(spd.close)
+
+    return lifespan

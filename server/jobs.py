@@ -85,6 +85,20 @@ class JobStore:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._exec(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job (its directory is the caller's); False when it is not finished."""
+        marks = ", ".join("?" * len(FINAL))
+        with self._lock:
+            return self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({marks})",
+                                    (job_id, *FINAL)).rowcount == 1
+
+    def expired(self, keep: int) -> list[str]:
+        """Finished jobs beyond the newest `keep` finished ones (the retention rule)."""
+        marks = ", ".join("?" * len(FINAL))
+        rows = self._exec(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created DESC LIMIT -1 OFFSET ?",
+                          (*FINAL, keep))
+        return [r["id"] for r in rows]
+
     def transition(self, job_id: str, from_states: set[str], to: str, **fields) -> bool:
         """Atomically move a job from one of `from_states` to `to`; False when it was elsewhere."""
         for k in ("result",):
@@ -113,6 +127,7 @@ class JobContext:
         self.store, self.job, self.dir = store, job, directory
         self.id = job["id"]
         self.cancelled = threading.Event()
+        self.requeue = False  # cancelled by a shutdown: back to the queue, not "cancelled by a client"
         self.proc = None  # a worker subprocess, killed on cancel
         self.done, self.total = 0, 0
 
@@ -133,7 +148,8 @@ class JobContext:
         if self.cancelled.is_set():
             raise Cancelled()
 
-    def cancel(self) -> None:
+    def cancel(self, requeue: bool = False) -> None:
+        self.requeue = self.requeue or requeue
         self.cancelled.set()
         proc = self.proc
         if proc is not None and proc.poll() is None:
@@ -150,6 +166,8 @@ class Worker:
     def __init__(self, store: JobStore, jobs_dir: Path, runners: dict[str, Runner]):
         self.store, self.jobs_dir, self.runners = store, Path(jobs_dir), runners
         self.current: JobContext | None = None
+        self._cancel_requested: set[str] = set()  # cancelled between leaving the queue and starting
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,14 +182,16 @@ class Worker:
                 self.store.transition(job["id"], {"running"}, "queued")
                 log.info("job %s resumes after a restart", job["id"])
                 continue
-            else:
-                self.store.transition(job["id"], {"running"}, "failed", error=INTERRUPTED, finished=time.time())
-                log.warning("job %s failed: %s", job["id"], INTERRUPTED)
-            d = self.job_dir(job["id"])
-            if d.is_dir():
-                for p in d.iterdir():
-                    if p.name.startswith("."):
-                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            self.store.transition(job["id"], {"running"}, "failed", error=INTERRUPTED, finished=time.time())
+            log.warning("job %s failed: %s", job["id"], INTERRUPTED)
+            self._drop_temporaries(job["id"])
+
+    def _drop_temporaries(self, job_id: str) -> None:
+        d = self.job_dir(job_id)
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith("."):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def start(self) -> None:
         self.recover()
@@ -179,25 +199,35 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Shut down: the running job goes back to the queue (a resumable one keeps its partial
+        output and resumes at the next start; any other starts again), not "cancelled"."""
         self._stop.set()
         self._wake.set()
-        if self.current:
-            self.current.cancel()
+        cur = self.current
+        if cur:
+            cur.cancel(requeue=True)
         if self._thread:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        if cur and self.store.transition(cur.id, {"running"}, "queued"):  # the thread did not get there
+            log.info("job %s re-queued at shutdown", cur.id)
 
     def notify(self) -> None:
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False when it had already finished."""
-        if self.store.transition(job_id, {"queued"}, "cancelled", finished=time.time()):
-            return True
-        cur = self.current
-        if cur is not None and cur.id == job_id:
-            cur.cancel()
-            return True
-        return False
+        with self._lock:
+            if self.store.transition(job_id, {"queued"}, "cancelled", finished=time.time()):
+                return True
+            cur = self.current
+            if cur is not None and cur.id == job_id:
+                cur.cancel()
+                return True
+            job = self.store.get(job_id)
+            if job is not None and job["state"] == "running":  # between leaving the queue and starting
+                self._cancel_requested.add(job_id)
+                return True
+            return False
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -214,7 +244,11 @@ class Worker:
         d = self.job_dir(job["id"])
         d.mkdir(parents=True, exist_ok=True)
         ctx = JobContext(self.store, job, d)
-        self.current = ctx
+        with self._lock:
+            self.current = ctx
+            if job["id"] in self._cancel_requested:
+                self._cancel_requested.discard(job["id"])
+                ctx.cancel()
         try:
             result, artifact = self.runners[job["kind"]](ctx)
             if ctx.cancelled.is_set():
@@ -222,16 +256,20 @@ class Worker:
             self.store.transition(job["id"], {"running"}, "succeeded", result=result, artifact=artifact,
                                   finished=time.time(), done=ctx.total or ctx.done)
             log.info("job %s succeeded", job["id"])
-        except Cancelled:
-            self.store.transition(job["id"], {"running"}, "cancelled", error="cancelled by a client", finished=time.time())
-            log.info("job %s cancelled", job["id"])
         except Exception as e:  # noqa: BLE001 - a failing job must not stop the worker
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            if ctx.cancelled.is_set():
+            if ctx.requeue:
+                self.store.transition(job["id"], {"running"}, "queued", done=0)
+                if job["kind"] not in RESUMABLE:
+                    self._drop_temporaries(job["id"])
+                log.info("job %s re-queued at shutdown", job["id"])
+            elif ctx.cancelled.is_set():
                 self.store.transition(job["id"], {"running"}, "cancelled", error="cancelled by a client", finished=time.time())
+                log.info("job %s cancelled", job["id"])
             else:
                 self.store.transition(job["id"], {"running"}, "failed", error=f"{type(e).__name__}: {msg}"[:4000],
                                       finished=time.time())
                 log.warning("job %s failed: %s", job["id"], msg)
         finally:
-            self.current = None
+            with self._lock:
+                self.current = None

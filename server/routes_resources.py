@@ -18,6 +18,7 @@ from spd_engine.subspace import PackError
 from . import steps
 from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, not_found
+from .jobs import FINAL
 from .schemas import AdapterLoad, JobCreate, SubspaceCreate
 from .state import SPDServer
 
@@ -87,6 +88,7 @@ async def delete_subspace(name: str, request: Request):
     _known_pack(st, name)
     with st.lock:
         st.store.delete(name)
+    await st.abort_admitted(name)
     return {"name": name, "deleted": True}
 
 
@@ -229,6 +231,12 @@ def _check_modes(st, names: list[str], param: str) -> None:
 
 def submit(st, kind: str, params: dict) -> dict:
     """Validate a job's parameters and inputs, then queue it (202). Nothing is queued on error."""
+    if st.jobs.counts().get("queued", 0) >= st.settings.max_queued_jobs:
+        raise APIError(429, f"{st.settings.max_queued_jobs} jobs are queued already (SPD_MAX_QUEUED_JOBS); "
+                            "retry when some have run", "kind", headers={"retry-after": "30"})
+    for old in st.jobs.expired(st.settings.job_retention):
+        if st.jobs.delete(old):
+            shutil.rmtree(st.settings.jobs_dir / old, ignore_errors=True)
     job_id = st.jobs.new_id()
     jd = st.settings.jobs_dir / job_id
     inputs: dict = {}
@@ -239,6 +247,7 @@ def submit(st, kind: str, params: dict) -> dict:
         elif kind == "generate":
             _check_modes(st, params["capability"], "params.capability")
             inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
+            steps.check_lengths(st, jd, inputs["prompts"], params["task_kind"], params["max_tokens"], "prompts")
         elif kind == "distill":
             src = st.jobs.get(params["corpus_job"])
             if src is None:
@@ -252,11 +261,13 @@ def submit(st, kind: str, params: dict) -> dict:
             if params.get("adapter") and params["adapter"] not in st.adapters():
                 raise not_found("adapter", params["adapter"], st.adapters(), "params.adapter")
             inputs["data"] = steps.prepare_data(params["data"], params["task_kind"], jd, "data", st.settings.allow_client_code)
+            steps.check_lengths(st, jd, inputs["data"], params["task_kind"], params["max_tokens"], "data")
         elif kind == "pipeline":
             _check_calibration(st, {"name": params["name"], **params["calibration_params"]}, "params.")
             _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")
             inputs["calibration"] = steps.prepare_data(params["calibration"], params["task_kind"], jd, "calibration", st.settings.allow_client_code)
             inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
+            steps.check_lengths(st, jd, inputs["prompts"], params["task_kind"], params["max_tokens"], "prompts")
             if params.get("eval_data"):
                 inputs["eval_data"] = steps.prepare_data(params["eval_data"], params["task_kind"], jd, "eval_data", st.settings.allow_client_code)
     except DataError as e:
@@ -306,14 +317,17 @@ async def get_job(job_id: str, request: Request):
     return _job(_st(request), job_id)
 
 
-@router.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Cancel a queued or running job")
-async def cancel_job(job_id: str, request: Request):
+@router.delete("/v1/jobs/{job_id}", tags=["jobs"],
+               summary="Cancel a queued or running job; delete a finished one with its files")
+async def cancel_or_delete_job(job_id: str, request: Request):
     st = _st(request)
     job = _job(st, job_id)
-    if job["state"] in ("succeeded", "failed", "cancelled"):
-        raise APIError(409, f"job {job_id!r} already {job['state']}", "id")
-    st.worker.cancel(job_id)
-    return st.jobs.get(job_id)
+    if job["state"] not in FINAL and st.worker.cancel(job_id):
+        return st.jobs.get(job_id)
+    if st.jobs.delete(job_id):  # finished (maybe just now: then it is deleted, as asked)
+        shutil.rmtree(st.settings.jobs_dir / job_id, ignore_errors=True)
+        return {"id": job_id, "deleted": True}
+    raise APIError(409, f"job {job_id!r} is {st.jobs.get(job_id)['state']}", "id")
 
 
 @router.get("/v1/jobs/{job_id}/artifact", tags=["jobs"], summary="The job's artifact: corpus JSONL, report JSON or adapter tar",

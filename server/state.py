@@ -5,17 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 from pathlib import Path
 
 from spd_engine import models
+from spd_engine.atomic import write_json
 from spd_engine.backend import Backend, Completion, GenerationRequest, Progress
 from spd_engine.paths import child
 from spd_engine.subspace import PackError, Store, Subspace
 from spd_engine.vllm_requests import completion_of, sampling_params, tokens_prompt
 
 from .settings import Settings
+from .vllm_plugin import RETAINED, pack_digest
+
+
+def prune_retained(store: Store) -> None:
+    """Drop the retained bases (see `server.vllm_plugin.retain`) of packs no longer in the store:
+    at start no request admitted earlier is left."""
+    import shutil
+
+    root = store.root / RETAINED
+    if not root.is_dir():
+        return
+    keep = set()
+    for name in store.names():
+        try:
+            keep.add(pack_digest(store.path(name)))
+        except OSError:
+            continue
+    for d in root.iterdir():
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 log = logging.getLogger("spd.server")
 
@@ -94,6 +116,7 @@ class SPDServer:
         names = getattr(args, "served_model_name", None) or [str(self.model_path)]
         self.model_id = names[0] if isinstance(names, list) else names
         self.model_info = models.info(self.model_path)
+        self.max_model_len = engine_client.model_config.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.store = Store(settings.store_dir)
         self.lock = threading.RLock()  # serialises store changes (import, delete) with admission checks
@@ -103,7 +126,36 @@ class SPDServer:
         self.jobs = JobStore(settings.db_path)
         self.worker = Worker(self.jobs, settings.jobs_dir, steps.make_runners(self, self.jobs))
         self.worker.start()
+        prune_retained(self.store)
         log.info("spd_api: store %s, data %s, modes %s", settings.store_dir, settings.data_dir, self.capabilities())
+
+    async def restore_adapters(self) -> None:
+        """Load again the adapters that were loaded when the server last stopped."""
+        for name, path in self._saved_adapters().items():
+            try:
+                await self.load_adapter(name, Path(path), persist=False)
+                log.info("spd_api: adapter %s loaded again from %s", name, path)
+            except (AdapterError, OSError) as e:
+                log.error("spd_api: adapter %s (%s) was loaded before the restart but cannot be now: %s", name, path, e)
+
+    def _saved_adapters(self) -> dict[str, str]:
+        try:
+            saved = json.loads(self.settings.adapters_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {n: p for n, p in saved.items() if isinstance(n, str) and isinstance(p, str)} if isinstance(saved, dict) else {}
+
+    def _persist_adapters(self) -> None:
+        write_json(self.settings.adapters_file, self.adapter_paths())
+
+    async def abort_admitted(self, name: str) -> None:
+        """Abort the requests admitted in a mode that was just deleted (they fail with an abort;
+        any that already finished are ignored)."""
+        from .vllm_plugin import PLUGIN
+
+        ids = PLUGIN.front.take_admitted(name)
+        if ids:
+            await self.engine.abort(ids)
 
     # ------------------------------------------------------------ modes (the store is what is served)
 
@@ -143,7 +195,7 @@ class SPDServer:
             raise KeyError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters()) or '(none)'}")
         return req
 
-    async def load_adapter(self, name: str, path: Path) -> None:
+    async def load_adapter(self, name: str, path: Path, persist: bool = True) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
@@ -155,6 +207,8 @@ class SPDServer:
         res = await self._models().load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)))
         if isinstance(res, ErrorResponse):
             raise AdapterError(422, f"the adapter does not load on this model: {res.error.message}")
+        if persist:
+            self._persist_adapters()
 
     async def unload_adapter(self, name: str) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -165,6 +219,7 @@ class SPDServer:
         res = await self._models().unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
         if isinstance(res, ErrorResponse):
             raise AdapterError(422, res.error.message)
+        self._persist_adapters()
 
     def adapter_dir(self, name: str) -> Path:
         return child(self.settings.adapters_dir, name, "adapter directory")

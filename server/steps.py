@@ -6,10 +6,12 @@ live requests instead of loading a second model.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from spd_engine.atomic import write_json
@@ -52,6 +54,18 @@ def prepare_data(spec: dict, kind: str, job_dir: Path, role: str, allow_code: bo
     return source
 
 
+def check_lengths(server: SPDServer, job_dir: Path, source: dict, kind: str, max_tokens: int, role: str) -> None:
+    """A job's prompts are held to the served context like requests: prompt + max_tokens must fit."""
+    from spd_engine.formatting import prompt_ids
+
+    limit = server.max_model_len
+    for ex in examples_of(job_dir, source, kind):
+        n = len(prompt_ids(server.tokenizer, kind, ex))
+        if n + max_tokens > limit:
+            raise DataError(f"{role}: example {ex.id!r} has {n} prompt tokens; with max_tokens {max_tokens} that "
+                            f"exceeds the served context of {limit} tokens")
+
+
 def source_path(job_dir: Path, source: dict):
     if "dataset" in source:
         ds = source["dataset"]
@@ -77,6 +91,9 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
                             cwd=str(Path(__file__).resolve().parent.parent))
     ctx.proc = proc
     result, error = None, None
+    tail: collections.deque[str] = collections.deque(maxlen=200)  # stderr, read as it comes: a full pipe blocks the child
+    drain = threading.Thread(target=tail.extend, args=(proc.stderr,), daemon=True)
+    drain.start()
     try:
         for line in proc.stdout:
             try:
@@ -95,10 +112,10 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
         ctx.proc = None
         if proc.poll() is None:
             proc.kill()
+    drain.join(timeout=5)
     ctx.check()
     if rc != 0 or result is None:
-        tail = (proc.stderr.read() or "")[-1500:] if proc.stderr else ""
-        raise RuntimeError(error or f"{name} worker exited with code {rc}: {tail}")
+        raise RuntimeError(error or f"{name} worker exited with code {rc}: {''.join(tail)[-1500:]}")
     return result
 
 

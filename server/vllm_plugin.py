@@ -101,6 +101,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -116,6 +117,7 @@ from spd_engine.models import ModelInfo, info
 from spd_engine.paths import store_dir
 from spd_engine.projection import NO_MODE, SiteBank
 from spd_engine.subspace import Site, Store
+from spd_engine.subspace import load as load_pack
 from spd_engine.vllm_requests import CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
 
 log = logging.getLogger("spd.vllm_plugin")
@@ -173,6 +175,32 @@ def pack_digest(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
+RETAINED = ".by-digest"  # <store>/.by-digest/<digest>/: the admitted bases, kept when the pack is deleted
+PACK_FILES = ("manifest.json", "bases.safetensors")
+
+
+def retain(store_root: Path, pack_dir: Path, digest: str) -> Path:
+    """A copy of an admitted pack addressed by its digest (hard links: packs are only ever
+    replaced by rename, never written in place), so a request admitted before its mode was
+    deleted or replaced still projects with the bases it was admitted with."""
+    target = store_root / RETAINED / digest
+    if not (target / PACK_FILES[1]).is_file():
+        tmp = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for member in PACK_FILES:
+            dst = tmp / member
+            if not dst.exists():
+                try:
+                    os.link(pack_dir / member, dst)
+                except OSError:
+                    shutil.copyfile(pack_dir / member, dst)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process retained it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 class WorkerModes:
     """One worker's loaded modes, each with the digest it was loaded with. The bank is immutable
     and swapped by reference: a step keeps the bank it started with. A request names each mode's
@@ -197,12 +225,15 @@ class WorkerModes:
                 want = digests.get(name)
                 if name in bank.modes and (want is None or self.digests[name] == want):
                     continue
-                store = Store(self.root)
+                store = Store(self.root, clean=False)
                 try:
-                    pack = store.load(name, self.model)
-                    got = pack_digest(store.path(name))
+                    path = store.path(name)
+                    if want is not None and (not path.is_dir() or pack_digest(path) != want):
+                        path = self.root / RETAINED / want  # deleted or replaced since its request was admitted
+                    pack = load_pack(path, self.model)
+                    got = pack_digest(path)
                     if want is not None and got != want:
-                        raise ValueError(f"the store holds other bases now (digest {got}, admitted with {want})")
+                        raise ValueError(f"the bases admitted (digest {want}) are gone")
                     bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
                 except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError (e.g. a layer pack under TP)
                     log.error("capability %r cannot be loaded from %s (%s); not projected", name, self.root, e)
@@ -455,6 +486,7 @@ def check_model_layers(vllm_config) -> list[str]:
 # ------------------------------------------------------------------ front end (the process that admits requests)
 
 MAX_COMPOSED = 8  # modes one request may compose
+MAX_TRACKED = 4096  # admitted request ids remembered per mode (for aborting them when it is deleted)
 
 
 class FrontEnd:
@@ -468,6 +500,7 @@ class FrontEnd:
 
     def __init__(self) -> None:
         self._known: dict[str, tuple[tuple, str]] = {}  # name -> (stat signature, digest) of a valid pack
+        self._admitted: dict[str, dict[str, None]] = {}  # name -> ids of requests admitted in it (recent first out)
         self._lock = threading.Lock()
 
     def digest(self, store: Store, name: str, model: ModelInfo) -> str:
@@ -484,11 +517,18 @@ class FrontEnd:
             return hit[1]
         store.load(name, model)  # full validation against the served model
         digest = pack_digest(path)
+        retain(store.root, path, digest)
         with self._lock:
             self._known[name] = (sig, digest)
         return digest
 
-    def admit(self, params, client_salt: str | None, model: ModelInfo) -> str | None:
+    def take_admitted(self, name: str) -> list[str]:
+        """The ids of requests admitted in mode `name` (forgotten here): the server aborts those
+        still running when the mode is deleted, with a clear error."""
+        with self._lock:
+            return list(self._admitted.pop(name, {}))
+
+    def admit(self, params, client_salt: str | None, model: ModelInfo, request_id: str = "") -> str | None:
         """Validate and annotate one request's SamplingParams; return its cache salt."""
         from vllm.exceptions import VLLMValidationError
 
@@ -512,6 +552,12 @@ class FrontEnd:
                 raise VLLMValidationError(f"{why} {name!r}; available: {known}", parameter=CAPABILITY_ARG,
                                           value=name) from None
         params.extra_args = {**params.extra_args, DIGESTS_ARG: digests}
+        with self._lock:
+            for name in cap:
+                ids = self._admitted.setdefault(name, {})
+                ids[request_id] = None
+                if len(ids) > MAX_TRACKED:
+                    del ids[next(iter(ids))]
         if strength == 0:
             return client_salt  # the plain model: share its prefix cache
         h = hashlib.sha256(json.dumps([client_salt, strength, sorted(digests.items())]).encode())
@@ -528,7 +574,7 @@ def _wrap_process_inputs(orig):
             model = getattr(self, "_spd_model_info", None)
             if model is None:
                 model = self._spd_model_info = info(Path(self.vllm_config.model_config.model))
-            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model)
+            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model, request_id)
         return request
 
     process_inputs.__spd_patched__ = True
