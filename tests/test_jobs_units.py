@@ -1,0 +1,68 @@
+"""The job worker without a server: cancellation racing a job's start, shutdown re-queueing, and
+a worker subprocess that writes a lot to stderr."""
+from __future__ import annotations
+
+import threading
+
+from server import steps
+from server.jobs import JobContext, JobStore, Worker
+
+
+def _store(tmp_path) -> JobStore:
+    return JobStore(tmp_path / "jobs.sqlite3")
+
+
+def test_a_cancel_between_leaving_the_queue_and_starting_cancels_the_job(tmp_path):
+    store = _store(tmp_path)
+    ran = []
+    worker = Worker(store, tmp_path / "jobs", {"generate": lambda ctx: (ctx.check(), ran.append(1), ({}, None))[-1]})
+    job = store.create("job-1", "generate", {})
+    assert store.transition("job-1", {"queued"}, "running")  # the worker took it, has not started it
+    assert worker.cancel("job-1")
+    worker._run(store.get("job-1"))
+    assert store.get("job-1")["state"] == "cancelled" and not ran
+    assert not worker.cancel(job["id"])  # finished: nothing to cancel
+
+
+def test_a_shutdown_puts_the_running_job_back_in_the_queue(tmp_path):
+    store = _store(tmp_path)
+    worker = Worker(store, tmp_path / "jobs", {})
+
+    def runner(ctx: JobContext):
+        worker.current.cancel(requeue=True)  # what Worker.stop does to the running job
+        ctx.check()
+
+    worker.runners["calibrate"] = runner
+    store.create("job-2", "calibrate", {})
+    store.transition("job-2", {"queued"}, "running")
+    worker._run(store.get("job-2"))
+    job = store.get("job-2")
+    assert job["state"] == "queued" and job["error"] is None
+
+
+def test_a_worker_subprocess_writing_megabytes_to_stderr_does_not_block(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nhead -c 3000000 /dev/zero | tr '\\\\0' x >&2\necho '{\"result\": {\"ok\": true}}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(steps.sys, "executable", str(fake))
+    store = _store(tmp_path)
+    store.create("job-3", "calibrate", {})
+    ctx = JobContext(store, store.get("job-3"), tmp_path)
+    out = []
+    t = threading.Thread(target=lambda: out.append(steps.run_subprocess(ctx, {}, "fake")), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    if t.is_alive():  # a full stderr pipe blocks the child, and the worker waits for it forever
+        ctx.cancel()
+    assert out == [{"ok": True}]
+
+
+def test_retention_lists_finished_jobs_beyond_the_newest_n(tmp_path):
+    store = _store(tmp_path)
+    for i in range(5):
+        store.create(f"job-{i}", "generate", {})
+        store.transition(f"job-{i}", {"queued"}, "succeeded")
+    store.create("job-q", "generate", {})
+    assert sorted(store.expired(3)) == ["job-0", "job-1"]
+    assert store.delete("job-0") and not store.delete("job-q")
+    assert store.get("job-q")["state"] == "queued"
