@@ -1,7 +1,7 @@
 """The backend interface: what the CLI, jobs and server need from an inference engine.
 
 Two backends implement it: `hf` (transformers + peft, `hf_backend.py`) and `vllm`
-(`server/vllm_backend.py`). Requests carry token ids, not text, so every backend sees exactly the
+(`spd_engine/vllm_backend.py`). Requests carry token ids, not text, so every backend sees exactly the
 same tokens for the same prompt.
 """
 from __future__ import annotations
