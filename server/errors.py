@@ -5,11 +5,33 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from .state import AdapterError
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
           413: "RequestTooLargeError", 422: "UnprocessableEntityError", 429: "TooManyRequestsError"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+_WHY = {400: "malformed request (the field is named)", 404: "no such resource", 409: "conflicts with the current state",
+        413: "upload too large", 422: "well-formed but unusable input (the field is named)",
+        429: "too many queued jobs (see Retry-After)"}
+
+
+def documented(*codes: int) -> dict:
+    """The error responses a route can give, for its OpenAPI entry."""
+    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
 
 
 class APIError(Exception):

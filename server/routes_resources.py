@@ -17,7 +17,7 @@ from spd_engine.subspace import PackError
 
 from . import steps
 from .archive import ArchiveError, export_pack, import_pack
-from .errors import APIError, not_found
+from .errors import APIError, documented, not_found
 from .jobs import FINAL
 from .schemas import AdapterLoad, JobCreate, SubspaceCreate
 from .state import SPDServer
@@ -65,7 +65,7 @@ async def list_subspaces(request: Request):
     return {"object": "list", "data": [_summary(st, n) for n in st.store.names()]}
 
 
-@router.get("/v1/subspaces/{name}", tags=["subspaces"], summary="A pack's manifest and spectrum")
+@router.get("/v1/subspaces/{name}", responses=documented(400, 404, 409, 422), tags=["subspaces"], summary="A pack's manifest and spectrum")
 async def get_subspace(name: str, request: Request):
     from spd_engine.calibrate import participation_ratio
 
@@ -82,7 +82,7 @@ async def get_subspace(name: str, request: Request):
             "spectrum": spectrum}
 
 
-@router.delete("/v1/subspaces/{name}", tags=["subspaces"], summary="Stop serving a mode and delete its pack")
+@router.delete("/v1/subspaces/{name}", responses=documented(400, 404, 422), tags=["subspaces"], summary="Stop serving a mode and delete its pack")
 async def delete_subspace(name: str, request: Request):
     st = _st(request)
     _known_pack(st, name)
@@ -93,7 +93,7 @@ async def delete_subspace(name: str, request: Request):
 
 
 @router.get("/v1/subspaces/{name}/export", tags=["subspaces"], summary="A pack as a tar archive",
-            response_class=Response, responses={200: {"content": {"application/x-tar": {}}}})
+            response_class=Response, responses={200: {"content": {"application/x-tar": {}}}, **documented(400, 404, 422)})
 async def export_subspace(name: str, request: Request):
     st = _st(request)
     _known_pack(st, name)
@@ -101,7 +101,7 @@ async def export_subspace(name: str, request: Request):
                     headers={"content-disposition": f'attachment; filename="{name}.tar"'})
 
 
-@router.post("/v1/subspaces/import", tags=["subspaces"], status_code=201,
+@router.post("/v1/subspaces/import", responses=documented(400, 409, 413, 422), tags=["subspaces"], status_code=201,
              summary="Install a pack from a tar archive (multipart field `file`, optional field `name`)")
 async def import_subspace(request: Request):
     st = _st(request)
@@ -160,7 +160,7 @@ async def _upload(request: Request, field: str) -> tuple[bytes, str | None]:
 _FORM_LISTS = {"layers": int, "kinds": str}
 
 
-@router.post("/v1/subspaces", tags=["subspaces"], status_code=202,
+@router.post("/v1/subspaces", responses=documented(400, 404, 409, 413, 422, 429), tags=["subspaces"], status_code=202,
              summary="Upload a calibration set: starts a calibrate job whose pack is served when it succeeds",
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": SubspaceCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
@@ -289,7 +289,7 @@ def _check_adapter_name(st, name: str | None, param: str) -> None:
         raise APIError(409, f"an adapter named {name!r} is already loaded", param)
 
 
-@router.post("/v1/jobs", tags=["jobs"], status_code=202, summary="Queue a calibrate, generate, distill, evaluate or pipeline job")
+@router.post("/v1/jobs", responses=documented(400, 404, 409, 422, 429), tags=["jobs"], status_code=202, summary="Queue a calibrate, generate, distill, evaluate or pipeline job")
 async def create_job(body: Annotated[JobCreate, Field(discriminator="kind")], request: Request):
     return submit(_st(request), body.kind, body.params.model_dump())
 
@@ -303,7 +303,7 @@ def _job(st, job_id: str) -> dict:
     return job
 
 
-@router.get("/v1/jobs", tags=["jobs"], summary="Recent jobs, newest first")
+@router.get("/v1/jobs", responses=documented(400, 422), tags=["jobs"], summary="Recent jobs, newest first")
 async def list_jobs(request: Request, state: str | None = None, limit: int = 100):
     if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
         raise APIError(422, f"field 'state': unknown state {state!r}", "state")
@@ -312,12 +312,12 @@ async def list_jobs(request: Request, state: str | None = None, limit: int = 100
     return {"object": "list", "data": _st(request).jobs.list(state, limit)}
 
 
-@router.get("/v1/jobs/{job_id}", tags=["jobs"], summary="A job: state, progress, timings, result, error")
+@router.get("/v1/jobs/{job_id}", responses=documented(400, 404), tags=["jobs"], summary="A job: state, progress, timings, result, error")
 async def get_job(job_id: str, request: Request):
     return _job(_st(request), job_id)
 
 
-@router.delete("/v1/jobs/{job_id}", tags=["jobs"],
+@router.delete("/v1/jobs/{job_id}", responses=documented(400, 404, 409), tags=["jobs"],
                summary="Cancel a queued or running job; delete a finished one with its files")
 async def cancel_or_delete_job(job_id: str, request: Request):
     st = _st(request)
@@ -330,7 +330,7 @@ async def cancel_or_delete_job(job_id: str, request: Request):
     raise APIError(409, f"job {job_id!r} is {st.jobs.get(job_id)['state']}", "id")
 
 
-@router.get("/v1/jobs/{job_id}/artifact", tags=["jobs"], summary="The job's artifact: corpus JSONL, report JSON or adapter tar",
+@router.get("/v1/jobs/{job_id}/artifact", responses=documented(400, 404, 409), tags=["jobs"], summary="The job's artifact: corpus JSONL, report JSON or adapter tar",
             response_class=Response)
 async def job_artifact(job_id: str, request: Request):
     st = _st(request)
@@ -362,7 +362,7 @@ async def list_adapters(request: Request):
             "available": available}
 
 
-@router.post("/v1/adapters", tags=["adapters"], status_code=201,
+@router.post("/v1/adapters", responses=documented(400, 404, 409, 422), tags=["adapters"], status_code=201,
              summary="Hot-load a PEFT adapter from the adapters dir (`directory`) or a finished job (`job_id`)")
 async def load_adapter(body: AdapterLoad, request: Request):
     st = _st(request)
@@ -387,7 +387,7 @@ async def load_adapter(body: AdapterLoad, request: Request):
     return {"name": body.name, "loaded": True}
 
 
-@router.delete("/v1/adapters/{name}", tags=["adapters"], summary="Unload an adapter (requests already running keep it)")
+@router.delete("/v1/adapters/{name}", responses=documented(400, 404, 422), tags=["adapters"], summary="Unload an adapter (requests already running keep it)")
 async def unload_adapter(name: str, request: Request):
     st = _st(request)
     if name not in st.adapters():
