@@ -75,8 +75,13 @@ async def get_subspace(name: str, request: Request):
         pack = st.store.load(name)
     except PackError as e:
         raise APIError(409, f"subspace {name!r} is invalid: {e}", "name") from None
+
+    def ratio(s) -> float | None:  # None (JSON null) where there is no spectrum (a random pack's is zeros)
+        pr = participation_ratio(s)
+        return round(pr, 3) if math.isfinite(pr) else None
+
     spectrum = {f"{layer}.{kind}.g{g}": {"singular_values": [round(v, 6) for v in s.tolist()],
-                                         "participation_ratio": round(participation_ratio(s), 3)}
+                                         "participation_ratio": ratio(s)}
                 for (layer, kind), groups in pack.spectra.items() for g, s in enumerate(groups)}
     return {"name": name, "loaded": name in st.capabilities(), "manifest": pack.manifest.model_dump(),
             "spectrum": spectrum}

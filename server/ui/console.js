@@ -103,6 +103,7 @@ async function connect(key) {
     return;
   }
   localStorage.setItem(KEY_ITEM, key || "");
+  say($("#auth-msg"), "");
   $("#auth").hidden = true;
   $("#tabs").hidden = false;
   $("#forget-key").hidden = !S.key;
@@ -294,9 +295,12 @@ function drawSpectrum() {
   const [layerKind, group] = [site.replace(/\.g\d+$/, ""), Number(site.split(".g").pop())];
   const rank = (pack.manifest.ranks[layerKind] || [])[group];
   if (!total) return box.replaceChildren(el("p", { class: "muted", text: `no spectrum at ${site} (a ${pack.manifest.method} subspace has none); rank ${rank}` }));
-  const frac = energy.map((e) => e / total);
+  // the head of the spectrum is what matters: the first max(4 x rank, 32) components are drawn
+  const all = energy.map((e) => e / total);
   let acc = 0;
-  const cum = frac.map((f) => (acc += f));
+  const cumAll = all.map((f) => (acc += f));
+  const shown = Math.min(all.length, Math.max(4 * (rank || 0), 32));
+  const frac = all.slice(0, shown), cum = cumAll.slice(0, shown);
   const W = 560, H = 220, L = 44, R = 40, T = 10, B = 30, n = frac.length, w = (W - L - R) / n;
   const top = Math.max(...frac);
   const y = (v) => T + (H - T - B) * (1 - v / top), yc = (v) => T + (H - T - B) * (1 - v);
@@ -310,7 +314,8 @@ function drawSpectrum() {
     axis(W - R, T, H - B, [0, 0.5, 1].map((v) => [yc(v), `${100 * v}%`]), "end"),
     svg("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }),
     [1, Math.round(n / 2), n].map((i) => svg("text", { x: L + (i - 0.5) * w, y: H - B + 14, class: "tick", "text-anchor": "middle" }, String(i))),
-    svg("text", { x: (W + L - R) / 2, y: H - 3, class: "tick", "text-anchor": "middle" }, "component (bars: energy share, left; line: cumulative, right)"));
+    svg("text", { x: (W + L - R) / 2, y: H - 3, class: "tick", "text-anchor": "middle" },
+      `component${shown < all.length ? ` (first ${shown} of ${all.length})` : ""}: bars energy share (left), line cumulative (right)`));
   box.replaceChildren(plot, el("p", { class: "muted small", text: `participation ratio ${pack.spectrum[site].participation_ratio}` }));
 }
 
