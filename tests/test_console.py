@@ -88,6 +88,10 @@ def test_the_console_is_public_static_files_served_by_the_server_while_the_api_n
     for f in ("console.js", "console.css"):
         assert httpx.get(f"{server.url}/ui/{f}").status_code == 200
     assert httpx.get(f"{server.url}/v1/subspaces").status_code == 401
+    with server.client() as http:  # what the page shows of a random pack: no spectrum (not a NaN)
+        shown = http.get("/v1/subspaces/rnd")
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["spectrum"]["0.k.g0"]["participation_ratio"] is None
 
 
 def test_the_page_loads_asks_for_the_key_once_and_shows_every_tab_with_no_console_errors(page, server):
@@ -165,7 +169,8 @@ def test_the_playground_streams_one_column_per_mode_and_strength_and_a_mode_chan
         assert "48 tokens" in cols.nth(i).locator(".foot").inner_text()
     assert outs[0].strip() and outs[2].strip() and outs[0] != outs[2], outs
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    box = page.locator("#play-columns").bounding_box()  # the page down to the columns' bottom edge
+    page.screenshot(path=str(SCREENSHOT), clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16})
 
     # a raw prompt, the same way
     page.check("input[name=play-kind][value=raw]")

@@ -4,7 +4,7 @@
 
 const API = new URL("..", location.href);  // the server root (the page is served at <root>/ui/)
 const KEY_ITEM = "spd.apiKey";
-const S = { key: null, model: null, modes: [], jobs: new Map(), poll: null, running: [] };
+const S = { key: null, model: null, modes: [], jobs: new Map(), cancelling: new Set(), poll: null, running: [] };
 
 // ------------------------------------------------------------------ small DOM helpers
 
@@ -417,7 +417,8 @@ function jobRow(j) {
     el("td", { class: j.error ? "error small" : "small", text: result, title: result }),
     el("td", { class: "actions" },
       j.state === "succeeded" && j.artifact ? el("button", { type: "button", class: "link", text: "artifact", onclick: () => download(j) }) : null,
-      j.state === "queued" || j.state === "running" ? el("button", { type: "button", class: "link danger", text: "cancel", onclick: () => cancel(j) }) : null));
+      j.state === "running" && S.cancelling.has(j.id) ? el("span", { class: "muted", text: "cancelling…" })
+        : j.state === "queued" || j.state === "running" ? el("button", { type: "button", class: "link danger", text: "cancel", onclick: () => cancel(j) }) : null));
 }
 
 function summary(result) {
@@ -425,9 +426,11 @@ function summary(result) {
   return parts.join(", ").slice(0, 200);
 }
 
+// A running step stops at its next checkpoint: the row says "cancelling…" until the state changes.
 async function cancel(j) {
   try {
     await api(`v1/jobs/${encodeURIComponent(j.id)}`, { method: "DELETE" });
+    S.cancelling.add(j.id);
   } catch (e) {
     say($("#jobs-msg"), e.message);
   }
@@ -488,19 +491,19 @@ async function refreshAdapters() {
   const loaded = ad.data.map((a) => a.name);
   const rows = [
     ...ad.data.map((a) => el("tr", {}, el("td", {}, el("b", { text: a.name })), el("td", { class: "ok", text: "loaded" }),
-      el("td", {}, el("button", { type: "button", class: "link danger", text: "unload", onclick: () => adapterCall(`v1/adapters/${encodeURIComponent(a.name)}`, "DELETE") })))),
+      el("td", {}, el("button", { type: "button", class: "link danger", text: "unload", onclick: () => adapterCall(`unloaded ${a.name}`, `v1/adapters/${encodeURIComponent(a.name)}`, "DELETE") })))),
     ...ad.available.filter((n) => !loaded.includes(n)).map((n) => el("tr", {}, el("td", { text: n }), el("td", { class: "muted", text: "in the adapters dir" }),
-      el("td", {}, el("button", { type: "button", class: "link", text: "load", onclick: () => adapterCall("v1/adapters", "POST", { name: n, directory: n }) })))),
+      el("td", {}, el("button", { type: "button", class: "link", text: "load", onclick: () => adapterCall(`loaded ${n}`, "v1/adapters", "POST", { name: n, directory: n }) })))),
   ];
   $("#ad-table tbody").replaceChildren(...rows);
   if (!rows.length) $("#ad-table tbody").append(el("tr", {}, el("td", { colspan: 3, class: "muted", text: "no adapters" })));
 }
 
-async function adapterCall(path, method, body) {
+async function adapterCall(done, path, method, body) {
   const msg = $(".msg", $("#ad-form"));
   try {
     await (body ? sendJSON(path, method, body) : api(path, { method }));
-    say(msg, "done", true);
+    say(msg, done, true);
   } catch (e) {
     say(msg, e.message);
   }
@@ -524,7 +527,7 @@ document.addEventListener("DOMContentLoaded", () => {
     ev.preventDefault();
     const f = new FormData(ev.target);
     if (!f.get("job_id")) return say($(".msg", ev.target), "no finished distill or pipeline job to load from");
-    adapterCall("v1/adapters", "POST", { name: f.get("name"), job_id: f.get("job_id") });
+    adapterCall(`loaded ${f.get("name")} from ${f.get("job_id")}`, "v1/adapters", "POST", { name: f.get("name"), job_id: f.get("job_id") });
   });
   const saved = localStorage.getItem(KEY_ITEM);
   if (saved === null) unauthorized("");  // first visit: ask for the key once
