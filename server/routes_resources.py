@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import shutil
 import tarfile
 from typing import Annotated
@@ -50,13 +51,13 @@ def _summary(st, name: str) -> dict:
             "rank_rule": m.rank_rule, "created": m.created}
 
 
-def _known_pack(st, name: str) -> None:
+def _known_pack(st, name: str, param: str = "name") -> None:
     try:
         st.store.path(name)
     except ValueError as e:
-        raise APIError(422, str(e), "name") from None
+        raise APIError(422, str(e), param) from None
     if name not in st.store.names():
-        raise not_found("subspace", name, st.store.names(), "name")
+        raise not_found("subspace", name, st.store.names(), param)
 
 
 @router.get("/v1/subspaces", tags=["subspaces"], summary="Every pack in the store, and whether it is served")
@@ -75,11 +76,40 @@ async def get_subspace(name: str, request: Request):
         pack = st.store.load(name)
     except PackError as e:
         raise APIError(409, f"subspace {name!r} is invalid: {e}", "name") from None
+
+    def ratio(s) -> float | None:  # None (JSON null) where there is no spectrum (a random pack's is zeros)
+        pr = participation_ratio(s)
+        return round(pr, 3) if math.isfinite(pr) else None
+
     spectrum = {f"{layer}.{kind}.g{g}": {"singular_values": [round(v, 6) for v in s.tolist()],
-                                         "participation_ratio": round(participation_ratio(s), 3)}
+                                         "participation_ratio": ratio(s)}
                 for (layer, kind), groups in pack.spectra.items() for g, s in enumerate(groups)}
     return {"name": name, "loaded": name in st.capabilities(), "manifest": pack.manifest.model_dump(),
             "spectrum": spectrum}
+
+
+@router.get("/v1/subspaces/{name}/angles/{other}", responses=documented(400, 404, 409, 422), tags=["subspaces"],
+            summary="Principal angles (degrees, ascending) between two packs at every site and group they share")
+async def subspace_angles(name: str, other: str, request: Request):
+    from spd_engine.subspace import principal_angles
+
+    st = _st(request)
+    _known_pack(st, name)
+    _known_pack(st, other, "other")
+
+    def compute() -> dict[str, list[float]]:  # off the event loop: loading and SVDs take a moment
+        packs = []
+        for n, param in ((name, "name"), (other, "other")):
+            try:
+                packs.append(st.store.load(n))
+            except PackError as e:
+                raise APIError(409, f"subspace {n!r} is invalid: {e}", param) from None
+        return principal_angles(*packs)
+
+    angles = await asyncio.to_thread(compute)
+    return {"a": name, "b": other, "angles": {site: [round(x, 4) for x in v] for site, v in angles.items()},
+            "mean_cos2": {site: round(sum(math.cos(math.radians(x)) ** 2 for x in v) / len(v), 6)
+                          for site, v in angles.items() if v}}
 
 
 @router.delete("/v1/subspaces/{name}", responses=documented(400, 404, 422), tags=["subspaces"], summary="Stop serving a mode and delete its pack")
