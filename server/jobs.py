@@ -137,8 +137,9 @@ class JobContext:
 
     def advance(self, n: int = 1) -> None:
         self.check()
-        self.done = min(self.total, self.done + n) if self.total else self.done + n
-        self.store.update(self.id, done=self.done)
+        if n:
+            self.done = min(self.total, self.done + n) if self.total else self.done + n
+            self.store.update(self.id, done=self.done)
 
     def set_done(self, done: int) -> None:
         self.done = done

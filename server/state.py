@@ -4,6 +4,7 @@ generate and evaluate jobs join the continuous batch that serves live traffic.""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -58,9 +59,14 @@ class EngineClientBackend(Backend):
     def generate(self, requests: list[GenerationRequest], progress: Progress | None = None) -> list[Completion]:
         fut = asyncio.run_coroutine_threadsafe(self._all(requests, progress), self.server.loop)
         try:
-            return fut.result()
+            while True:
+                try:
+                    return fut.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
+                    if progress:
+                        progress(0)  # nothing new; a cancelled job's progress callback raises here
         except BaseException:
-            fut.cancel()  # a cancelled job: abort what is still running
+            fut.cancel()  # a cancelled job: its requests are aborted in the engine
             raise
 
     async def _all(self, requests: list[GenerationRequest], progress: Progress | None) -> list[Completion]:

@@ -66,7 +66,10 @@ def generate_corpus(backend: Backend, kind: Kind, examples: list[Example], out: 
             reqs = [GenerationRequest(text_prompt_ids(backend.tokenizer, m), capability=capability, strength=strength,
                                       max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                       stop=tuple(stop)) for m in messages]
-            for ex, m, c in zip(part, messages, backend.generate(reqs)):
+            # progress(0) while the chunk runs: nothing is counted until its rows are written, but a
+            # caller that wants to stop (a cancelled job) can raise from it
+            alive = (lambda n: progress(0)) if progress else None
+            for ex, m, c in zip(part, messages, backend.generate(reqs, progress=alive)):
                 row = {"id": ex.id, "prompt": m, "completion": c.text, "finish_reason": c.finish_reason,
                        "n_tokens": len(c.token_ids), "provenance": provenance}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
