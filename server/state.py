@@ -167,10 +167,12 @@ class SPDServer:
 
     def capabilities(self) -> list[str]:
         """The store's packs that are valid for the served model."""
+        from .vllm_plugin import PLUGIN
+
         out = []
         for name in self.store.names():
             try:
-                self.store.load(name, self.model_info)
+                PLUGIN.front.digest(self.store, name, self.model_info)  # validated once per content
             except (PackError, KeyError, ValueError):
                 continue
             out.append(name)
