@@ -20,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG
@@ -135,6 +136,33 @@ def mount_console(app) -> None:
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="spd-console")
 
 
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+
+
+def answer_other_methods(app, router) -> None:
+    """For each path of `router`, a 405 listing in `Allow` exactly the methods the path serves
+    (Starlette's own 405 names only the first route matching the path)."""
+    from fastapi.routing import APIRoute
+
+    from .errors import response
+
+    served: dict[str, set[str]] = {}
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            served.setdefault(route.path, set()).update(route.methods)
+    def not_allowed(allow: str):
+        async def handler(request: Request):
+            return response(405, f"method {request.method} is not allowed here; allowed: {allow}", None,
+                            {"allow": allow})
+
+        return handler
+
+    for path, methods in sorted(served.items(), key=lambda pm: "{" in pm[0]):  # /x/import before /x/{name}
+        allow = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+        app.add_api_route(path, not_allowed(allow), methods=sorted(HTTP_METHODS - methods - {"HEAD"}),
+                          include_in_schema=False)
+
+
 class SPDEndpoints:
     """The endpoint plugin (vLLM instantiates it with no arguments)."""
 
@@ -145,6 +173,7 @@ class SPDEndpoints:
         from . import errors, routes_resources
 
         app.include_router(routes_resources.router)
+        answer_other_methods(app, routes_resources.router)
         app.add_middleware(OpenAIGuard)
         errors.install(app)
         app.router.lifespan_context = _with_shutdown(app.router.lifespan_context)

@@ -9,7 +9,8 @@ from pydantic import BaseModel
 
 from .state import AdapterError
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+          409: "ConflictError",
           413: "RequestTooLargeError", 422: "UnprocessableEntityError", 429: "TooManyRequestsError"}
 
 
@@ -24,6 +25,12 @@ class ErrorBody(BaseModel):
     error: ErrorInfo
 
 
+class UnparsableBody(BaseModel):
+    """What FastAPI answers (through vLLM's handler) to a body it cannot parse at all."""
+
+    detail: str
+
+
 _WHY = {400: "malformed request (the field is named)", 404: "no such resource", 409: "conflicts with the current state",
         413: "upload too large", 422: "well-formed but unusable input (the field is named)",
         429: "too many queued jobs (see Retry-After)"}
@@ -31,7 +38,7 @@ _WHY = {400: "malformed request (the field is named)", 404: "no such resource", 
 
 def documented(*codes: int) -> dict:
     """The error responses a route can give, for its OpenAPI entry."""
-    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
+    return {c: {"model": ErrorBody | UnparsableBody if c == 400 else ErrorBody, "description": _WHY[c]} for c in codes}
 
 
 class APIError(Exception):

@@ -6,9 +6,9 @@ import io
 import math
 import shutil
 import tarfile
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import Field, ValidationError
@@ -20,10 +20,14 @@ from . import steps
 from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, documented, not_found
 from .jobs import FINAL
-from .schemas import AdapterLoad, JobCreate, SubspaceCreate
+from .schemas import NAME_PATTERN, AdapterLoad, JobCreate, SubspaceCreate
 from .state import SPDServer
 
 router = APIRouter()
+
+PackName = Annotated[str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 
@@ -67,7 +71,7 @@ async def list_subspaces(request: Request):
 
 
 @router.get("/v1/subspaces/{name}", responses=documented(400, 404, 409, 422), tags=["subspaces"], summary="A pack's manifest and spectrum")
-async def get_subspace(name: str, request: Request):
+async def get_subspace(name: PackName, request: Request):
     from spd_engine.calibrate import participation_ratio
 
     st = _st(request)
@@ -90,7 +94,7 @@ async def get_subspace(name: str, request: Request):
 
 @router.get("/v1/subspaces/{name}/angles/{other}", responses=documented(400, 404, 409, 422), tags=["subspaces"],
             summary="Principal angles (degrees, ascending) between two packs at every site and group they share")
-async def subspace_angles(name: str, other: str, request: Request):
+async def subspace_angles(name: PackName, other: PackName, request: Request):
     from spd_engine.subspace import principal_angles
 
     st = _st(request)
@@ -113,7 +117,7 @@ async def subspace_angles(name: str, other: str, request: Request):
 
 
 @router.delete("/v1/subspaces/{name}", responses=documented(400, 404, 422), tags=["subspaces"], summary="Stop serving a mode and delete its pack")
-async def delete_subspace(name: str, request: Request):
+async def delete_subspace(name: PackName, request: Request):
     st = _st(request)
     _known_pack(st, name)
     with st.lock:
@@ -124,7 +128,7 @@ async def delete_subspace(name: str, request: Request):
 
 @router.get("/v1/subspaces/{name}/export", tags=["subspaces"], summary="A pack as a tar archive",
             response_class=Response, responses={200: {"content": {"application/x-tar": {}}}, **documented(400, 404, 422)})
-async def export_subspace(name: str, request: Request):
+async def export_subspace(name: PackName, request: Request):
     st = _st(request)
     _known_pack(st, name)
     return Response(export_pack(st.store, name), media_type="application/x-tar",
@@ -132,7 +136,13 @@ async def export_subspace(name: str, request: Request):
 
 
 @router.post("/v1/subspaces/import", responses=documented(400, 409, 413, 422), tags=["subspaces"], status_code=201,
-             summary="Install a pack from a tar archive (multipart field `file`, optional field `name`)")
+             summary="Install a pack from a tar archive (multipart field `file`, optional field `name`)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                                                    "properties": {
+                     "file": {"type": "string", "format": "binary", "description": "a pack exported as a tar archive"},
+                     "name": {"type": "string", "pattern": NAME_PATTERN, "description": "install under this name"}}}},
+                 "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
 async def import_subspace(request: Request):
     st = _st(request)
     data, rename = await _upload(request, "file")
@@ -194,12 +204,17 @@ _FORM_LISTS = {"layers": int, "kinds": str}
              summary="Upload a calibration set: starts a calibrate job whose pack is served when it succeeds",
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": SubspaceCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
-                 "multipart/form-data": {"schema": {"type": "object", "required": ["name", "kind", "file"], "properties": {
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["name", "kind", "file"],
+                                                    "additionalProperties": False, "properties": {
                      "file": {"type": "string", "format": "binary", "description": "calibration JSONL (project schema)"},
-                     "name": {"type": "string"}, "kind": {"type": "string"}, "layers": {"type": "string", "description": "e.g. 15,29"},
-                     "kinds": {"type": "string", "description": "k,v"}, "granularity": {"type": "string"},
-                     "method": {"type": "string"}, "rank": {"type": "integer"}, "energy": {"type": "number"},
-                     "limit": {"type": "integer"}}}}}}})
+                     "name": {"type": "string", "pattern": NAME_PATTERN},
+                     "kind": {"type": "string", "enum": ["math", "mcq", "code", "custom"]},
+                     "layers": {"type": "string", "pattern": r"^[0-9]{1,4}(,[0-9]{1,4})*$", "description": "e.g. 15,29"},
+                     "kinds": {"type": "string", "enum": ["k", "v", "k,v", "v,k"]},
+                     "granularity": {"type": "string", "enum": ["layer", "head"]},
+                     "method": {"type": "string", "enum": ["gradient", "random", "activation-pca"]},
+                     "rank": {"type": "integer", "minimum": 1}, "energy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                     "limit": {"type": "integer", "minimum": 1}}}}}}})
 async def create_subspace(request: Request):
     st = _st(request)
     await _read_capped(request)
@@ -334,22 +349,18 @@ def _job(st, job_id: str) -> dict:
 
 
 @router.get("/v1/jobs", responses=documented(400, 422), tags=["jobs"], summary="Recent jobs, newest first")
-async def list_jobs(request: Request, state: str | None = None, limit: int = 100):
-    if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
-        raise APIError(422, f"field 'state': unknown state {state!r}", "state")
-    if not 1 <= limit <= 1000:
-        raise APIError(422, "field 'limit': must be in 1..1000", "limit")
+async def list_jobs(request: Request, state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100):
     return {"object": "list", "data": _st(request).jobs.list(state, limit)}
 
 
 @router.get("/v1/jobs/{job_id}", responses=documented(400, 404), tags=["jobs"], summary="A job: state, progress, timings, result, error")
-async def get_job(job_id: str, request: Request):
+async def get_job(job_id: JobId, request: Request):
     return _job(_st(request), job_id)
 
 
 @router.delete("/v1/jobs/{job_id}", responses=documented(400, 404, 409), tags=["jobs"],
                summary="Cancel a queued or running job; delete a finished one with its files")
-async def cancel_or_delete_job(job_id: str, request: Request):
+async def cancel_or_delete_job(job_id: JobId, request: Request):
     st = _st(request)
     job = _job(st, job_id)
     if job["state"] not in FINAL and st.worker.cancel(job_id):
@@ -362,7 +373,7 @@ async def cancel_or_delete_job(job_id: str, request: Request):
 
 @router.get("/v1/jobs/{job_id}/artifact", responses=documented(400, 404, 409), tags=["jobs"], summary="The job's artifact: corpus JSONL, report JSON or adapter tar",
             response_class=Response)
-async def job_artifact(job_id: str, request: Request):
+async def job_artifact(job_id: JobId, request: Request):
     st = _st(request)
     job = _job(st, job_id)
     if job["state"] != "succeeded" or not job["artifact"]:
@@ -396,8 +407,6 @@ async def list_adapters(request: Request):
              summary="Hot-load a PEFT adapter from the adapters dir (`directory`) or a finished job (`job_id`)")
 async def load_adapter(body: AdapterLoad, request: Request):
     st = _st(request)
-    if (body.directory is None) == (body.job_id is None):
-        raise APIError(422, "give exactly one of 'directory' or 'job_id'", "directory")
     _check_adapter_name(st, body.name, "name")
     if body.directory is not None:
         path = st.adapter_dir(body.directory)
@@ -418,7 +427,7 @@ async def load_adapter(body: AdapterLoad, request: Request):
 
 
 @router.delete("/v1/adapters/{name}", responses=documented(400, 404, 422), tags=["adapters"], summary="Unload an adapter (requests already running keep it)")
-async def unload_adapter(name: str, request: Request):
+async def unload_adapter(name: PackName, request: Request):
     st = _st(request)
     if name not in st.adapters():
         raise not_found("adapter", name, st.adapters(), "name")

@@ -2,13 +2,19 @@
 schema. The OpenAI routes and their models are vLLM's own."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spd_engine.paths import check_name
 
-Name = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule as spd_engine.paths.check_name
+Name = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+ModeName = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+
+
+def _exactly_one(*fields: str) -> dict:
+    """JSON schema: exactly one of `fields` is given (and not null)."""
+    return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
 
 
 class _Strict(BaseModel):
@@ -26,9 +32,18 @@ class DataSpec(_Strict):
 
     data: str | None = Field(default=None, description="JSONL text, one example per line (project schema)")
     examples: list[dict[str, Any]] | None = Field(default=None, description="examples as JSON objects (project schema)")
-    dataset: str | None = Field(default=None, max_length=128, pattern=r"^(gsm8k|humaneval|bigbench(/[A-Za-z0-9_.-]+){1,2})$",
+    dataset: str | None = Field(default=None, max_length=128,
+                                pattern=r"^(gsm8k|humaneval|bigbench(/[A-Za-z0-9_][A-Za-z0-9_.-]*){1,2})$",
                                 description="a shared data set: gsm8k, humaneval, bigbench/<task>[/<subtask>]")
     limit: int | None = Field(default=None, ge=1)
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("data", "examples", "dataset"))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(v is not None for v in (self.data, self.examples, self.dataset)) != 1:
+            raise ValueError("give exactly one of 'data' (JSONL text), 'examples' (list) or 'dataset'")
+        return self
 
 
 class CalibrationParams(_Strict):
@@ -50,7 +65,16 @@ class AdapterLoad(_Strict):
     name: str = Name
     directory: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                   description="a directory inside the server's adapters dir")
-    job_id: str | None = Field(default=None, max_length=64, description="a succeeded distill or pipeline job")
+    job_id: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN,
+                               description="a succeeded distill or pipeline job")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("directory", "job_id"))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.directory is None) == (self.job_id is None):
+            raise ValueError("give exactly one of 'directory' or 'job_id'")
+        return self
 
 
 class CalibrateJob(_Strict):
@@ -61,22 +85,15 @@ class CalibrateJob(_Strict):
 class GenerateParams(_Strict):
     task_kind: TaskKind
     prompts: DataSpec
-    capability: list[str] = Field(default_factory=list)
+    capability: list[ModeName] = Field(default_factory=list, max_length=8)
     strength: float = Field(default=1.0, ge=0.0, le=1.0)
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = None
-
-    @field_validator("capability")
-    @classmethod
-    def _names(cls, v):
-        for n in v:
-            check_name(n, "capability name")
-        return v
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)  # bounds exact in JSON (a float) too
 
 
 class DistillParams(_Strict):
-    corpus_job: str = Field(max_length=64, description="a succeeded generate (or pipeline) job")
+    corpus_job: str = Field(max_length=64, pattern=NAME_PATTERN, description="a succeeded generate (or pipeline) job")
     adapter_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                      description="hot-load the adapter under this name when done")
     epochs: int = Field(default=5, ge=1, le=100)
@@ -91,10 +108,10 @@ class DistillParams(_Strict):
 class EvaluateParams(_Strict):
     task_kind: TaskKind
     data: DataSpec
-    capability: list[str] = Field(default_factory=list)
+    capability: list[ModeName] = Field(default_factory=list, max_length=8)
     strength: float = Field(default=1.0, ge=0.0, le=1.0)
-    adapter: str | None = Field(default=None, max_length=64)
-    max_tokens: int = Field(default=256, ge=1)
+    adapter: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN)
+    max_tokens: int = Field(default=256, ge=1, le=4096)
 
 
 class PipelineParams(_Strict):

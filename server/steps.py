@@ -30,10 +30,7 @@ def prepare_data(spec: dict, kind: str, job_dir: Path, role: str, allow_code: bo
     """Write an inline data spec into the job dir and validate it; a DataError names `role:line`.
     Inline rows with their own unit tests are refused unless the operator allows client code
     (SPD_ALLOW_CLIENT_CODE): scoring them runs that code on the server."""
-    given = [k for k in ("data", "examples", "dataset") if spec.get(k) is not None]
-    if len(given) != 1:
-        raise DataError(f"{role}: give exactly one of 'data' (JSONL text), 'examples' (list) or 'dataset'")
-    if spec.get("dataset"):
+    if spec.get("dataset"):  # exactly one source: DataSpec checked it
         source = {"dataset": spec["dataset"], "limit": spec.get("limit")}
     else:
         text = spec["data"] if spec.get("data") is not None else "\n".join(json.dumps(e) for e in spec["examples"])
