@@ -6,6 +6,7 @@ import io
 import math
 import shutil
 import tarfile
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -365,6 +366,10 @@ async def cancel_or_delete_job(job_id: JobId, request: Request):
     job = _job(st, job_id)
     if job["state"] not in FINAL and st.worker.cancel(job_id):
         return st.jobs.get(job_id)
+    job_dir = (st.settings.jobs_dir / job_id).resolve()
+    serving = [n for n, p in st.adapter_paths().items() if Path(p).resolve().is_relative_to(job_dir)]
+    if serving:
+        raise APIError(409, f"job {job_id!r} holds the loaded adapter {serving[0]!r}: unload it first", "id")
     if st.jobs.delete(job_id):  # finished (maybe just now: then it is deleted, as asked)
         shutil.rmtree(st.settings.jobs_dir / job_id, ignore_errors=True)
         return {"id": job_id, "deleted": True}

@@ -212,7 +212,11 @@ BAD = [
     ("get", "/v1/jobs/job-nope/artifact", {}, 404, "id"),
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "../../etc"}}, 400, None),
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "missing"}}, 404, "directory"),
-    ("post", "/v1/adapters", {"json": {"name": "a1"}}, 422, "directory"),
+    ("post", "/v1/adapters", {"json": {"name": "a1"}}, 400, None),
+    ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "a", "job_id": "b"}}, 400, None),
+    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {}}}}, 400, None),
+    ("get", "/v1/jobs", {"params": {"state": "sleeping"}}, 400, "state"),
+    ("put", "/v1/subspaces", {}, 405, None),
     ("delete", "/v1/adapters/ghost", {}, 404, "name"),
     ("post", "/v1/subspaces/import", {"content": b"not a tar at all", "headers": {"content-type": "application/x-tar"}}, 422, "file"),
 ]

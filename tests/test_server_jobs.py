@@ -41,8 +41,11 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             tuned = oai.chat.completions.create(model="pipe-lora", messages=msgs, temperature=0, max_tokens=12)
             assert tuned.choices[0].message.content != base.choices[0].message.content
 
-            # a finished job cannot be cancelled; a queued one can, and never runs
+            # a finished job is deleted with its files, but not while its adapter is served
             assert http.delete(f"/v1/jobs/{job['id']}").status_code == 409
+            assert http.delete("/v1/adapters/pipe-lora").status_code == 200
+            assert http.delete(f"/v1/jobs/{job['id']}").json() == {"id": job["id"], "deleted": True}
+            assert not (server.data / "jobs" / job["id"]).exists()
     finally:
         server.stop()
 
