@@ -9,7 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import Field, ValidationError
@@ -26,8 +27,8 @@ from .state import SPDServer
 
 router = APIRouter()
 
-PackName = Annotated[str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+PackName = Annotated[str, PathParam(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+JobId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
