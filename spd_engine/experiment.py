@@ -8,7 +8,8 @@ prompts and evaluation. Conditions, same decoding everywhere:
   spd           generate with the gradient subspace, distil
   spd-random    generate with a random subspace of the same rank, distil
   spd-pca       generate with an activation-PCA subspace (centred) of the same rank, distil
-Every condition is evaluated on every domain's evaluation set (in- and out-of-domain).
+Every condition is evaluated on every domain's evaluation set (in- and out-of-domain); a trained
+condition with its adapter merged into a copy of the weights.
 
 Each trained condition is trained once per training seed (`seeds`; the seed also draws the random
 subspace of spd-random), so the report can say how much of a difference survives another seed.
@@ -385,9 +386,10 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
         corpus = stages.dir("generate", gen_key) / "corpus.jsonl"
         if _hash(gen_key) not in seen_corpora:  # one corpus serves every seed of a greedy, seed-free mode
             seen_corpora.add(_hash(gen_key))
+            # the seed a corpus depends on: a random subspace's draw, or (round 2 on) the previous round's training
+            seeded = _MODE_OF.get(arm.condition) == "random" or arm.round > 1
             corpora.append({"domain": d.name, "arm": replace(arm, seed=None).label, "condition": arm.condition,
-                            "rank": arm.rank, "round": arm.round,
-                            "mode_seed": arm.seed if _MODE_OF.get(arm.condition) == "random" else None,
+                            "rank": arm.rank, "round": arm.round, "seed": arm.seed if seeded else None,
                             **_corpus_quality(d.kind, splits[d.name]["generation"], corpus)})
 
         key = {"corpus": gen_key, "model": model_key[arm], "distill": cfg.distill.model_dump(), "seed": arm.seed}
@@ -409,11 +411,9 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                          "steps": t["steps"], "corpus_tokens": t.get("corpus_tokens"),
                          "trained_tokens": t.get("trained_tokens"), "first_loss": t["first_loss"],
                          "last_loss": t["last_loss"], "seconds": t["seconds"]})
-        if arm.name not in backend.adapters():
-            backend.load_adapter(arm.name, str(adapter_dir[arm]))
 
     def evaluate(backend: HFBackend, arm: Arm, mode: str | None) -> None:
-        adapter = arm.name if arm.condition in TRAINED else None
+        """`backend` serves the arm's model as it is (a trained arm: its adapter already merged in)."""
         capability = (mode,) if arm.condition == "hooks-only" and mode else ()
         for e in cfg.domains:
             if not cfg.out_of_domain and arm.domain is not None and e.name != arm.domain:
@@ -423,20 +423,19 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                 if metric == "letter-accuracy" and e.kind != "mcq":
                     continue  # letters exist only in multiple choice
                 key = {"version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
-                       "mode": calib_key.get(arm) if capability else None, "strength": cfg.strength if capability else 0.0,
+                       "merged": True, "mode": calib_key.get(arm) if capability else None,
+                       "strength": cfg.strength if capability else 0.0,
                        "eval": e.name, "kind": e.kind, "examples": _content(items), "data": sources[e.name],
                        "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
 
                 def do_eval(where: Path, e=e, metric=metric, items=items) -> dict:
                     if metric == "accuracy":
                         r = accuracy(backend, e.kind, items, capability=capability, strength=cfg.strength,
-                                     adapter=adapter, max_tokens=e.max_tokens)
+                                     max_tokens=e.max_tokens)
                     elif metric == "letter-accuracy":
-                        r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength,
-                                            adapter=adapter)
+                        r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength)
                     else:
-                        r = span_nll_eval(backend, e.kind, items, capability=capability, strength=cfg.strength,
-                                          adapter=adapter)
+                        r = span_nll_eval(backend, e.kind, items, capability=capability, strength=cfg.strength)
                     return {"summary": r.summary(), "items": r.items}
 
                 res = stages.run("evaluate", key, do_eval)
@@ -453,14 +452,20 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             mode = modes[arm] if arm in modes else calibrate_mode(backend, arm)
         if arm.condition in TRAINED:
             train(backend, arm, mode)
-        evaluate(backend, arm, mode)
+            # evaluated with its adapter merged into a copy of the weights (the same function as the LoRA
+            # applied on the fly, without peft's per-request adapter dispatch in every layer)
+            trained = _merged_backend(cfg, lineage[arm] + [adapter_dir[arm]],
+                                      {"model": model_key[arm], "adapter": distill_key[arm]})
+            evaluate(trained, arm, None)
+            trained.close()
+        else:
+            evaluate(backend, arm, mode)
 
     all_arms = arms(cfg)
     for arm in all_arms:
         if arm.round == 1:
             model_key[arm], lineage[arm] = ident, []
-    # round 1 on the base model: calibrations first (a mode is calibrated on the plain model, before any
-    # adapter is attached), then corpora, adapters and evaluations
+    # round 1 on the base model: its modes, then per arm its corpus, adapter and evaluations
     for arm in all_arms:
         if arm.round == 1 and arm.condition in _MODE_OF:
             modes[arm] = calibrate_mode(base_backend, arm)
