@@ -5,6 +5,7 @@ angles (plots), stage wall times; JSON beside it."""
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from .stats import holm, mcnemar_exact, one_sample_t, paired_bootstrap, sign_tes
 from .subspace import Store, principal_angles
 
 LOWER_IS_BETTER = {"span-nll"}
+_STATED = re.compile(r"####|answer is|answer:", re.IGNORECASE)
 _ITEM_KEY = {"accuracy": "correct", "letter-accuracy": "correct", "span-nll": "span_nll"}
 
 
@@ -204,6 +206,29 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
                 lines.append(f"| {arm} | {ev}{tag} (n={n}) | {_value_cell(rows)} | {_seed_cell(rows)} | "
                              + " | ".join(cells) + " |")
             lines.append("")
+
+    # ---- what free generation looked like: a score can move because answers got shorter or more explicit
+    acc_groups = [(k, rows) for k, rows in groups.items() if k[3] == "accuracy"
+                  and all("completion" in it for r in rows.values() for it in r["items"])]
+    if acc_groups:
+        lines += ["## Free-generation answers", "",
+                  "Per arm and eval set, averaged over seeds: accuracy, mean completion length (characters), the share "
+                  "of completions that state their answer (`####`, `answer is`; the others are scored on their "
+                  "last number / letter), and the accuracy within each part.", "",
+                  "| arm | eval set | accuracy | mean chars | states its answer | accuracy when stated | "
+                  "accuracy otherwise |", "|---|---|---|---|---|---|---|"]
+        for (arm, dom, ev, _), rows in acc_groups:
+            its = [it for r in rows.values() for it in r["items"]]
+            stated = [it for it in its if _STATED.search(it["completion"])]
+            other = [it for it in its if not _STATED.search(it["completion"])]
+
+            def share(xs):
+                return f"{sum(x['correct'] for x in xs) / len(xs):.3f} (n={len(xs)})" if xs else "-"
+
+            lines.append(f"| {arm} | {ev} | {sum(it['correct'] for it in its) / len(its):.3f} | "
+                         f"{sum(len(it['completion']) for it in its) / len(its):.0f} | {len(stated) / len(its):.2f} | "
+                         f"{share(stated)} | {share(other)} |")
+        lines.append("")
 
     # ---- rank sweep (in domain)
     ranks = sorted({r for _, r, _ in arms_info.values() if r is not None})
