@@ -31,11 +31,18 @@ if str(REPO) not in sys.path:
 
 from spd_engine.atomic import write_json  # noqa: E402
 
-# The vLLM engine settings of every vLLM arm: VLLMBackend's defaults (eager, in-process `uni`
-# executor, prefix caching, 32 sequences), LoRA off unless a benchmark needs it.
-ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 32,
+# The vLLM engine settings of the engine-level arms (bench/engine_worker.py): VLLMBackend's
+# defaults (eager, float32, in-process `uni` executor, prefix caching) with 64 sequences (a batch of
+# 64 in the many-modes benchmark), LoRA off. The servers use `spd serve`'s own defaults instead.
+KV_CACHE_GIB = "2"
+ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 64,
           "enable_prefix_caching": True, "seed": 0}
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+# `spd serve`'s engine: its defaults plus the OpenAI server's CPU scheduler defaults (vLLM 0.32,
+# engine/arg_utils.py: 128 sequences, 2048 batched tokens for OPENAI_API_SERVER on CPU), for an
+# offline `LLM` doing the same work as the server
+SERVER_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 128,
+                 "max_num_batched_tokens": 2048}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
 
 
 # ---------------------------------------------------------------- the machine

@@ -2,18 +2,21 @@
 number of projected layers (2, 8, all; rank d/2), each beside the FLOP-count prediction.
 
 Baseline: the same plugin engine's requests without a mode (nothing is projected then), run right
-before each mode arm. Only the measured mode is loaded while it is measured: `SiteBank.apply`
-multiplies by the whole bank (every loaded mode's columns), so other modes would add to R.
+before each mode arm. Each variant is a pack saved into the plugin engine's store; the worker loads
+it at its first request. Earlier variants stay loaded in the worker (deleting a pack from the store
+does not unload it; the worker keeps up to 64 modes), which does not change a token's cost:
+`SiteBank.apply` projects each group of rows with its own slot's basis only.
 
 The prediction, from `spd_engine/projection.py` `SiteBank.apply`, per token and projected site
-(width w = n_kv_heads x head_dim, R = total rank of the bank at that site):
-    x @ W        (1 x w)(w x R)   2wR
-    * keep       (1 x R)          R
-    @ W.T        (1 x R)(R x w)   2wR
+(width w = n_kv_heads x head_dim, r = the rank of the token's own mode at that site):
+    x @ U        (1 x w)(w x r)   2wr
+    @ U.T        (1 x r)(r x w)   2wr
     x + a(px-x)  (1 x w) x 3      3w
-so 4wR + R + 3w FLOPs per site, against about 2 x params FLOPs per token for the model itself
+so 4wr + 3w FLOPs per site, against about 2 x params FLOPs per token for the model itself
 (every weight is one multiply-add; attention over the context is left out, which makes the
-predicted overhead an upper bound). Predicted ratio = 1 / (1 + projection / model).
+predicted overhead an upper bound). Predicted ratio = 1 / (1 + projection / model). Not in the
+count: the per-step routing on the host (token -> request -> slot, grouping rows by slot), a
+fixed cost per step that weighs most at small batches.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ USES = {"plugin_engine"}
 
 
 def site_flops(width: int, rank: int) -> int:
-    return 4 * width * rank + rank + 3 * width
+    return 4 * width * rank + 3 * width
 
 
 def variants(width: int, n_layers: int) -> list[dict]:
@@ -73,7 +76,7 @@ def run(ctx: Context) -> dict:
     return {
         "settings": {"batch": batch, "max_tokens": tokens, "reps": reps, "ignore_eos": True, "kinds": ["k", "v"],
                      "width_d": width, "n_layers": n_layers, "model_params": params, "basis": "random (cost only)",
-                     "baseline": "the same engine, requests without a mode", "flops_formula": "sites x (4wR + R + 3w)"},
+                     "baseline": "the same engine, requests without a mode", "flops_formula": "sites x (4wr + 3w)"},
         "rows": rows,
         "headline": heads,
     }

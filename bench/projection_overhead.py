@@ -1,7 +1,9 @@
 """1. Projection overhead on vLLM: output tokens/s with every request in one mode (layers 15 and
 29, K and V, rank d/2) / stock vLLM without the plugin (a separate engine process started with
-`VLLM_PLUGINS=`), at batch 1, 8, 32. The plugin engine's own no-mode requests are a third arm:
-what the plugin costs when it is loaded but no request asks for a mode.
+`VLLM_PLUGINS=none`), at batch 1, 8, 32. The plugin arm is the library's VLLMBackend (the mode a
+pack saved into its store; the plugin admits, salts and projects); the stock arm is vLLM's `LLM`
+with the same engine settings, driven by the same loop. The plugin engine's own no-mode requests
+are a third arm: what the plugin costs when it is loaded but no request asks for a mode.
 
 Each request produces exactly `max_tokens` tokens (EOS ignored) and the prefix cache is reset
 before every arm, so every arm does the same work: prefill + decode of the same prompts.
