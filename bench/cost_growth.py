@@ -3,9 +3,9 @@ number of projected layers (2, 8, all; rank d/2), each beside the FLOP-count pre
 
 Baseline: the same plugin engine's requests without a mode (nothing is projected then), run right
 before each mode arm. Each variant is a pack saved into the plugin engine's store; the worker loads
-it at its first request. Earlier variants stay loaded in the worker (deleting a pack from the store
-does not unload it; the worker keeps up to 64 modes), which does not change a token's cost:
-`SiteBank.apply` projects each group of rows with its own slot's basis only.
+it at its first request. Each variant is measured with a worker mode set of its own (deleting a
+pack from the store does not unload it from the worker, and a mode loaded at other layers would
+add a call per layer it covers), so only the measured mode is loaded while it is measured.
 
 The prediction, from `spd_engine/projection.py` `SiteBank.apply`, per token and projected site
 (width w = n_kv_heads x head_dim, r = the rank of the token's own mode at that site):
@@ -53,6 +53,7 @@ def run(ctx: Context) -> dict:
     rows, heads = [], []
     for v in variants(width, n_layers):
         name = f"cg-r{v['rank']}-l{len(v['layers'])}"
+        plugin.call("use_worker_modes", key=name)  # a worker mode set of its own: only this variant loaded
         plugin.call("add_mode", name=name, rank=v["rank"], layers=v["layers"], kinds=["k", "v"])
         sites = 2 * len(v["layers"])
         proj = sites * site_flops(width, v["rank"])
@@ -64,6 +65,7 @@ def run(ctx: Context) -> dict:
         plugin.call("run", batch=batch, max_tokens=2, caps=[[name]] * batch)  # the new bank's first step
         tok_s = interleave({"no_mode": arm([[]] * batch), "mode": arm([[name]] * batch)}, reps, warmup=False)
         plugin.call("remove_mode", name=name)
+        plugin.call("use_worker_modes", key="default")
         r = ratios(tok_s["mode"], tok_s["no_mode"])
         row = {**v, "sites": sites, "projection_flops_per_token": proj, "model_flops_per_token": model_flops,
                "predicted_overhead": proj / model_flops, "predicted_ratio": predicted_ratio,

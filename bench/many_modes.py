@@ -52,6 +52,7 @@ def run(ctx: Context) -> dict:
     n_store = ctx.size(16, 256)
     tokens, reps = ctx.size(4, 24), ctx.size(1, 3)
     names = [f"mm-{i:03d}" for i in range(n_store)]
+    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: no mode of other benchmarks
     added = plugin.call("add_modes", names=names, rank=rank, layers=layers, kinds=["k", "v"])
 
     def spread_over(k):
@@ -83,12 +84,12 @@ def run(ctx: Context) -> dict:
                                style="raw")["tok_s"]
         return f
 
-    plugin.call("use_worker_modes", key="default")
-    loaded = interleave({"many_loaded": in_state("default"), "one_loaded": in_state("one")}, reps)
-    state_one = plugin.call("use_worker_modes", key="one")
-    state_many_after = plugin.call("use_worker_modes", key="default")
+    loaded = interleave({"many_loaded": in_state(NAME), "one_loaded": in_state(f"{NAME}-one")}, reps)
+    state_one = plugin.call("use_worker_modes", key=f"{NAME}-one")
+    state_many_after = plugin.call("use_worker_modes", key=NAME)
     for n in names:
         plugin.call("remove_mode", name=n)
+    plugin.call("use_worker_modes", key="default")
 
     rows, heads = {}, []
     for k in ks:

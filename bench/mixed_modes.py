@@ -25,6 +25,7 @@ def run(ctx: Context) -> dict:
     plugin = ctx.resources.get("plugin_engine")
     width, n = plugin.state["kv_width"], plugin.state["n_layers"]
     layers = sorted({n // 2, n - 1})
+    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only these modes loaded
     for i, m in enumerate(MODES):
         plugin.call("add_mode", name=m, rank=width // 2, layers=layers, kinds=["k", "v"], seed=i)
     batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 3)
@@ -40,8 +41,10 @@ def run(ctx: Context) -> dict:
                         "one_mode_raw": arm(one, "raw"), "mixed_raw": arm(mixed, "raw")}, reps, warmup=False)
     r = ratios(tok_s["mixed"], tok_s["one_mode"])
     r_raw = ratios(tok_s["mixed_raw"], tok_s["one_mode_raw"])
+    worker = plugin.call("worker_modes")
     for m in MODES:
         plugin.call("remove_mode", name=m)
+    plugin.call("use_worker_modes", key="default")
     return {
         "settings": {"batch": batch, "max_tokens": tokens, "reps": reps, "ignore_eos": True, "greedy": True,
                      "modes": {"n": len(MODES), "rank": width // 2, "layers": layers, "kinds": ["k", "v"],
@@ -50,6 +53,7 @@ def run(ctx: Context) -> dict:
                      "prompts": {"chat": "the math task's prompt through the chat template (shared system prompt)",
                                  "raw": "the bare GSM8K question (no shared prefix block)"},
                      "prefix_cache": "reset before every arm; per-mode salts set by the plugin's front end"},
+        "worker_modes": worker,
         "tok_s": tok_s,
         "mixed_over_one_mode": r,
         "mixed_over_one_mode_raw_prompts": r_raw,

@@ -26,6 +26,7 @@ def run(ctx: Context) -> dict:
     width = plugin.state["kv_width"]  # d: n_kv_heads x head_dim (192 on SmolLM2-135M)
     n = plugin.state["n_layers"]
     layers = sorted({n // 2, n - 1})  # the paper's middle and last layers (15, 29)
+    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only this mode loaded
     add = plugin.call("add_mode", name=MODE, rank=width // 2, layers=layers, kinds=["k", "v"])
     batches = ctx.size([1, 8], [1, 8, 32])
     tokens = {1: ctx.size(4, 16), 8: ctx.size(4, 32), 32: ctx.size(4, 16)}  # sized for a 30-min suite on 2 cores
@@ -46,12 +47,15 @@ def run(ctx: Context) -> dict:
         per_batch[str(b)] = {"tok_s": tok_s, "one_mode_over_stock": r, "plugin_no_mode_over_stock": idle}
         heads.append(headline(f"one mode / stock, batch {b}", r, GOAL if b >= 8 else None))
         heads.append(headline(f"plugin loaded, no mode / stock, batch {b}", idle, None))
+    worker = plugin.call("worker_modes")
     plugin.call("remove_mode", name=MODE)
+    plugin.call("use_worker_modes", key="default")
     return {
         "settings": {"batches": batches, "max_tokens_by_batch": tokens, "reps": reps, "ignore_eos": True, "greedy": True,
                      "mode": {"rank": width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random (cost only)"},
                      "prefix_cache": "reset before every arm", "engines": {"plugin": plugin.state, "stock": stock.state}},
         "add_mode_seconds": add["add_seconds"],
+        "worker_modes": worker,
         "results": per_batch,
         "headline": heads,
     }

@@ -162,7 +162,7 @@ def _many_modes(plt, mm: dict):
             label="EasySteer, GPU, batch 256 (published; github.com/ZJU-REAL/EasySteer)")
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 8, 32, 64, 256], ["1", "8", "32", "64", "256"])
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, max(1.15, max(curve[k]["max"] for k in ks) + 0.05))
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xlabel("distinct modes (steering configurations) in the batch")
     ax.set_ylabel("throughput / no steering")

@@ -95,6 +95,21 @@ def save_random_mode(store_dir, name: str) -> dict:
     return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
 
 
+def mode_check(spd_url: str, vllm_url: str, prompt: str) -> dict:
+    """The same greedy completion from spd serve without a mode, in the mode, and from vllm serve:
+    the mode arm must really project (its text differs), the no-mode arm must be vLLM's."""
+    def text(url, extra=None):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                      "temperature": 0.0, **(extra or {})}, timeout=300)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    out = {"prompt": prompt, "spd": text(spd_url), "vllm": text(vllm_url), "spd_mode": text(spd_url, {"capability": MODE})}
+    out["no_mode_equals_vllm"] = out["spd"] == out["vllm"]
+    out["mode_changes_output"] = out["spd_mode"] != out["spd"]
+    return out
+
+
 def run(ctx: Context) -> dict:
     res = ctx.resources
     res.start("spd_server", "vllm_server")
@@ -107,6 +122,7 @@ def run(ctx: Context) -> dict:
     max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 3)
     for srv, extra in targets.values():  # warm-up (and the mode's first load in the worker)
         asyncio.run(load(srv.url, prompts_all[:8], 8, 4, extra))
+    check = mode_check(spd.url, vllm.url, prompts_all[0])
 
     runs = {name: {str(c): [] for c in levels} for name in targets}
     for rnd in range(rounds):
@@ -137,6 +153,7 @@ def run(ctx: Context) -> dict:
                      "greedy": True, "ignore_eos": True,
                      "endpoint": "/v1/completions, raw prompt: the first sentence of a GSM8K question",
                      "servers": {"spd": spd.describe(), "vllm": vllm.describe()}, "mode_arm": mode},
+        "sanity": check,
         "levels": per_level,
         "headline": heads,
     }
