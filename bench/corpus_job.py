@@ -13,7 +13,9 @@ batched tokens; `LLM` would otherwise default to 256 / 4096). All prompts of a r
 Each repetition uses prompts neither engine has seen (the prefix cache is warm for the shared
 system prompt only, in both engines). Ratio: offline seconds / job seconds (= the job's throughput
 / offline throughput; the same greedy work in both arms, checked by the token counts). The job's
-time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s).
+time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s). Also per
+CPU-second: tokens / CPU seconds of the server's processes during the job, and of the `LLM`
+process and its engine core during `LLM.generate`.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def run(ctx: Context) -> dict:
     client = httpx.Client(base_url=srv.url, timeout=900)
     jobs: list[dict] = []
     tokens: dict[str, list[int]] = {"job": [], "offline": []}
+    cpu_sec: dict[str, list[float]] = {"job": [], "offline": []}  # CPU seconds of the server's / LLM's processes
 
     def chunk(i):  # warm-up (-1) on its own prompts; rep i on fresh ones
         start = (i + 1) * n
@@ -57,7 +60,7 @@ def run(ctx: Context) -> dict:
         exs = chunk(i)
         body = {"kind": "generate", "params": {"task_kind": "math", "max_tokens": max_tokens, "temperature": 0.0,
                                                "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in exs]}}}
-        t0 = time.perf_counter()
+        c0, t0 = srv.cpu(), time.perf_counter()
         r = client.post("/v1/jobs", json=body)
         r.raise_for_status()
         jid = r.json()["id"]
@@ -67,6 +70,7 @@ def run(ctx: Context) -> dict:
                 break
             time.sleep(0.1)
         dt = time.perf_counter() - t0
+        cpu_sec["job"].append(srv.cpu() - c0)
         if j["state"] != "succeeded":
             raise RuntimeError(f"generate job {jid} {j['state']}: {j['error']}")
         art = client.get(f"/v1/jobs/{jid}/artifact")
@@ -83,12 +87,16 @@ def run(ctx: Context) -> dict:
     def offline(i):
         ids = [text_prompt_ids(tok, user_message("math", e)) for e in chunk(i)]
         out = offline_engine.call("offline_generate", prompt_ids=ids, max_tokens=max_tokens, stop=stop)
+        cpu_sec["offline"].append(out["cpu_seconds"])
         if i >= 0:
             tokens["offline"].append(out["tokens"])
         return out["seconds"]
 
     sec = interleave({"job": job, "offline": offline}, reps)
+    cpu = {k: v[1:] for k, v in cpu_sec.items()}  # without the warm-up round
     r = ratios(sec["offline"], sec["job"])
+    r_cpu = ratios([t / c for t, c in zip(tokens["job"], cpu["job"])],
+                   [t / c for t, c in zip(tokens["offline"], cpu["offline"])])
     client.close()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
@@ -99,10 +107,12 @@ def run(ctx: Context) -> dict:
                                             "process_model": "vLLM default (engine core in its own process)"},
                                  "start_seconds": offline_engine.state["start_seconds"]}},
         "seconds": sec,
+        "cpu_seconds": cpu,
         "jobs": jobs,
         "tokens": tokens,
         "job_tok_s": spread([t / s for t, s in zip(tokens["job"], sec["job"])]),
         "offline_tok_s": spread([t / s for t, s in zip(tokens["offline"], sec["offline"])]),
         "job_over_offline_throughput": r,
-        "headline": [headline(f"job / offline LLM.generate ({n} prompts, up to {max_tokens} tokens)", r, GOAL)],
+        "job_over_offline_tokens_per_cpu_second": r_cpu,
+        "headline": [headline(f"job / offline LLM.generate ({n} prompts, up to {max_tokens} tokens)", r, GOAL, cpu=r_cpu)],
     }

@@ -2,7 +2,7 @@
 number of projected layers (2, 8, all; rank d/2), each beside the FLOP-count prediction.
 
 Baseline: the same plugin engine's requests without a mode (nothing is projected then), run right
-before each mode arm. Each variant is a pack saved into the plugin engine's store; the worker loads
+before each mode arm; measured per wall-clock second and per CPU-second of the engine process. Each variant is a pack saved into the plugin engine's store; the worker loads
 it at its first request. Each variant is measured with a worker mode set of its own (deleting a
 pack from the store does not unload it from the worker, and a mode loaded at other layers would
 add a call per layer it covers), so only the measured mode is loaded while it is measured.
@@ -48,7 +48,7 @@ def run(ctx: Context) -> dict:
     width, n_layers = plugin.state["kv_width"], plugin.state["n_layers"]
     params = model_params(plugin.state["model_dir"])
     model_flops = 2 * params
-    batch, tokens, reps = ctx.size(2, 4), ctx.size(4, 16), ctx.size(1, 3)
+    batch, tokens, reps = ctx.size(2, 4), ctx.size(4, 16), ctx.size(1, 5)
     plugin.call("run", batch=2, max_tokens=2)  # warm-up
     rows, heads = [], []
     for v in variants(width, n_layers):
@@ -60,19 +60,22 @@ def run(ctx: Context) -> dict:
         predicted_ratio = 1 / (1 + proj / model_flops)
 
         def arm(caps):
-            return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps)["tok_s"]
+            return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps)
 
         plugin.call("run", batch=batch, max_tokens=2, caps=[[name]] * batch)  # the new bank's first step
-        tok_s = interleave({"no_mode": arm([[]] * batch), "mode": arm([[name]] * batch)}, reps, warmup=False)
+        runs = interleave({"no_mode": arm([[]] * batch), "mode": arm([[name]] * batch)}, reps, warmup=False)
         plugin.call("remove_mode", name=name)
         plugin.call("use_worker_modes", key="default")
-        r = ratios(tok_s["mode"], tok_s["no_mode"])
+        tok_s = {k: [x["tok_s"] for x in v] for k, v in runs.items()}
+        tok_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in runs.items()}
+        r, r_cpu = ratios(tok_s["mode"], tok_s["no_mode"]), ratios(tok_cpu["mode"], tok_cpu["no_mode"])
         row = {**v, "sites": sites, "projection_flops_per_token": proj, "model_flops_per_token": model_flops,
                "predicted_overhead": proj / model_flops, "predicted_ratio": predicted_ratio,
-               "measured_ratio": r, "measured_overhead": 1 - r["median"], "tok_s": tok_s}
+               "measured_ratio": r, "measured_overhead": 1 - r["median"], "measured_ratio_cpu": r_cpu,
+               "tok_s": tok_s, "tok_per_cpu_s": tok_cpu}
         rows.append(row)
-        heads.append({**headline(f"{v['label']} ({len(v['layers'])} layers, rank {v['rank']}): mode / no mode", r, None),
-                      "predicted": predicted_ratio})
+        heads.append({**headline(f"{v['label']} ({len(v['layers'])} layers, rank {v['rank']}): mode / no mode", r, None,
+                                 cpu=r_cpu), "predicted": predicted_ratio})
         print(f"  cost_growth {v['label']:>22}: measured ratio {r['median']:.4f} [{r['min']:.4f}, {r['max']:.4f}]"
               f"  predicted by FLOPs {predicted_ratio:.4f} (overhead {100 * proj / model_flops:.3f}%)", flush=True)
     return {

@@ -27,8 +27,16 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 TAG = "@@bench "
+
+
+def cpu_now() -> float:
+    """CPU seconds of this worker's process group (this process and vLLM's processes it started)."""
+    from common import group_cpu_seconds
+
+    return group_cpu_seconds(os.getpgid(0))
 
 
 def reply(obj) -> None:
@@ -167,7 +175,7 @@ class Worker:
                  SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                 extra_args=extra_args_for(tuple(sorted(cap)), strength)))
                 for ids, cap in zip(prompts, caps)]
-        t0 = time.perf_counter()
+        c0, t0 = cpu_now(), time.perf_counter()
         pending = set()
         for prompt, params in reqs:
             rid = f"b-{self.ids}"
@@ -181,7 +189,9 @@ class Worker:
                     pending.discard(o.request_id)
                     tokens += len(o.outputs[0].token_ids)
         dt = time.perf_counter() - t0
-        return {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt,
+        cpu = cpu_now() - c0
+        return {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "cpu_seconds": cpu,
+                "tok_per_cpu_s": tokens / max(cpu, 1e-9),
                 "prompt_tokens": sum(len(p["prompt_token_ids"]) for p, _ in reqs)}
 
     def offline_generate(self, prompt_ids: list[list[int]], max_tokens: int, stop: list[str] | None,
@@ -191,11 +201,13 @@ class Worker:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop or None)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_now(), time.perf_counter()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         dt = time.perf_counter() - t0
+        cpu = cpu_now() - c0
         n = [len(o.outputs[0].token_ids) for o in outs]
-        return {"seconds": dt, "tokens": sum(n), "n_tokens": n, "texts": [o.outputs[0].text for o in outs]}
+        return {"seconds": dt, "cpu_seconds": cpu, "tokens": sum(n), "n_tokens": n,
+                "texts": [o.outputs[0].text for o in outs]}
 
     def close(self) -> None:
         if self.be is not None:

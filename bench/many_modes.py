@@ -9,7 +9,8 @@ loads a pack when a request first names it. Request i of a batch over k modes is
 The prompts are the bare GSM8K questions (no chat template: they share no prefix block, so the
 per-mode prefix-cache salts cannot favour the one-mode batch; the prefix cache is reset before
 every arm anyway); exactly `max_tokens` tokens per request (ignore_eos), greedy; tokens/s of the
-whole batch, prefill included. Arms interleaved, one ratio per repetition.
+whole batch, prefill included, per wall-clock second and per CPU-second of the engine process.
+Arms interleaved, one ratio per repetition.
 
 "Loaded": the worker keeps at most 64 modes (`WorkerModes(max_modes=64)`, least recently used
 evicted first), so "256 modes loaded" means 256 packs in the store, each admitted and loaded by the
@@ -50,7 +51,7 @@ def run(ctx: Context) -> dict:
     batch = ctx.size(8, 64)
     ks = ctx.size([8], [8, 32, 64])
     n_store = ctx.size(16, 256)
-    tokens, reps = ctx.size(4, 24), ctx.size(1, 3)
+    tokens, reps = ctx.size(4, 16), ctx.size(1, 5)
     names = [f"mm-{i:03d}" for i in range(n_store)]
     plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: no mode of other benchmarks
     added = plugin.call("add_modes", names=names, rank=rank, layers=layers, kinds=["k", "v"])
@@ -64,9 +65,11 @@ def run(ctx: Context) -> dict:
 
     def arm(caps):
         return lambda i: plugin.call("run", batch=batch, max_tokens=tokens if i >= 0 else 1, caps=caps,
-                                     style="raw")["tok_s"]
+                                     style="raw")
 
-    tok_s = interleave({k: arm(v) for k, v in batches.items()}, reps)  # warm-up round: every mode loaded once
+    runs = interleave({k: arm(v) for k, v in batches.items()}, reps)  # warm-up round: every mode loaded once
+    tok_s = {k: [x["tok_s"] for x in v] for k, v in runs.items()}
+    tok_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in runs.items()}
     loaded_after_arms = plugin.call("worker_modes")
 
     # 256 in the store, each used once: 4 batches of 64 distinct modes, 1 token each
@@ -80,11 +83,12 @@ def run(ctx: Context) -> dict:
     def in_state(key):
         def f(i):
             plugin.call("use_worker_modes", key=key)
-            return plugin.call("run", batch=batch, max_tokens=tokens if i >= 0 else 1, caps=one_caps,
-                               style="raw")["tok_s"]
+            return plugin.call("run", batch=batch, max_tokens=tokens if i >= 0 else 1, caps=one_caps, style="raw")
         return f
 
-    loaded = interleave({"many_loaded": in_state(NAME), "one_loaded": in_state(f"{NAME}-one")}, reps)
+    loaded_runs = interleave({"many_loaded": in_state(NAME), "one_loaded": in_state(f"{NAME}-one")}, reps)
+    loaded = {k: [x["tok_s"] for x in v] for k, v in loaded_runs.items()}
+    loaded_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in loaded_runs.items()}
     state_one = plugin.call("use_worker_modes", key=f"{NAME}-one")
     state_many_after = plugin.call("use_worker_modes", key=NAME)
     for n in names:
@@ -93,18 +97,24 @@ def run(ctx: Context) -> dict:
 
     rows, heads = {}, []
     for k in ks:
-        r = ratios(tok_s[f"distinct_{k}"], tok_s["one_mode"])
+        r, r_cpu = ratios(tok_s[f"distinct_{k}"], tok_s["one_mode"]), ratios(tok_cpu[f"distinct_{k}"], tok_cpu["one_mode"])
         rows[f"distinct_{k}_over_one_mode"] = r
+        rows[f"distinct_{k}_over_one_mode_cpu"] = r_cpu
         g = GOALS["distinct_32"] if k == 32 else None
-        heads.append(headline(f"{k} distinct modes / one mode, batch {batch}", r, g))
+        heads.append(headline(f"{k} distinct modes / one mode, batch {batch}", r, g, cpu=r_cpu))
     r_loaded = ratios(loaded["many_loaded"], loaded["one_loaded"])
+    r_loaded_cpu = ratios(loaded_cpu["many_loaded"], loaded_cpu["one_loaded"])
     heads.append(headline(f"{n_store} modes in the store, used once each (worker keeps {state_many['loaded']}) "
-                          f"but one used / one loaded, batch {batch}", r_loaded, GOALS["loaded"]))
+                          f"but one used / one loaded, batch {batch}", r_loaded, GOALS["loaded"], cpu=r_loaded_cpu))
     r_comp = ratios(tok_s["composition_4"], tok_s["one_mode"])
-    heads.append(headline(f"a composition of 4 modes (rank 192) / one mode, batch {batch}", r_comp, GOALS["composition"]))
+    r_comp_cpu = ratios(tok_cpu["composition_4"], tok_cpu["one_mode"])
+    heads.append(headline(f"a composition of 4 modes (rank 192) / one mode, batch {batch}", r_comp, GOALS["composition"],
+                          cpu=r_comp_cpu))
     vs_none = {k: ratios(v, tok_s["none"]) for k, v in tok_s.items() if k != "none"}
-    heads.append(headline(f"one mode / no mode, batch {batch}", vs_none["one_mode"], None))
+    vs_none_cpu = {k: ratios(v, tok_cpu["none"]) for k, v in tok_cpu.items() if k != "none"}
+    heads.append(headline(f"one mode / no mode, batch {batch}", vs_none["one_mode"], None, cpu=vs_none_cpu["one_mode"]))
     curve = {"1": vs_none["one_mode"], **{str(k): vs_none[f"distinct_{k}"] for k in ks}}
+    curve_cpu = {"1": vs_none_cpu["one_mode"], **{str(k): vs_none_cpu[f"distinct_{k}"] for k in ks}}
     base = EASYSTEER["tok_s"]["0"]
     return {
         "settings": {"batch": batch, "max_tokens": tokens, "reps": reps, "ignore_eos": True, "greedy": True,
@@ -114,13 +124,18 @@ def run(ctx: Context) -> dict:
                      "worker_max_modes": state_many["max_modes"], "add_modes_seconds": added["seconds"],
                      "engine": plugin.state},
         "tok_s": tok_s,
+        "tok_per_cpu_s": tok_cpu,
         "ratios": rows,
         "over_no_mode": vs_none,
-        "loaded": {"tok_s": loaded, "ratio": r_loaded, "used_mode": used,
+        "over_no_mode_cpu": vs_none_cpu,
+        "loaded": {"tok_s": loaded, "tok_per_cpu_s": loaded_cpu, "ratio": r_loaded, "ratio_cpu": r_loaded_cpu,
+                   "used_mode": used,
                    "worker_after_k_arms": loaded_after_arms, "worker_many": state_many, "worker_one": state_one,
                    "worker_many_after": state_many_after},
         "composition_4_over_one_mode": r_comp,
+        "composition_4_over_one_mode_cpu": r_comp_cpu,
         "curve_over_no_mode": curve,
+        "curve_over_no_mode_cpu": curve_cpu,
         "easysteer": {**EASYSTEER, "over_no_steering": {k: v / base for k, v in EASYSTEER["tok_s"].items() if k != "0"}},
         "headline": heads,
     }

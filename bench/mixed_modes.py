@@ -28,19 +28,21 @@ def run(ctx: Context) -> dict:
     plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only these modes loaded
     for i, m in enumerate(MODES):
         plugin.call("add_mode", name=m, rank=width // 2, layers=layers, kinds=["k", "v"], seed=i)
-    batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 3)
+    batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 4)
     groups = MODES + [None]
     mixed = [[groups[i % len(groups)]] if groups[i % len(groups)] else [] for i in range(batch)]
     one = [[MODES[0]]] * batch
     plugin.call("run", batch=4, max_tokens=4, caps=[[m] for m in MODES])  # warm-up: every mode loaded once
 
     def arm(caps, style):
-        return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps, style=style)["tok_s"]
+        return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps, style=style)
 
-    tok_s = interleave({"one_mode": arm(one, "chat"), "mixed": arm(mixed, "chat"),
-                        "one_mode_raw": arm(one, "raw"), "mixed_raw": arm(mixed, "raw")}, reps, warmup=False)
-    r = ratios(tok_s["mixed"], tok_s["one_mode"])
-    r_raw = ratios(tok_s["mixed_raw"], tok_s["one_mode_raw"])
+    runs = interleave({"one_mode": arm(one, "chat"), "mixed": arm(mixed, "chat"),
+                       "one_mode_raw": arm(one, "raw"), "mixed_raw": arm(mixed, "raw")}, reps, warmup=False)
+    tok_s = {k: [x["tok_s"] for x in v] for k, v in runs.items()}
+    tok_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in runs.items()}
+    r, r_cpu = ratios(tok_s["mixed"], tok_s["one_mode"]), ratios(tok_cpu["mixed"], tok_cpu["one_mode"])
+    r_raw, r_raw_cpu = ratios(tok_s["mixed_raw"], tok_s["one_mode_raw"]), ratios(tok_cpu["mixed_raw"], tok_cpu["one_mode_raw"])
     worker = plugin.call("worker_modes")
     for m in MODES:
         plugin.call("remove_mode", name=m)
@@ -55,9 +57,12 @@ def run(ctx: Context) -> dict:
                      "prefix_cache": "reset before every arm; per-mode salts set by the plugin's front end"},
         "worker_modes": worker,
         "tok_s": tok_s,
+        "tok_per_cpu_s": tok_cpu,
         "mixed_over_one_mode": r,
+        "mixed_over_one_mode_cpu": r_cpu,
         "mixed_over_one_mode_raw_prompts": r_raw,
-        "headline": [headline(f"4 modes + none / one mode, batch {batch} (chat-template prompts)", r, GOAL),
+        "mixed_over_one_mode_raw_prompts_cpu": r_raw_cpu,
+        "headline": [headline(f"4 modes + none / one mode, batch {batch} (chat-template prompts)", r, GOAL, cpu=r_cpu),
                      headline(f"same, bare prompts with no shared prefix (routing and projection only), batch {batch}",
-                              r_raw, None)],
+                              r_raw, None, cpu=r_raw_cpu)],
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, SERVER_ENGINE, free_port
+from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, SERVER_ENGINE, free_port, group_cpu_seconds
 
 TAG = "@@bench "
 NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
@@ -102,6 +102,10 @@ class EngineClient:
             self.out.write(line)
         raise RuntimeError(f"the {self.arm} engine worker exited (code {self.proc.wait()}); see {self.log.name}")
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the worker and the vLLM processes it started."""
+        return group_cpu_seconds(self.proc.pid)
+
     def call(self, op: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
         self.proc.stdin.flush()
@@ -153,10 +157,15 @@ class ServerProcess:
                 raise RuntimeError(f"server {name} did not answer in {timeout:.0f} s; see {self.log.name}")
             time.sleep(0.25)
         self.start_seconds = time.perf_counter() - t0
+        self.start_cpu_seconds = self.cpu()  # CPU work of its processes from spawn to that first answer
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the server's processes (API server, engine core, worker)."""
+        return group_cpu_seconds(self.proc.pid)
 
     def describe(self) -> dict:
         return {"command": " ".join(self.cmd[1:]), "env": self.env_shown, "start_to_first_answer_seconds":
-                round(self.start_seconds, 2)}
+                round(self.start_seconds, 2), "start_to_first_answer_cpu_seconds": round(self.start_cpu_seconds, 2)}
 
     def close(self) -> None:
         _stop(self.proc)

@@ -15,7 +15,9 @@ server's store): the whole cost of serving steered requests, against the same st
 Load: closed-loop clients at concurrency 1, 8, 32, a fixed number of /v1/completions requests per
 level (short prompts: the first sentence of distinct GSM8K questions, 10-30 tokens; greedy;
 64 tokens each: ignore_eos), with p50/p99 latency. The load alternates between the servers, level
-by level, round by round (A B C A B C).
+by level, round by round (A B C A B C). Two measures: tokens per wall-clock second, and per
+CPU-second of the server's processes (API server, engine core, worker: its process group), which
+does not count the time other jobs of a shared machine held the cores.
 """
 from __future__ import annotations
 
@@ -49,6 +51,15 @@ def short_prompts() -> list[str]:
     for e in load_examples(resolve_data("gsm8k"), "math"):
         s = e.prompt.split(". ")[0].strip()
         out.append(s if s.endswith((".", "?")) else s + ".")
+    return out
+
+
+def measured(srv, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """`load` against a server, with the CPU seconds its processes used meanwhile."""
+    c0 = srv.cpu()
+    out = asyncio.run(load(srv.url, prompts, concurrency, max_tokens, extra))
+    out["cpu_seconds"] = srv.cpu() - c0
+    out["tok_per_cpu_s"] = out["tokens"] / max(out["cpu_seconds"], 1e-9)
     return out
 
 
@@ -129,7 +140,7 @@ def run(ctx: Context) -> dict:
         for c in levels:
             prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n_requests[c])]
             for name, (srv, extra) in targets.items():
-                runs[name][str(c)].append(asyncio.run(load(srv.url, prompts, c, max_tokens, extra)))
+                runs[name][str(c)].append(measured(srv, prompts, c, max_tokens, extra))
     per_level, heads = {}, []
     for c in levels:
         k = str(c)
@@ -137,17 +148,20 @@ def run(ctx: Context) -> dict:
         tok = ratios([x["tok_s"] for x in runs["spd"][k]], [x["tok_s"] for x in base])
         req = ratios([x["req_s"] for x in runs["spd"][k]], [x["req_s"] for x in base])
         tok_mode = ratios([x["tok_s"] for x in runs["spd_mode"][k]], [x["tok_s"] for x in base])
+        cpu = ratios([x["tok_per_cpu_s"] for x in runs["spd"][k]], [x["tok_per_cpu_s"] for x in base])
+        cpu_mode = ratios([x["tok_per_cpu_s"] for x in runs["spd_mode"][k]], [x["tok_per_cpu_s"] for x in base])
         lat = {name: {"p50": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.5),
                       "p99": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.99),
                       "mean": statistics.mean(v for x in runs[name][k] for v in x["latencies"])} for name in targets}
         per_level[k] = {"requests": n_requests[c], "tok_s_ratio": tok, "req_s_ratio": req,
-                        "tok_s_ratio_spd_in_a_mode": tok_mode, "latency_seconds": lat,
+                        "tok_s_ratio_spd_in_a_mode": tok_mode, "tok_per_cpu_s_ratio": cpu,
+                        "tok_per_cpu_s_ratio_spd_in_a_mode": cpu_mode, "latency_seconds": lat,
                         "runs": {name: runs[name][k] for name in targets}}
-        heads.append({**headline(f"tokens/s, concurrency {c}", tok, GOAL),
+        heads.append({**headline(f"tokens/s, concurrency {c}", tok, GOAL, cpu=cpu),
                       "p50": {n: lat[n]["p50"] for n in ("spd", "vllm")}, "p99": {n: lat[n]["p99"] for n in ("spd", "vllm")}})
         heads.append(headline(f"requests/s, concurrency {c}", req, None))
         heads.append(headline(f"tokens/s, every request in one mode (spd serve) / vllm serve, concurrency {c}",
-                              tok_mode, None))
+                              tok_mode, None, cpu=cpu_mode))
     return {
         "settings": {"levels": levels, "requests_per_level": n_requests, "max_tokens": max_tokens, "rounds": rounds,
                      "greedy": True, "ignore_eos": True,
