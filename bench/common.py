@@ -31,11 +31,18 @@ if str(REPO) not in sys.path:
 
 from spd_engine.atomic import write_json  # noqa: E402
 
-# The vLLM engine settings of every vLLM arm: VLLMBackend's defaults (eager, in-process `uni`
-# executor, prefix caching, 32 sequences), LoRA off unless a benchmark needs it.
-ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 32,
+# The vLLM engine settings of the engine-level arms (bench/engine_worker.py): VLLMBackend's
+# defaults (eager, float32, in-process `uni` executor, prefix caching) with 64 sequences (a batch of
+# 64 in the many-modes benchmark), LoRA off. The servers use `spd serve`'s own defaults instead.
+KV_CACHE_GIB = "2"
+ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 64,
           "enable_prefix_caching": True, "seed": 0}
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+# `spd serve`'s engine: its defaults plus the OpenAI server's CPU scheduler defaults (vLLM 0.32,
+# engine/arg_utils.py: 128 sequences, 2048 batched tokens for OPENAI_API_SERVER on CPU), for an
+# offline `LLM` doing the same work as the server
+SERVER_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 128,
+                 "max_num_batched_tokens": 2048}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
 
 
 # ---------------------------------------------------------------- the machine
@@ -133,11 +140,17 @@ class Goal:
         return x >= self.value if self.op == ">=" else x <= self.value
 
 
-def headline(label: str, value: dict, goal: Goal | None, unit: str = "ratio") -> dict:
-    """One row of the results table: a median with its spread, against its goal (or none)."""
-    return {"label": label, "median": value["median"], "min": value["min"], "max": value["max"],
-            "unit": goal.unit if goal else unit, "goal": str(goal) if goal else None,
-            "met": goal.met(value["median"]) if goal else None}
+def headline(label: str, value: dict, goal: Goal | None, unit: str = "ratio", cpu: dict | None = None) -> dict:
+    """One row of the results table: a median with its spread, against its goal (or none).
+    `cpu`: the same ratio from CPU time instead of wall time (tokens per CPU-second of the
+    processes measured), judged against the same goal."""
+    row = {"label": label, "median": value["median"], "min": value["min"], "max": value["max"],
+           "unit": goal.unit if goal else unit, "goal": str(goal) if goal else None,
+           "met": goal.met(value["median"]) if goal else None}
+    if cpu is not None:
+        row["cpu"] = {"median": cpu["median"], "min": cpu["min"], "max": cpu["max"],
+                      "met": goal.met(cpu["median"]) if goal else None}
+    return row
 
 
 # ---------------------------------------------------------------- a benchmark run
@@ -167,3 +180,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- CPU time (the machine may be shared)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system, all threads) of every live process in process group `pgid`, from
+    /proc. Every engine and server of the suite leads its own group (its children: vLLM's engine
+    core and workers, are in it), so the difference of two readings is the CPU work the group did
+    in between. Unlike wall time it does not count the time other jobs on a shared machine held the
+    cores (it still counts their effect on caches and memory bandwidth)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        if int(fields[2]) == pgid:  # field 5: pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / tick

@@ -1,11 +1,21 @@
-"""6. Corpus generation through the server (POST /v1/jobs kind `generate`, polled to completion)
-/ vLLM's offline `LLM.generate` (stock engine, no plugin) on the same prompts and settings:
-the same token-id prompts (chat template, as the job builds them), greedy, the same max_tokens
-and stop strings. Each repetition uses prompts neither engine has seen (the prefix cache is
-warm for the shared system prompt only, in both engines). Ratio: offline seconds / job seconds
-(= the job's throughput / offline throughput; the same greedy work in both arms).
+"""6. Corpus generation through the server (`spd serve`: POST /v1/jobs kind `generate`, polled to
+completion) / vLLM's offline `LLM.generate` on the same prompts and settings: the same token-id
+prompts (the chat template, as the job builds them), greedy, the same max_tokens and stop
+strings. The job goes through vLLM's engine client inside the server (the batch it submits joins
+the server's continuous batch, up to 64 requests at a time), then writes the corpus file.
 
-The job's time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s).
+The offline arm is vLLM's `LLM` with vLLM's own process model (its engine core in a process of its
+own, as the server's), no plugin (VLLM_PLUGINS=none), and the server's engine settings: eager,
+float32, max_model_len 2048, and the OpenAI server's CPU scheduler defaults (128 sequences, 2048
+batched tokens; `LLM` would otherwise default to 256 / 4096). All prompts of a repetition go to
+`LLM.generate` in one call.
+
+Each repetition uses prompts neither engine has seen (the prefix cache is warm for the shared
+system prompt only, in both engines). Ratio: offline seconds / job seconds (= the job's throughput
+/ offline throughput; the same greedy work in both arms, checked by the token counts). The job's
+time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s). Also per
+CPU-second: tokens / CPU seconds of the server's processes during the job, and of the `LLM`
+process and its engine core during `LLM.generate`.
 """
 from __future__ import annotations
 
@@ -13,12 +23,12 @@ import time
 
 import httpx
 
-from common import MODEL, Context, Goal, headline, interleave, ratios, spread
+from common import MODEL, SERVER_ENGINE, Context, Goal, headline, interleave, ratios, spread
 
 NAME = "corpus_job"
-TITLE = "corpus generation job through the server / offline vLLM LLM.generate"
+TITLE = "corpus generation job through spd serve / offline vLLM LLM.generate"
 GOAL = Goal(">=", 0.9)
-USES = {"spd_server", "stock_engine"}
+USES = {"spd_server", "offline_engine"}
 
 
 def run(ctx: Context) -> dict:
@@ -31,15 +41,16 @@ def run(ctx: Context) -> dict:
     from spd_engine.tasks import stop_strings, user_message
 
     res = ctx.resources
-    res.start("spd_server", "stock_engine")
-    srv, stock = res.get("spd_server"), res.get("stock_engine")
+    res.start("spd_server", "offline_engine")
+    srv, offline_engine = res.get("spd_server"), res.get("offline_engine")
     tok = AutoTokenizer.from_pretrained(models.resolve(MODEL))
     gsm = load_examples(resolve_data("gsm8k"), "math")
-    n, max_tokens, reps = ctx.size(4, 20), ctx.size(8, 32), ctx.size(1, 3)
+    n, max_tokens, reps = ctx.size(4, 64), ctx.size(8, 64), ctx.size(1, 3)
     stop = stop_strings("math")
-    client = httpx.Client(base_url=srv.url, timeout=600)
+    client = httpx.Client(base_url=srv.url, timeout=900)
     jobs: list[dict] = []
     tokens: dict[str, list[int]] = {"job": [], "offline": []}
+    cpu_sec: dict[str, list[float]] = {"job": [], "offline": []}  # CPU seconds of the server's / LLM's processes
 
     def chunk(i):  # warm-up (-1) on its own prompts; rep i on fresh ones
         start = (i + 1) * n
@@ -49,7 +60,7 @@ def run(ctx: Context) -> dict:
         exs = chunk(i)
         body = {"kind": "generate", "params": {"task_kind": "math", "max_tokens": max_tokens, "temperature": 0.0,
                                                "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in exs]}}}
-        t0 = time.perf_counter()
+        c0, t0 = srv.cpu(), time.perf_counter()
         r = client.post("/v1/jobs", json=body)
         r.raise_for_status()
         jid = r.json()["id"]
@@ -59,9 +70,11 @@ def run(ctx: Context) -> dict:
                 break
             time.sleep(0.1)
         dt = time.perf_counter() - t0
+        cpu_sec["job"].append(srv.cpu() - c0)
         if j["state"] != "succeeded":
             raise RuntimeError(f"generate job {jid} {j['state']}: {j['error']}")
         art = client.get(f"/v1/jobs/{jid}/artifact")
+        art.raise_for_status()
         path = srv.root / "tmp-corpus.jsonl"
         path.write_bytes(art.content)
         n_tok = sum(row["n_tokens"] for row in read_corpus(path))
@@ -73,26 +86,33 @@ def run(ctx: Context) -> dict:
 
     def offline(i):
         ids = [text_prompt_ids(tok, user_message("math", e)) for e in chunk(i)]
-        out = stock.call("offline_generate", prompt_ids=ids, max_tokens=max_tokens, stop=stop)
+        out = offline_engine.call("offline_generate", prompt_ids=ids, max_tokens=max_tokens, stop=stop)
+        cpu_sec["offline"].append(out["cpu_seconds"])
         if i >= 0:
             tokens["offline"].append(out["tokens"])
         return out["seconds"]
 
     sec = interleave({"job": job, "offline": offline}, reps)
+    cpu = {k: v[1:] for k, v in cpu_sec.items()}  # without the warm-up round
     r = ratios(sec["offline"], sec["job"])
+    r_cpu = ratios([t / c for t, c in zip(tokens["job"], cpu["job"])],
+                   [t / c for t, c in zip(tokens["offline"], cpu["offline"])])
     client.close()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
                      "task_kind": "math", "capability": "none (the offline arm is stock vLLM)",
-                     "server": "our server, --backend vllm (VLLMBackend defaults; the job runs through the serving "
-                               "backend in chunks of 16 prompts)",
-                     "offline": "LLM.generate, all prompts of the rep in one call, stock engine (VLLM_PLUGINS=)",
-                     "server_start_seconds": srv.start_seconds},
+                     "server": srv.describe(),
+                     "offline": {"call": "LLM.generate, all prompts of the rep in one call",
+                                 "engine": {**SERVER_ENGINE, "VLLM_PLUGINS": "none",
+                                            "process_model": "vLLM default (engine core in its own process)"},
+                                 "start_seconds": offline_engine.state["start_seconds"]}},
         "seconds": sec,
+        "cpu_seconds": cpu,
         "jobs": jobs,
         "tokens": tokens,
         "job_tok_s": spread([t / s for t, s in zip(tokens["job"], sec["job"])]),
         "offline_tok_s": spread([t / s for t, s in zip(tokens["offline"], sec["offline"])]),
         "job_over_offline_throughput": r,
-        "headline": [headline(f"job / offline LLM.generate ({n} prompts, {max_tokens} tokens)", r, GOAL)],
+        "job_over_offline_tokens_per_cpu_second": r_cpu,
+        "headline": [headline(f"job / offline LLM.generate ({n} prompts, up to {max_tokens} tokens)", r, GOAL, cpu=r_cpu)],
     }

@@ -1,8 +1,11 @@
-"""8. Hot paths on a running server (`--backend vllm`): the time to add a mode (importing an
-existing pack: POST /v1/subspaces/import, which validates, installs and registers it in the
-engine; calibration is not part of it), the time to load a LoRA adapter (POST /v1/adapters from
-the adapters dir), and the latency of the first request that uses each, beside a plain request
-measured just before. Each repetition uses a new mode name and adapter name (then deletes them).
+"""8. Hot paths on a running `spd serve` (started with `--enable-lora --max-lora-rank 8 --max-loras
+2`, the flags an adapter needs; LoRA is off by default): the time to add a mode (importing an
+existing pack: POST /v1/subspaces/import, which validates it and installs it in the store the
+server serves; no engine call: the workers load it when a request first names it; calibration is
+not part of it), the time to load a LoRA adapter (POST /v1/adapters from the adapters dir, through
+vLLM's runtime LoRA loading), and the latency of the first request that uses each (the mode's
+first request pays for the worker loading the pack), beside a plain request measured just before.
+Each repetition uses a new mode name and adapter name (then deletes them).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ TITLE = "hot paths: add a mode, load an adapter, first request after each"
 GOAL = None
 MODE_GOAL = Goal("<=", 1.0, "s")
 ADAPTER_GOAL = Goal("<=", 2.0, "s")
-USES = {"spd_server"}
+USES = {"spd_server_lora"}
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
 
 
@@ -53,7 +56,7 @@ def make_adapter(out: Path, rank: int = 8) -> dict:
 def run(ctx: Context) -> dict:
     from spd_engine import models
 
-    srv = ctx.resources.get("spd_server")
+    srv = ctx.resources.get("spd_server_lora")
     width = models.info(models.resolve(MODEL)).kv_width
     tar, pack_info = make_pack_tar(width // 2)
     adapter_info = make_adapter(srv.root / "data" / "adapters" / "bench-lora")
@@ -95,7 +98,7 @@ def run(ctx: Context) -> dict:
         "settings": {"reps": reps, "max_tokens": max_tokens, "pack": pack_info, "adapter": adapter_info,
                      "mode_add": "POST /v1/subspaces/import (multipart tar), client wall time",
                      "adapter_load": "POST /v1/adapters {directory}, client wall time",
-                     "server_start_seconds": srv.start_seconds},
+                     "server": srv.describe()},
         "seconds": out,
         "first_request_over_plain": {"mode": after_mode, "adapter": after_adapter},
         "headline": [headline("add a mode (pack import), seconds", spread(out["mode_add"]), MODE_GOAL),

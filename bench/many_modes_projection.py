@@ -140,6 +140,16 @@ def cases() -> list[dict]:
 
 
 def run(ctx: Context) -> dict:
+    """In the suite (bench/run.py) torch runs on one thread here, as from this file's own main."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(getattr(ctx, "torch_threads", None) or 1)
+    try:
+        return _run(ctx)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(ctx: Context) -> dict:
     threads = torch.get_num_threads()
     reps, target = ctx.size(1, 5), ctx.size(0.02, 0.15)
     rows, heads = [], []
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [*args.note, f"torch threads: {args.threads}",
              f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"]
     ctx = Context(quick=args.quick, out=args.out, notes=notes)
+    ctx.torch_threads = args.threads
     t0 = time.perf_counter()
     payload = run(ctx)
     path = write_result(ctx, NAME, TITLE, "see headline", t0, payload)

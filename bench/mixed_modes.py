@@ -1,10 +1,14 @@
 """2. Mixed modes: one batch spread over 4 modes + requests without a mode / the same batch with
-every request in one mode, on the plugin engine (4 modes loaded in both arms: same bank).
+every request in one mode, on the plugin engine (VLLMBackend; 4 modes in its store, each loaded by
+the worker before the measurement, in both arms).
 
-Requests carry their mode's prefix-cache salt, as served: a batch in one mode shares its prompts'
-common prefix (the chat template's system prompt) in the prefix cache, a mixed batch shares it
-only within each mode. A third arm, mixed without salts, separates that from the cost of routing
-and projecting several modes in one step (cost only: unsalted modes must never be served).
+The plugin's front end salts each request's prefix cache per mode (no salt is passed by hand), as
+served: with the chat template every prompt starts with the template's system prompt, so a batch
+in one mode can share those prefix blocks, a mixed batch only within each mode (KV computed under
+one mode is different K/V, never shared). A second pair of arms uses the bare questions (no
+template: prompts share no prefix block), which leaves only the cost of routing and projecting
+several modes in one step. (The former third arm, "mixed without per-mode salts", is gone: salts
+are the plugin's now, and turning them off is not possible, nor something to serve.)
 """
 from __future__ import annotations
 
@@ -21,33 +25,44 @@ def run(ctx: Context) -> dict:
     plugin = ctx.resources.get("plugin_engine")
     width, n = plugin.state["kv_width"], plugin.state["n_layers"]
     layers = sorted({n // 2, n - 1})
+    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only these modes loaded
     for i, m in enumerate(MODES):
         plugin.call("add_mode", name=m, rank=width // 2, layers=layers, kinds=["k", "v"], seed=i)
-    batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 3)
+    batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 4)
     groups = MODES + [None]
     mixed = [[groups[i % len(groups)]] if groups[i % len(groups)] else [] for i in range(batch)]
     one = [[MODES[0]]] * batch
-    plugin.call("run", batch=4, max_tokens=4, caps=[[m] for m in MODES])  # warm-up: every slot once
+    plugin.call("run", batch=4, max_tokens=4, caps=[[m] for m in MODES])  # warm-up: every mode loaded once
 
-    def arm(caps, salt=True):
-        return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps, salt=salt)["tok_s"]
+    def arm(caps, style):
+        return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps, style=style)
 
-    tok_s = interleave({"one_mode": arm(one), "mixed": arm(mixed), "mixed_unsalted": arm(mixed, salt=False)},
-                       reps, warmup=False)
-    r = ratios(tok_s["mixed"], tok_s["one_mode"])
-    r_cost = ratios(tok_s["mixed_unsalted"], tok_s["one_mode"])
+    runs = interleave({"one_mode": arm(one, "chat"), "mixed": arm(mixed, "chat"),
+                       "one_mode_raw": arm(one, "raw"), "mixed_raw": arm(mixed, "raw")}, reps, warmup=False)
+    tok_s = {k: [x["tok_s"] for x in v] for k, v in runs.items()}
+    tok_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in runs.items()}
+    r, r_cpu = ratios(tok_s["mixed"], tok_s["one_mode"]), ratios(tok_cpu["mixed"], tok_cpu["one_mode"])
+    r_raw, r_raw_cpu = ratios(tok_s["mixed_raw"], tok_s["one_mode_raw"]), ratios(tok_cpu["mixed_raw"], tok_cpu["one_mode_raw"])
+    worker = plugin.call("worker_modes")
     for m in MODES:
         plugin.call("remove_mode", name=m)
+    plugin.call("use_worker_modes", key="default")
     return {
         "settings": {"batch": batch, "max_tokens": tokens, "reps": reps, "ignore_eos": True, "greedy": True,
                      "modes": {"n": len(MODES), "rank": width // 2, "layers": layers, "kinds": ["k", "v"],
                                "basis": "random (cost only)"},
                      "mixed_assignment": "request i -> [mm-1, mm-2, mm-3, mm-4, none][i % 5]",
-                     "prefix_cache": "reset before every arm"},
+                     "prompts": {"chat": "the math task's prompt through the chat template (shared system prompt)",
+                                 "raw": "the bare GSM8K question (no shared prefix block)"},
+                     "prefix_cache": "reset before every arm; per-mode salts set by the plugin's front end"},
+        "worker_modes": worker,
         "tok_s": tok_s,
+        "tok_per_cpu_s": tok_cpu,
         "mixed_over_one_mode": r,
-        "mixed_unsalted_over_one_mode": r_cost,
-        "headline": [headline(f"4 modes + none / one mode, batch {batch}", r, GOAL),
-                     headline(f"same, mixed batch without per-mode cache salts (routing cost only), batch {batch}",
-                              r_cost, None)],
+        "mixed_over_one_mode_cpu": r_cpu,
+        "mixed_over_one_mode_raw_prompts": r_raw,
+        "mixed_over_one_mode_raw_prompts_cpu": r_raw_cpu,
+        "headline": [headline(f"4 modes + none / one mode, batch {batch} (chat-template prompts)", r, GOAL, cpu=r_cpu),
+                     headline(f"same, bare prompts with no shared prefix (routing and projection only), batch {batch}",
+                              r_raw, None, cpu=r_raw_cpu)],
     }

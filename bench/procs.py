@@ -1,7 +1,16 @@
-"""The processes a benchmark run drives: vLLM engines in worker processes, our server, vLLM's
-OpenAI server. Each is started on demand, shared by the benchmarks of one run that need it, and
-stopped by its own PID (its process group, which it leads: vLLM's server has an engine-core
-child) when no later benchmark needs it, or at the end.
+"""The processes a benchmark run drives: vLLM engines in worker processes, `spd serve` (vLLM's
+OpenAI server with this project's plugins) and stock vLLM's OpenAI server. Each is started on
+demand, shared by the benchmarks of one run that need it, and stopped by its own PID (its process
+group, which it leads: vLLM's server has an engine-core child) when no later benchmark needs it,
+or at the end.
+
+Every child runs with cwd = this worktree and PYTHONPATH = this worktree first, so it imports the
+code under test (not another checkout's editable install); vLLM's spawned engine and worker
+processes inherit both.
+
+Stock arms set `VLLM_PLUGINS=none`: vLLM then loads only plugins named `none` (there is none), so
+neither `spd_kv_projection` nor `spd_api` is loaded (with `VLLM_PLUGINS` unset vLLM would load every
+installed general plugin, ours included).
 """
 from __future__ import annotations
 
@@ -17,42 +26,66 @@ from pathlib import Path
 
 import httpx
 
-from common import BENCH, ENGINE, ENGINE_ENV, MODEL, REPO, free_port
+from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, SERVER_ENGINE, free_port, group_cpu_seconds
 
 TAG = "@@bench "
+NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
 
 
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every child: this worktree first on the import path, no plugin
+    selection or store inherited from the caller."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_PLUGINS", "SPD_STORE_DIR", "SPD_SERVER_DATA", "SPD_API_KEY", "VLLM_API_KEY",
+                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM the process group led by `proc` (our child), then SIGKILL it if still there."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
+    if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group (engine core, workers)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
         proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 class EngineClient:
-    """A vLLM engine in `bench/engine_worker.py`: arm "plugin" (VLLMBackend) or "stock"."""
+    """A vLLM engine in `bench/engine_worker.py`.
 
-    def __init__(self, arm: str, logdir: Path):
-        env = {**os.environ, **ENGINE_ENV, "TOKENIZERS_PARALLELISM": "false"}
-        if arm == "stock":
-            env["VLLM_PLUGINS"] = ""  # vLLM loads no plugin at all (vllm/plugins/__init__.py)
-        else:
-            env.pop("VLLM_PLUGINS", None)
-        self.store = tempfile.mkdtemp(prefix=f"bench-store-{arm}-")
-        self.log = open(Path(logdir) / f"engine-{arm}.log", "w")  # the worker's stderr
-        self.out = open(Path(logdir) / f"engine-{arm}.stdout.log", "w")  # its stdout, but for replies
-        cfg = {"arm": arm, "engine": ENGINE, "store": self.store}
+    arm "plugin": the library's VLLMBackend (the spd_kv_projection plugin loaded by vLLM; modes are
+    packs saved into its store); "stock": vLLM's `LLM` with VLLM_PLUGINS=none; both in-process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor `uni`: VLLMBackend's default). arm "offline":
+    vLLM's `LLM` with its own process model (engine core in a process of its own), no plugin, and
+    `engine` as given (the settings of the server it is compared with)."""
+
+    def __init__(self, arm: str, logdir: Path, engine: dict | None = None, tag: str = ""):
+        extra = {"VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"]}
+        if arm in ("plugin", "stock"):
+            extra["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        env = child_env(**extra)
+        if arm != "plugin":
+            env["VLLM_PLUGINS"] = NO_PLUGINS
+        name = f"{arm}{tag}"
+        self.log = open(Path(logdir) / f"engine-{name}.log", "w")  # the worker's stderr
+        self.out = open(Path(logdir) / f"engine-{name}.stdout.log", "w")  # its stdout, but for replies
+        cfg = {"arm": arm, "engine": engine or ENGINE}
         self.proc = subprocess.Popen([sys.executable, str(BENCH / "engine_worker.py"), json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env, cwd=str(REPO), start_new_session=True)
@@ -69,6 +102,10 @@ class EngineClient:
             self.out.write(line)
         raise RuntimeError(f"the {self.arm} engine worker exited (code {self.proc.wait()}); see {self.log.name}")
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the worker and the vLLM processes it started."""
+        return group_cpu_seconds(self.proc.pid)
+
     def call(self, op: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
         self.proc.stdin.flush()
@@ -79,7 +116,7 @@ class EngineClient:
             if self.proc.poll() is None:
                 self.proc.stdin.write('{"op": "quit"}\n')
                 self.proc.stdin.flush()
-                self.proc.wait(30)
+                self.proc.wait(60)
         except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
             pass
         _stop(self.proc)
@@ -87,71 +124,106 @@ class EngineClient:
         self.out.close()
 
 
-class ServerProcess:
-    """An HTTP server child on 127.0.0.1:<free port>, ready once its /health answers 200."""
+PROBE = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
 
-    def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, timeout: float = 900.0):
+
+class ServerProcess:
+    """An OpenAI-compatible server child on 127.0.0.1:<free port>. Ready once a completion
+    answers (`start_seconds`: from the spawn to that first answer, polled every 0.25 s)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, timeout: float = 900.0,
+                 root: Path | None = None):
         self.name, self.port = name, free_port()
-        self.log = open(Path(logdir) / f"server-{name}.log", "w")
-        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                     start_new_session=True)
+        self.root = root
+        self.log = open(Path(logdir) / f"server-{name}-{self.port}.log", "w")
+        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.env_shown = {k: env[k] for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "SPD_STORE_DIR",
+                                              "SPD_SERVER_DATA", "OMP_NUM_THREADS") if k in env}
         self.url = f"http://127.0.0.1:{self.port}"
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server {name} exited with code {self.proc.returncode}; see {self.log.name}")
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                if httpx.post(self.url + "/v1/completions", json=PROBE, timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                _stop(self.proc)
-                raise RuntimeError(f"server {name} did not become ready in {timeout:.0f} s; see {self.log.name}")
-            time.sleep(1.0)
+                self.close()
+                raise RuntimeError(f"server {name} did not answer in {timeout:.0f} s; see {self.log.name}")
+            time.sleep(0.25)
         self.start_seconds = time.perf_counter() - t0
+        self.start_cpu_seconds = self.cpu()  # CPU work of its processes from spawn to that first answer
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the server's processes (API server, engine core, worker)."""
+        return group_cpu_seconds(self.proc.pid)
+
+    def describe(self) -> dict:
+        return {"command": " ".join(self.cmd[1:]), "env": self.env_shown, "start_to_first_answer_seconds":
+                round(self.start_seconds, 2), "start_to_first_answer_cpu_seconds": round(self.start_cpu_seconds, 2)}
 
     def close(self) -> None:
         _stop(self.proc)
         self.log.close()
 
 
-def spd_server(logdir: Path) -> ServerProcess:
-    """Our server, `--backend vllm` (VLLMBackend defaults = ENGINE, LoRA slots on; the engine core in its
-    own process, the server's default)."""
-    root = Path(tempfile.mkdtemp(prefix="bench-spd-server-"))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"], "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_PLUGINS", None)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    srv = ServerProcess("spd", [sys.executable, "-m", "spd_engine.cli", "serve", "--port", "{port}",
-                                "--store", str(root / "store"), "--data-dir", str(root / "data"),
-                                "--backend", "vllm", "--log-level", "WARNING"], env, logdir)
-    srv.root = root
-    return srv
+def spd_serve_command(extra: list[str] | None = None) -> list[str]:
+    """`spd serve` as a user runs it (`python -m server` = `spd serve`), with its defaults."""
+    return [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])]
 
 
-def vllm_server(logdir: Path) -> ServerProcess:
-    """vLLM's own OpenAI server on the same engine settings, with no plugin loaded."""
+def vllm_same_flags_command() -> list[str]:
+    """vLLM's OpenAI server with exactly the engine flags `spd serve` passes to it (taken from
+    server.__main__.vllm_command, so the two cannot drift apart)."""
+    from server.__main__ import vllm_command
+
+    cmd, _ = vllm_command(["--port", "{port}"], {})
+    return cmd
+
+
+def vllm_defaults_command() -> list[str]:
+    """vLLM's OpenAI server with its own defaults: only the model, its served name and where to listen."""
     from spd_engine import models
 
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"], "VLLM_PLUGINS": "",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}", "--dtype", ENGINE["dtype"],
-           "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-           "--seed", str(ENGINE["seed"]), "--enable-prefix-caching", "--disable-log-stats"]
-    if ENGINE["enforce_eager"]:
-        cmd.append("--enforce-eager")
-    return ServerProcess("vllm", cmd, env, logdir)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}"]
 
+
+def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd") -> ServerProcess:
+    """`spd serve --port P` (its defaults: eager, float32, max-model-len 2048, KV cache 2 GiB) on a
+    fresh store and data dir."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"))
+    (root / "store").mkdir()
+    return ServerProcess(name, spd_serve_command(extra), env, logdir, root=root)
+
+
+def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
+    """Stock vLLM's OpenAI server, no plugin loaded: the same flags as `spd serve`, or vLLM's own
+    defaults (compiled engine, the model's dtype, its max length). VLLM_CPU_KVCACHE_SPACE is set in
+    both (vLLM's CPU default refuses to start on this machine)."""
+    env = child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
+    cmd = vllm_defaults_command() if defaults else vllm_same_flags_command()
+    return ServerProcess("vllm-defaults" if defaults else "vllm", cmd, env, logdir,
+                         timeout=1800.0 if defaults else 900.0)
+
+
+# the server with LoRA on (hot_paths: loading an adapter needs it)
+LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
 
 _FACTORIES = {
     "plugin_engine": lambda d: EngineClient("plugin", d),
     "stock_engine": lambda d: EngineClient("stock", d),
+    "offline_engine": lambda d: EngineClient("offline", d, engine=SERVER_ENGINE),
     "spd_server": spd_server,
+    "spd_server_lora": lambda d: spd_server(d, LORA_FLAGS, name="spd-lora"),
     "vllm_server": vllm_server,
+    "vllm_server_defaults": lambda d: vllm_server(d, defaults=True),
 }
 
 

@@ -2,8 +2,9 @@
 run, interleaved. Writes `<out>/<name>.json` per benchmark, `<out>/run.json`, and renders
 `<out>/README.md` and PNG plots (bench/report.py).
 
-    python bench/run.py                    # the full suite (about 20-30 min on 2 cores)
-    python bench/run.py --quick            # every benchmark at tiny sizes, 1 rep (a smoke check)
+    python bench/run.py                    # the full suite (about an hour on 2 cores)
+    python bench/run.py --quick            # every benchmark at tiny sizes, 1 rep (a smoke check);
+                                           # benchmarks with QUICK = False (vLLM's compiled server) are skipped
     python bench/run.py --only cost_growth,hooked_generation --out /tmp/b
 """
 from __future__ import annotations
@@ -22,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Context, now, write_json, write_result  # noqa: E402
 from procs import Resources  # noqa: E402
 
-# run order: the transformers-only benchmarks first, then those sharing vLLM engines, then servers
-ORDER = ["hooked_generation", "calibration", "projection_overhead", "mixed_modes", "cost_growth", "corpus_job",
-         "server_overhead", "hot_paths"]
+# run order: the transformers-only and microbenchmarks first, then those sharing vLLM engines, then
+# the servers (start-up timed first, with nothing else running; vLLM's compiled server last)
+ORDER = ["hooked_generation", "calibration", "many_modes_projection", "projection_overhead", "mixed_modes",
+         "cost_growth", "many_modes", "server_start", "corpus_job", "server_overhead", "hot_paths", "server_defaults"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: {mod.TITLE}", flush=True)
             ctx = Context(quick=args.quick, out=out, notes=notes, resources=resources)
             t0 = time.perf_counter()
+            if args.quick and not getattr(mod, "QUICK", True):
+                status[name] = {"ok": True, "seconds": 0.0, "skipped": "not run by --quick (QUICK = False: see its docstring)"}
+                print(f"[bench]   skipped in --quick", flush=True)
+                later = set().union(*(modules[n].USES for n in names[i + 1:])) if i + 1 < len(names) else set()
+                resources.keep_only(later)
+                continue
             try:
                 payload = mod.run(ctx)
                 goal = str(mod.GOAL) if mod.GOAL else "see headline"

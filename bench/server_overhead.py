@@ -1,12 +1,23 @@
-"""7. Server overhead: requests/s and output tokens/s of our server (`--backend vllm`) / vLLM's own
-OpenAI server (`python -m vllm.entrypoints.openai.api_server`, no plugin loaded) on the same
-engine settings (float32, eager, 32 sequences, max_model_len 2048, prefix caching on, seed 0,
-VLLM_CPU_KVCACHE_SPACE=2) and the same load: closed-loop clients at concurrency 1, 8, 32, a fixed
-number of /v1/completions requests (raw prompts, greedy, max_tokens tokens each: ignore_eos), with p50/p99 latency.
-The load alternates between the two servers, level by level, round by round (A B A B).
+"""7. `spd serve` / `vllm serve` with the same flags: output tokens/s and requests/s of vLLM's
+OpenAI server with this project's plugins (`python -m server --port P`, i.e. `spd serve` with its
+defaults) / the same vLLM server without them (`python -m vllm.entrypoints.openai.api_server`
+with the engine flags `spd serve` passes, VLLM_PLUGINS=none: no plugin loaded). Both: eager,
+float32, max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, no LoRA, vLLM's defaults for the rest.
 
-Both run their engine core in a process of its own (ours: VLLMBackend(engine_process=True), one
-engine thread in the HTTP process stepping it; requests join the running batch at the next step).
+Since the rework `spd serve` IS vLLM's server (it execs it with VLLM_PLUGINS naming
+spd_kv_projection and spd_api), so the former comparison "our HTTP layer / vLLM's" is gone: what
+is measured is what the two plugins cost in vLLM's own server (the front-end admission hook on
+every request, the routing hook on every step, the capability-field middleware on the completion
+routes), with requests that name no mode. A third arm sends the same load to `spd serve` with
+every request in one mode (rank d/2 at layers 15 and 29, K and V; a random pack saved into the
+server's store): the whole cost of serving steered requests, against the same stock baseline.
+
+Load: closed-loop clients at concurrency 1, 8, 32, a fixed number of /v1/completions requests per
+level (short prompts: the first sentence of distinct GSM8K questions, 10-30 tokens; greedy;
+64 tokens each: ignore_eos), with p50/p99 latency. The load alternates between the servers, level
+by level, round by round (A B C A B C). Two measures: tokens per wall-clock second, and per
+CPU-second of the server's processes (API server, engine core, worker: its process group), which
+does not count the time other jobs of a shared machine held the cores.
 """
 from __future__ import annotations
 
@@ -19,9 +30,10 @@ import httpx
 from common import MODEL, Context, Goal, headline, ratios
 
 NAME = "server_overhead"
-TITLE = "our server / vLLM's OpenAI server: requests/s and tokens/s at concurrency 1, 8, 32"
-GOAL = Goal(">=", 0.95)
+TITLE = "spd serve / vllm serve (same flags): tokens/s at concurrency 1, 8, 32"
+GOAL = Goal(">=", 0.98)
 USES = {"spd_server", "vllm_server"}
+MODE = "so-half"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -31,7 +43,27 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+def short_prompts() -> list[str]:
+    """The first sentence of every GSM8K question (distinct, short)."""
+    from spd_engine.data import load_examples, resolve_data
+
+    out = []
+    for e in load_examples(resolve_data("gsm8k"), "math"):
+        s = e.prompt.split(". ")[0].strip()
+        out.append(s if s.endswith((".", "?")) else s + ".")
+    return out
+
+
+def measured(srv, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """`load` against a server, with the CPU seconds its processes used meanwhile."""
+    c0 = srv.cpu()
+    out = asyncio.run(load(srv.url, prompts, concurrency, max_tokens, extra))
+    out["cpu_seconds"] = srv.cpu() - c0
+    out["tok_per_cpu_s"] = out["tokens"] / max(out["cpu_seconds"], 1e-9)
+    return out
+
+
+async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -47,7 +79,7 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
                     return
                 t0 = time.perf_counter()
                 r = await client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": max_tokens,
-                                                               "temperature": 0.0, "ignore_eos": True})
+                                                               "temperature": 0.0, "ignore_eos": True, **(extra or {})})
                 latencies.append(time.perf_counter() - t0)
                 r.raise_for_status()
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -59,47 +91,83 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
             "tokens": tokens, "latencies": latencies}
 
 
-def run(ctx: Context) -> dict:
-    from spd_engine.data import load_examples, resolve_data
+def save_random_mode(store_dir, name: str) -> dict:
+    """A random pack of rank d/2 at the default layers, saved into a server's store (what the
+    server serves: the next request can name it)."""
+    from spd_engine import models
+    from spd_engine.calibrate import CalibrationConfig, calibrate, default_layers
+    from spd_engine.subspace import Store
 
+    info = models.info(models.resolve(MODEL))
+    layers = default_layers(info.n_layers)
+    pack = calibrate(None, None, info, "math", [], name,
+                     CalibrationConfig(rank=info.kv_width // 2, layers=layers, method="random"))
+    Store(store_dir).save(pack)
+    return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
+
+
+def mode_check(spd_url: str, vllm_url: str, prompt: str) -> dict:
+    """The same greedy completion from spd serve without a mode, in the mode, and from vllm serve:
+    the mode arm must really project (its text differs), the no-mode arm must be vLLM's."""
+    def text(url, extra=None):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                      "temperature": 0.0, **(extra or {})}, timeout=300)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    out = {"prompt": prompt, "spd": text(spd_url), "vllm": text(vllm_url), "spd_mode": text(spd_url, {"capability": MODE})}
+    out["no_mode_equals_vllm"] = out["spd"] == out["vllm"]
+    out["mode_changes_output"] = out["spd_mode"] != out["spd"]
+    return out
+
+
+def run(ctx: Context) -> dict:
     res = ctx.resources
     res.start("spd_server", "vllm_server")
-    servers = {"spd": res.get("spd_server"), "vllm": res.get("vllm_server")}
-    gsm = load_examples(resolve_data("gsm8k"), "math")
-    questions = [f"Question: {e.prompt}\nAnswer:" for e in gsm]
+    spd, vllm = res.get("spd_server"), res.get("vllm_server")
+    mode = save_random_mode(spd.root / "store", MODE)
+    targets = {"spd": (spd, None), "vllm": (vllm, None), "spd_mode": (spd, {"capability": MODE})}
+    prompts_all = short_prompts()
     levels = ctx.size([1, 8], [1, 8, 32])
     n_requests = {1: ctx.size(2, 3), 8: ctx.size(8, 16), 32: ctx.size(32, 32)}
-    max_tokens, rounds = ctx.size(4, 16), ctx.size(1, 3)
-    for srv in servers.values():  # warm-up
-        asyncio.run(load(srv.url, questions[:8], 8, 4))
+    max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 3)
+    for srv, extra in targets.values():  # warm-up (and the mode's first load in the worker)
+        asyncio.run(load(srv.url, prompts_all[:8], 8, 4, extra))
+    check = mode_check(spd.url, vllm.url, prompts_all[0])
 
-    runs = {name: {str(c): [] for c in levels} for name in servers}
+    runs = {name: {str(c): [] for c in levels} for name in targets}
     for rnd in range(rounds):
         for c in levels:
-            prompts = [questions[(rnd * 37 + j) % len(questions)] for j in range(n_requests[c])]
-            for name, srv in servers.items():
-                runs[name][str(c)].append(asyncio.run(load(srv.url, prompts, c, max_tokens)))
+            prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n_requests[c])]
+            for name, (srv, extra) in targets.items():
+                runs[name][str(c)].append(measured(srv, prompts, c, max_tokens, extra))
     per_level, heads = {}, []
     for c in levels:
         k = str(c)
-        a, b = runs["spd"][k], runs["vllm"][k]
-        tok = ratios([x["tok_s"] for x in a], [x["tok_s"] for x in b])
-        req = ratios([x["req_s"] for x in a], [x["req_s"] for x in b])
+        base = runs["vllm"][k]
+        tok = ratios([x["tok_s"] for x in runs["spd"][k]], [x["tok_s"] for x in base])
+        req = ratios([x["req_s"] for x in runs["spd"][k]], [x["req_s"] for x in base])
+        tok_mode = ratios([x["tok_s"] for x in runs["spd_mode"][k]], [x["tok_s"] for x in base])
+        cpu = ratios([x["tok_per_cpu_s"] for x in runs["spd"][k]], [x["tok_per_cpu_s"] for x in base])
+        cpu_mode = ratios([x["tok_per_cpu_s"] for x in runs["spd_mode"][k]], [x["tok_per_cpu_s"] for x in base])
         lat = {name: {"p50": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.5),
                       "p99": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.99),
-                      "mean": statistics.mean(v for x in runs[name][k] for v in x["latencies"])} for name in servers}
-        per_level[k] = {"requests": n_requests[c], "tok_s_ratio": tok, "req_s_ratio": req, "latency_seconds": lat,
-                        "runs": {name: runs[name][k] for name in servers}}
-        heads.append({**headline(f"tokens/s, concurrency {c}", tok, GOAL),
-                      "p50": {n: lat[n]["p50"] for n in servers}, "p99": {n: lat[n]["p99"] for n in servers}})
-        heads.append(headline(f"requests/s, concurrency {c}", req, GOAL))
+                      "mean": statistics.mean(v for x in runs[name][k] for v in x["latencies"])} for name in targets}
+        per_level[k] = {"requests": n_requests[c], "tok_s_ratio": tok, "req_s_ratio": req,
+                        "tok_s_ratio_spd_in_a_mode": tok_mode, "tok_per_cpu_s_ratio": cpu,
+                        "tok_per_cpu_s_ratio_spd_in_a_mode": cpu_mode, "latency_seconds": lat,
+                        "runs": {name: runs[name][k] for name in targets}}
+        heads.append({**headline(f"tokens/s, concurrency {c}", tok, GOAL, cpu=cpu),
+                      "p50": {n: lat[n]["p50"] for n in ("spd", "vllm")}, "p99": {n: lat[n]["p99"] for n in ("spd", "vllm")}})
+        heads.append(headline(f"requests/s, concurrency {c}", req, None))
+        heads.append(headline(f"tokens/s, every request in one mode (spd serve) / vllm serve, concurrency {c}",
+                              tok_mode, None, cpu=cpu_mode))
     return {
         "settings": {"levels": levels, "requests_per_level": n_requests, "max_tokens": max_tokens, "rounds": rounds,
                      "greedy": True, "ignore_eos": True,
-                     "endpoint": "/v1/completions, raw prompt 'Question: <gsm8k question>\\nAnswer:'",
-                     "vllm_server": "VLLM_PLUGINS= (no plugin), --enforce-eager --max-num-seqs 32 --max-model-len 2048 "
-                                    "--enable-prefix-caching --dtype float32 --seed 0, VLLM_CPU_KVCACHE_SPACE=2",
-                     "start_seconds": {n: s.start_seconds for n, s in servers.items()}},
+                     "endpoint": "/v1/completions, raw prompt: the first sentence of a GSM8K question",
+                     "servers": {"spd": spd.describe(), "vllm": vllm.describe()}, "mode_arm": mode},
+        "sanity": check,
         "levels": per_level,
         "headline": heads,
     }

@@ -1,0 +1,63 @@
+"""9. `spd serve` with its defaults / `vllm serve` with its defaults, tokens/s at concurrency 32.
+
+`spd serve` (`python -m server --port P`): eager, float32, max-model-len 2048, KV cache 2 GiB, the
+plugins loaded. `vllm serve` (`python -m vllm.entrypoints.openai.api_server --model DIR
+--served-model-name smollm2-135m`, VLLM_PLUGINS=none): vLLM's own defaults on this CPU, i.e. the
+compiled engine (torch.compile, VLLM_COMPILE), the model's dtype (float32 for the converted
+SmolLM2), the model's max length (8192); VLLM_CPU_KVCACHE_SPACE=2 is set because vLLM's CPU
+default refuses to start on this machine. vLLM 0.32's CPU build recompiles at every start here
+(its compile cache does not reload), so its start takes minutes: the time to its first answer is
+reported beside `spd serve`'s.
+
+The same load as server_overhead (64 tokens per request, ignore_eos, short prompts), at concurrency
+32, the two servers alternated round by round. Skipped in --quick runs (the compiled start alone
+takes 3-4 minutes).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from common import Context, Goal, headline, ratios, spread
+from server_overhead import load, measured, percentile, short_prompts
+
+NAME = "server_defaults"
+TITLE = "spd serve (its defaults) / vllm serve (its defaults, compiled): tokens/s at concurrency 32"
+GOAL = Goal(">=", 0.98)
+USES = {"spd_server", "vllm_server_defaults"}
+QUICK = False  # not run by --quick: the compiled server's start takes minutes
+
+
+def run(ctx: Context) -> dict:
+    res = ctx.resources
+    res.start("spd_server", "vllm_server_defaults")
+    servers = {"spd": res.get("spd_server"), "vllm_defaults": res.get("vllm_server_defaults")}
+    prompts_all = short_prompts()
+    concurrency, n_requests, max_tokens, rounds = 32, 32, ctx.size(8, 64), ctx.size(1, 4)
+    for srv in servers.values():  # warm-up
+        asyncio.run(load(srv.url, prompts_all[:32], 32, 4))
+    runs = {name: [] for name in servers}
+    for rnd in range(rounds):
+        prompts = [prompts_all[(rnd * 37 + j) % len(prompts_all)] for j in range(n_requests)]
+        for name, srv in servers.items():
+            runs[name].append(measured(srv, prompts, concurrency, max_tokens))
+    tok = ratios([x["tok_s"] for x in runs["spd"]], [x["tok_s"] for x in runs["vllm_defaults"]])
+    cpu = ratios([x["tok_per_cpu_s"] for x in runs["spd"]], [x["tok_per_cpu_s"] for x in runs["vllm_defaults"]])
+    lat = {n: {"p50": percentile([v for x in runs[n] for v in x["latencies"]], 0.5),
+               "p99": percentile([v for x in runs[n] for v in x["latencies"]], 0.99)} for n in servers}
+    starts = {n: s.start_seconds for n, s in servers.items()}
+    return {
+        "settings": {"concurrency": concurrency, "requests": n_requests, "max_tokens": max_tokens, "rounds": rounds,
+                     "greedy": True, "ignore_eos": True,
+                     "endpoint": "/v1/completions, raw prompt: the first sentence of a GSM8K question",
+                     "servers": {n: s.describe() for n, s in servers.items()}},
+        "runs": runs,
+        "tok_s": {n: spread([x["tok_s"] for x in runs[n]]) for n in servers},
+        "latency_seconds": lat,
+        "start_to_first_answer_seconds": starts,
+        "tok_s_ratio": tok,
+        "tok_per_cpu_s_ratio": cpu,
+        "headline": [{**headline("tokens/s, concurrency 32, each with its defaults", tok, GOAL, cpu=cpu),
+                      "p50": {n: lat[n]["p50"] for n in servers}, "p99": {n: lat[n]["p99"] for n in servers}},
+                     headline("start to first answer: vllm serve with its defaults (compiled engine), seconds",
+                              spread([starts["vllm_defaults"]]), None, unit="s")],
+    }
