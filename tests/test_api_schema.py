@@ -22,7 +22,7 @@ def test_schemathesis_finds_no_server_error_and_no_conformance_failure_on_our_ro
     server = Server(tmp_path, env={"SPD_MAX_QUEUED_JOBS": "4"}).start()
     try:
         proc = subprocess.run(
-            [str(st), "run", "--config-file", str(CONFIG), f"{server.url}/openapi.json", "--include-path-regex", OURS, "--checks", "all",
+            [str(st), "--config-file", str(CONFIG), "run", f"{server.url}/openapi.json", "--include-path-regex", OURS, "--checks", "all",
              "--max-examples", "12", "--generation-deterministic", "--no-color"],
             capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     finally:
