@@ -215,7 +215,7 @@ BAD = [
     ("post", "/v1/adapters", {"json": {"name": "a1"}}, 400, None),
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "a", "job_id": "b"}}, 400, None),
     ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {}}}}, 400, None),
-    ("get", "/v1/jobs", {"params": {"state": "sleeping"}}, 400, "state"),
+    ("get", "/v1/jobs", {"params": {"state": "sleeping"}}, 400, "query.state"),
     ("put", "/v1/subspaces", {}, 405, None),
     ("delete", "/v1/adapters/ghost", {}, 404, "name"),
     ("post", "/v1/subspaces/import", {"content": b"not a tar at all", "headers": {"content-type": "application/x-tar"}}, 422, "file"),
