@@ -175,7 +175,8 @@ def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, mode
 
 
 def _store_snapshot(server, http):
-    files = sorted(str(p.relative_to(server.store)) for p in server.store.rglob("*"))
+    files = sorted(str(p.relative_to(server.store)) for p in server.store.rglob("*")
+                   if ".by-digest" not in p.parts)  # bases retained for admitted requests: a cache, not the store
     return files, http.get("/v1/subspaces").json(), len(http.get("/v1/jobs").json()["data"])
 
 
