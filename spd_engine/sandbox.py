@@ -262,7 +262,9 @@ def _wrap(mode: Isolation, work: Path, uid: int) -> list[str]:
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
             system.append(d)
-    made: set[str] = set()
+    # /tmp first: a tmpfs mounted later would hide an interpreter or virtualenv bound below it
+    argv += ["--perms", "1777", "--size", str(_TMP_BYTES), "--tmpfs", "/tmp"]
+    made: set[str] = {"/tmp"}
     for d in _python_dirs():
         if any(d == s or d.startswith(s + "/") for s in system):
             continue
@@ -273,8 +275,7 @@ def _wrap(mode: Isolation, work: Path, uid: int) -> list[str]:
                 made.add(parent)
                 argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", d, d]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(_TMP_BYTES), "--tmpfs", "/tmp",
-             "--ro-bind", str(work), _WORKDIR, "--chdir", _WORKDIR, "--"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", str(work), _WORKDIR, "--chdir", _WORKDIR, "--"]
     return argv + (_setpriv(uid) if mode == "bwrap" else [])
 
 

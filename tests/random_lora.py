@@ -1,4 +1,4 @@
-"""A PEFT LoRA adapter with random nonzero B, so it visibly changes a model's output (tests only)."""
+"""A PEFT LoRA adapter with random A and nonzero B, so it visibly changes a model's output (tests only)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +17,10 @@ def write_random_lora(model_path: Path, out: Path, seed: int = 0, scale: float =
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft.named_parameters():
-            if "lora_B" in name:
+            # A too: peft draws it from the global generator, which earlier tests in the process move
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+            elif "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft.save_pretrained(out)
     return out
