@@ -137,6 +137,7 @@ def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], 
 
     started = time.perf_counter()
     grams = {s: torch.zeros(groups, width, width, dtype=torch.float64) for s in sites}
+    sums = {s: torch.zeros(groups, width, dtype=torch.float64) for s in sites}  # activation-pca: for the mean
     n_rows = 0
     if cfg.method != "random":
         for p in model.parameters():
@@ -145,9 +146,18 @@ def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], 
             for s, r in site_rows(model, ids, mask, spans, sites, cfg.method).items():
                 g = r.double().reshape(r.shape[0], groups, width).transpose(0, 1)  # (G, n, w)
                 grams[s] += g.transpose(1, 2) @ g
+                sums[s] += g.sum(1)
             n_rows += int(mask.sum())
             if progress:
                 progress(len(spans))
+    if cfg.method == "activation-pca" and n_rows > 0:
+        # PCA is of the centred activations: the scatter matrix sum (x - mu)(x - mu)^T = sum x x^T - n mu mu^T.
+        # Without centring the top direction is mostly the mean (post-RoPE keys have a large one), which
+        # makes it an uncentred second-moment basis, not PCA. (The projection itself stays P x, through
+        # the origin, like every mode's.)
+        for s in sites:
+            mu = sums[s] / n_rows
+            grams[s] -= n_rows * mu[:, :, None] * mu[:, None, :]
 
     gen = torch.Generator().manual_seed(cfg.seed)
     bases: dict[Site, list[torch.Tensor]] = {}

@@ -31,10 +31,15 @@ class DistillConfig:
     batch_size: int = 4
     max_length: int = 1024
     seed: int = 42
+    # a fixed number of optimiser steps instead of `epochs` (cycling through the corpus, reshuffled
+    # each pass): the same training budget for corpora of different sizes
+    steps: int | None = None
 
     def check(self) -> None:
         if self.lora_rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("lora_rank, epochs and batch_size must be >= 1 and max_length >= 2")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be >= 1 (or None: train for `epochs`)")
         if not 0 <= self.lora_dropout < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("lora_dropout must be in [0, 1), lr > 0, weight_decay >= 0")
 
@@ -76,14 +81,18 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=total)
     order = list(range(len(data)))
     losses, step, started = [], 0, time.perf_counter()
-    for _ in range(cfg.epochs):
+    trained_tokens = 0  # supervised (completion) tokens seen by the optimiser, over all steps
+    while step < total:
         random.shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
+            if step == total:
+                break
             batch = [data[i] for i in order[s : s + cfg.batch_size]]
+            trained_tokens += sum(label != -100 for _, lab in batch for label in lab)
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
             labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
@@ -98,8 +107,11 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
             if progress:
                 progress(step, total, losses[-1])
     peft_model.eval()
+    last = losses[-min(steps_per_epoch, len(losses)):]
     report = {"examples": len(data), "steps": total, "first_loss": losses[0], "last_loss": losses[-1],
-              "mean_last_epoch_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+              "mean_last_epoch_loss": sum(last) / len(last),
+              "corpus_tokens": sum(label != -100 for _, lab in data for label in lab),
+              "trained_tokens": trained_tokens, "epochs_seen": round(total / steps_per_epoch, 2),
               "seconds": round(time.perf_counter() - started, 2), "config": asdict(cfg)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

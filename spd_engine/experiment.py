@@ -1,17 +1,32 @@
 """`spd experiment CONFIG`: does SPD beat the base model and raw self-distillation?
 
 For each domain, real data is split (seeded, disjoint, ids recorded) into calibration, generation
-prompts and evaluation. Conditions, same seeds and decoding everywhere:
+prompts and evaluation. Conditions, same decoding everywhere:
   base          no training
   hooks-only    the base model served with the domain's SPD mode (no training)
   self-distill  generate without projection, distil
   spd           generate with the gradient subspace, distil
   spd-random    generate with a random subspace of the same rank, distil
-  spd-pca       generate with an activation-PCA subspace of the same rank, distil
-Every condition is evaluated on every domain's evaluation set (in- and out-of-domain).
+  spd-pca       generate with an activation-PCA subspace (centred) of the same rank, distil
+Every condition is evaluated on every domain's evaluation set (in- and out-of-domain); a trained
+condition with its adapter merged into a copy of the weights.
 
-Each stage's output is cached under `<out>/cache/<stage>-<hash of its inputs>`, so a rerun after an
-interruption continues where it stopped (corpus generation resumes mid-file).
+Each trained condition is trained once per training seed (`seeds`; the seed also draws the random
+subspace of spd-random), so the report can say how much of a difference survives another seed.
+The mode conditions run at `calibration.rank` and, for a rank sweep, at every rank of
+`calibration.ranks`. With `rounds = 2`, multi-round SPD: round 2 starts from the round-1 model
+(base + the round-1 adapter, merged into a copy of the weights), calibrates on it, generates with it
+and its mode, and distils a new adapter on top of it.
+
+Gold answers are put in a fixed answer format first (`tasks.with_answer_format`): teacher-forced
+measures score the answer after `Answer: (` (mcq) or `The answer is ` (a bare number), never the
+answer's format.
+
+Each stage's output is cached under `<out>/cache/<stage>-<hash of its inputs>`; a stage's key holds
+the keys of every stage that made its inputs (an evaluation's key holds its adapter's distil key,
+which holds its corpus's generation key, which holds its mode's calibration key), so changing any
+setting upstream recomputes everything downstream and nothing else. A rerun after an interruption
+continues where it stopped (corpus generation resumes mid-file).
 """
 from __future__ import annotations
 
@@ -22,10 +37,11 @@ import sys
 import time
 import tomllib
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
 from . import models
@@ -34,14 +50,19 @@ from .calibrate import CalibrationConfig, calibrate
 from .corpus import generate_corpus, read_corpus
 from .data import data_sha256, load_examples, resolve_data
 from .distill import DistillConfig, distill
-from .evaluate import accuracy, score_completions, span_nll_eval
+from .evaluate import SCORING_VERSION, accuracy, letter_accuracy, score_completions, span_nll_eval
 from .hf_backend import HFBackend
 from .paths import check_name
 from .subspace import Store
-from .tasks import SHORT_ANSWER_KINDS, Example, Kind
+from .tasks import SHORT_ANSWER_KINDS, Example, Kind, correctness_span, stop_strings, with_answer_format
 
 CONDITIONS = ("base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca")
+TRAINED = ("self-distill", "spd", "spd-random", "spd-pca")
 _MODE_OF = {"hooks-only": "gradient", "spd": "gradient", "spd-random": "random", "spd-pca": "activation-pca"}
+MODE_CONDITIONS = tuple(_MODE_OF)
+Metric = Literal["accuracy", "span-nll", "letter-accuracy"]
+# What changed the meaning of a cached calibration (bump with the method): 2 = centred activation PCA.
+CALIBRATION_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -56,7 +77,7 @@ class DomainConfig(_Strict):
     generation: int = Field(gt=0)
     evaluation: int = Field(gt=0)
     max_tokens: int = Field(default=192, gt=0)  # generation and free-generation evaluation
-    metrics: list[Literal["accuracy", "span-nll"]] | None = None  # this domain's evaluation set; None: the experiment's
+    metrics: list[Metric] | None = None  # this domain's evaluation set; None: the experiment's
 
     @field_validator("name")
     @classmethod
@@ -67,9 +88,18 @@ class DomainConfig(_Strict):
 class CalibrationSection(_Strict):
     layers: list[int] | None = None
     kinds: list[Literal["k", "v"]] = ["k", "v"]
-    rank: int = Field(default=16, gt=0)
+    rank: int = Field(default=16, gt=0)  # every mode condition runs at this rank
+    ranks: list[int] | None = None  # rank sweep: the `sweep` conditions also run at each of these
+    sweep: list[Literal["hooks-only", "spd", "spd-random", "spd-pca"]] | None = None  # None: every mode condition
     granularity: Literal["layer", "head"] = "layer"
     batch_size: int = Field(default=4, gt=0)
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(r <= 0 for r in v) or len(set(v)) != len(v)):
+            raise ValueError("ranks must be distinct positive integers")
+        return v
 
 
 class DistillSection(_Strict):
@@ -79,6 +109,7 @@ class DistillSection(_Strict):
     lr: float = 1e-5
     weight_decay: float = 0.01
     epochs: int = 5
+    steps: int | None = Field(default=None, gt=0)  # equal budget: this many optimiser steps for every condition
     batch_size: int = 4
     max_length: int = 1024
 
@@ -86,12 +117,16 @@ class DistillSection(_Strict):
 class ExperimentConfig(_Strict):
     name: str
     model: str = models.DEFAULT_MODEL
-    seed: int = 42
+    seed: int = 42  # splits and generation
+    seeds: list[int] | None = None  # training seeds (each trained condition once per seed); None: [seed]
     estimated_minutes: int | None = None  # what the config was sized for, on a 2-core CPU
     strength: float = Field(default=1.0, ge=0, le=1)
     batch_size: int = Field(default=8, gt=0)
-    metrics: list[Literal["accuracy", "span-nll"]] = ["accuracy", "span-nll"]
+    metrics: list[Metric] = ["accuracy", "span-nll"]
     conditions: list[Literal["base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca"]] = list(CONDITIONS)
+    out_of_domain: bool = True  # evaluate every condition on the other domains' evaluation sets too
+    rounds: int = Field(default=1, ge=1, le=4)  # multi-round SPD: rounds 2.. continue from the previous round's model
+    round_conditions: list[Literal["self-distill", "spd", "spd-random", "spd-pca"]] = ["self-distill", "spd"]
     domains: list[DomainConfig]
     calibration: CalibrationSection = CalibrationSection()
     distill: DistillSection = DistillSection()
@@ -100,6 +135,23 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "experiment name")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("seeds must be a non-empty list of distinct integers")
+        return v
+
+    @model_validator(mode="after")
+    def _rounds(self):
+        if self.rounds > 1 and not set(self.round_conditions) <= set(self.conditions):
+            raise ValueError("round_conditions must be among the conditions")
+        return self
+
+    @property
+    def training_seeds(self) -> list[int]:
+        return self.seeds or [self.seed]
 
 
 def load_config(path: Path) -> ExperimentConfig:
@@ -134,28 +186,34 @@ class _Stages:
     def __init__(self, root: Path):
         self.root = root / "cache"
         self.timings: list[dict] = []
+        self._done: dict[str, dict] = {}  # stages already run or read in this run (arms share stages)
 
     def dir(self, stage: str, key: dict) -> Path:
         return self.root / f"{stage}-{_hash(key)}"
 
     def run(self, stage: str, key: dict, fn: Callable[[Path], dict]) -> dict:
         where = self.dir(stage, key)
+        if where.name in self._done:
+            return self._done[where.name]
         done = where / "done.json"
         if done.exists():
             result = json.loads(done.read_text())
             self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": True})
-            return result
-        where.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        result = {**fn(where), "seconds": round(time.perf_counter() - started, 2), "key": key}
-        write_json(done, result)
-        self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": False})
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            result = {**fn(where), "seconds": round(time.perf_counter() - started, 2), "key": key}
+            write_json(done, result)
+            self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": False})
+        self._done[where.name] = result
         return result
 
 
 def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
-    """Disjoint calibration / generation / evaluation sets, shuffled with the experiment's seed."""
-    items = [ex for src in domain.data for ex in load_examples(resolve_data(src), domain.kind)]
+    """Disjoint calibration / generation / evaluation sets, shuffled with the experiment's seed; gold
+    answers in the fixed answer format of `tasks.with_answer_format`."""
+    items = [with_answer_format(domain.kind, ex)
+             for src in domain.data for ex in load_examples(resolve_data(src), domain.kind)]
     need = domain.calibration + domain.generation + domain.evaluation
     if len(items) < need:
         raise ValueError(f"domain {domain.name!r} has {len(items)} items, its splits need {need}")
@@ -164,15 +222,96 @@ def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
     return {"calibration": items[:a], "generation": items[a:b], "evaluation": items[b:need]}
 
 
+def eval_set_baselines(kind: Kind, examples: list[Example]) -> dict:
+    """What an evaluation set gives away without skill: for multiple choice, the gold letters' counts,
+    the accuracy of always answering the most common gold letter, and chance (mean 1 / options)."""
+    out: dict = {"kind": kind, "n": len(examples)}
+    if kind == "mcq" and examples:
+        golds = Counter(ex.answer[slice(*correctness_span(kind, ex))] for ex in examples)  # type: ignore[index]
+        top, count = golds.most_common(1)[0]
+        out.update(gold_letters=dict(sorted(golds.items())), constant_letter=top, constant_accuracy=count / len(examples),
+                   chance=sum(1 / len(ex.options) for ex in examples) / len(examples))
+    return out
+
+
 def _corpus_quality(kind: Kind, prompts: list[Example], path: Path) -> dict:
     """The generated corpus scored against the prompts' gold answers, and (math, mcq) its most common
     answer's share: a model that answers one letter whatever the question shows it here."""
-    rows = {r["id"]: r["completion"] for r in read_corpus(path)}
-    r = score_completions(kind, prompts, [rows[ex.id] for ex in prompts])
+    rows = {r["id"]: r for r in read_corpus(path)}
+    r = score_completions(kind, prompts, [rows[ex.id]["completion"] for ex in prompts])
+    tokens = sum(rows[ex.id].get("n_tokens", 0) for ex in prompts)
     if kind not in SHORT_ANSWER_KINDS:
-        return {**r.summary(), "top_answer": None, "top_answer_share": None}
+        return {**r.summary(), "top_answer": None, "top_answer_share": None, "completion_tokens": tokens}
     top, count = Counter(it["answer"] for it in r.items).most_common(1)[0]
-    return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n}
+    return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n, "completion_tokens": tokens}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained or served model: a condition trained on a domain, at a rank (mode conditions), with a
+    training seed (trained conditions), in a round (round k > 1 continues from round k - 1)."""
+
+    condition: str
+    domain: str | None = None
+    rank: int | None = None
+    seed: int | None = None
+    round: int = 1
+
+    @property
+    def label(self) -> str:
+        """The arm without its seed: what the report aggregates over seeds."""
+        out = self.condition + (f" r{self.rank}" if self.rank is not None else "")
+        return out + (f" round {self.round}" if self.round > 1 else "")
+
+    @property
+    def name(self) -> str:
+        """An adapter / mode name for this arm (with its seed)."""
+        out = f"{self.domain}-{self.condition}" + (f"-r{self.rank}" if self.rank is not None else "")
+        return out + (f"-s{self.seed}" if self.seed is not None else "") + (f"-round{self.round}" if self.round > 1 else "")
+
+    def parent(self) -> "Arm":
+        return replace(self, round=self.round - 1)
+
+
+def arms(cfg: ExperimentConfig) -> list[Arm]:
+    """Every model the experiment evaluates, in the order it builds them."""
+    c = cfg.calibration
+    sweep = set(c.sweep if c.sweep is not None else MODE_CONDITIONS)
+    out: list[Arm] = [Arm("base")] if "base" in cfg.conditions else []
+    for d in cfg.domains:
+        for cond in cfg.conditions:
+            if cond == "base":
+                continue
+            ranks = [None]
+            if cond in _MODE_OF:
+                ranks = list(dict.fromkeys([c.rank] + (c.ranks or [] if cond in sweep else [])))
+            seeds = cfg.training_seeds if cond in TRAINED else [None]
+            out += [Arm(cond, d.name, r, s) for r in ranks for s in seeds]
+        for k in range(2, cfg.rounds + 1):
+            out += [Arm(cond, d.name, c.rank if cond in _MODE_OF else None, s, k)
+                    for cond in cfg.round_conditions for s in cfg.training_seeds]
+    return out
+
+
+def _merged_backend(cfg: ExperimentConfig, adapters: list[Path], key: dict) -> HFBackend:
+    """A backend whose model is the base model with `adapters` (earlier rounds, in order) merged into a
+    copy of its weights; its identity names that lineage, so packs calibrated on it fit only it."""
+    from peft import PeftModel
+
+    b = HFBackend(cfg.model, batch_size=cfg.batch_size)
+    for a in adapters:
+        b.model = PeftModel.from_pretrained(b.model, str(a)).merge_and_unload().eval()
+    b.model_info = replace(b.model_info, identity=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest())
+    return b
+
+
+def _merged_model(path: Path, adapters: list[Path]):
+    from peft import PeftModel
+
+    model, tok = models.load(path)
+    for a in adapters:
+        model = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
+    return model, tok
 
 
 def run_experiment(config_path: Path, out_root: Path) -> Path:
@@ -181,110 +320,172 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     stages = _Stages(root)
     store = Store(root / "subspaces")
-    backend = HFBackend(cfg.model, batch_size=cfg.batch_size)
-    ident = backend.model_info.identity
+    base_backend = HFBackend(cfg.model, batch_size=cfg.batch_size)
+    ident = base_backend.model_info.identity
     splits = {d.name: split(d, cfg.seed) for d in cfg.domains}
+    domains = {d.name: d for d in cfg.domains}
     sources = {d.name: {s: data_sha256(resolve_data(s)) for s in d.data} for d in cfg.domains}
     write_json(root / "splits.json", {d: {k: [ex.id for ex in v] for k, v in s.items()} for d, s in splits.items()})
+    c = cfg.calibration
 
-    # ---- calibration: the modes each domain's conditions need
-    modes: dict[tuple[str, str], str] = {}
-    for d in cfg.domains:
-        for method in sorted({_MODE_OF[c] for c in cfg.conditions if c in _MODE_OF}):
-            name = f"{d.name}-{method}"
-            key = {"model": ident, "data": sources[d.name], "examples": _content(splits[d.name]["calibration"]),
-                   "kind": d.kind, "method": method, "cfg": cfg.calibration.model_dump(), "seed": cfg.seed}
+    # ---- per arm: the model it starts from, its mode (calibration), corpus, adapter; keys chain stage to stage
+    model_key: dict[Arm, object] = {}  # what the arm's starting model is: the base, or base + earlier adapters
+    calib_key: dict[Arm, dict | None] = {}
+    distill_key: dict[Arm, dict | None] = {}
+    adapter_dir: dict[Arm, Path] = {}
+    lineage: dict[Arm, list[Path]] = {}  # adapters merged into the arm's starting model
+    corpora: list[dict] = []
+    training: list[dict] = []
+    results: list[dict] = []
+    seen_corpora: set[str] = set()
 
-            def do_calibrate(where: Path, d=d, method=method, name=name) -> dict:
-                c = cfg.calibration
-                pack = calibrate(backend.model, backend.tokenizer, backend.model_info, d.kind,
-                                 splits[d.name]["calibration"], name,
-                                 CalibrationConfig(layers=c.layers, kinds=tuple(c.kinds), granularity=c.granularity,
-                                                   method=method, rank=c.rank, batch_size=c.batch_size, seed=cfg.seed))
-                Store(where).save(pack, overwrite=True)
-                return {"pack": name}
+    def calibrate_mode(backend: HFBackend, arm: Arm) -> str:
+        d = domains[arm.domain]  # type: ignore[index]
+        method = _MODE_OF[arm.condition]
+        seed = arm.seed if method == "random" else None  # a random subspace is drawn per training seed
+        key = {"model": model_key[arm], "data": sources[d.name], "examples": _content(splits[d.name]["calibration"]),
+               "kind": d.kind, "method": method, "layers": c.layers, "kinds": c.kinds, "granularity": c.granularity,
+               "batch_size": c.batch_size, "rank": arm.rank, "seed": seed, "version": CALIBRATION_VERSION}
+        name = f"{d.name}-{method}-r{arm.rank}" + (f"-s{seed}" if seed is not None else "") + (
+            f"-round{arm.round}" if arm.round > 1 else "")
 
-            stages.run("calibrate", key, do_calibrate)
+        def do_calibrate(where: Path) -> dict:
+            pack = calibrate(backend.model, backend.tokenizer, backend.model_info, d.kind,
+                             splits[d.name]["calibration"], name,
+                             CalibrationConfig(layers=c.layers, kinds=tuple(c.kinds), granularity=c.granularity,
+                                               method=method, rank=arm.rank, batch_size=c.batch_size,
+                                               seed=seed if seed is not None else cfg.seed))
+            Store(where).save(pack, overwrite=True)
+            return {"pack": name}
+
+        stages.run("calibrate", key, do_calibrate)
+        calib_key[arm] = key
+        if name not in backend.capabilities():
             pack = Store(stages.dir("calibrate", key)).load(name, backend.model_info)
             if name in store.names():
                 store.delete(name)
             store.save(pack)
             backend.add_subspace(pack)
-            modes[(d.name, method)] = name
+        return name
 
-    # ---- generation + distillation for the trained conditions
-    adapters: dict[tuple[str, str], str] = {}
-    corpora: list[dict] = []  # how good each condition's self-generated training data is
-    for d in cfg.domains:
-        for cond in [c for c in cfg.conditions if c not in ("base", "hooks-only")]:
-            capability = (modes[(d.name, _MODE_OF[cond])],) if cond in _MODE_OF else ()
-            gen_key = {"model": ident, "data": sources[d.name], "examples": _content(splits[d.name]["generation"]),
-                       "kind": d.kind, "capability": capability, "strength": cfg.strength, "max_tokens": d.max_tokens,
-                       "calibration": cfg.calibration.model_dump(), "seed": cfg.seed}
+    def train(backend: HFBackend, arm: Arm, mode: str | None) -> None:
+        d = domains[arm.domain]  # type: ignore[index]
+        capability = (mode,) if mode else ()
+        gen_key = {"model": model_key[arm], "data": sources[d.name], "examples": _content(splits[d.name]["generation"]),
+                   "kind": d.kind, "mode": calib_key.get(arm), "strength": cfg.strength if mode else 0.0,
+                   "max_tokens": d.max_tokens, "stop": stop_strings(d.kind), "seed": cfg.seed}
 
-            def do_generate(where: Path, d=d, capability=capability, cond=cond) -> dict:
-                prompts = splits[d.name]["generation"]
-                with tqdm(total=len(prompts), desc=f"{d.name}/{cond}: generate", unit="ex", file=sys.stderr) as bar:
-                    return generate_corpus(backend, d.kind, prompts, where / "corpus.jsonl", capability=capability,
-                                           strength=cfg.strength, max_tokens=d.max_tokens, seed=cfg.seed,
-                                           chunk=cfg.batch_size, progress=bar.update)
+        def do_generate(where: Path) -> dict:
+            prompts = splits[d.name]["generation"]
+            with tqdm(total=len(prompts), desc=f"{arm.name}: generate", unit="ex", file=sys.stderr) as bar:
+                return generate_corpus(backend, d.kind, prompts, where / "corpus.jsonl", capability=capability,
+                                       strength=cfg.strength, max_tokens=d.max_tokens, seed=cfg.seed,
+                                       chunk=cfg.batch_size, progress=bar.update)
 
-            stages.run("generate", gen_key, do_generate)
-            corpus = stages.dir("generate", gen_key) / "corpus.jsonl"
-            corpora.append({"domain": d.name, "condition": cond,
+        stages.run("generate", gen_key, do_generate)
+        corpus = stages.dir("generate", gen_key) / "corpus.jsonl"
+        if _hash(gen_key) not in seen_corpora:  # one corpus serves every seed of a greedy, seed-free mode
+            seen_corpora.add(_hash(gen_key))
+            # the seed a corpus depends on: a random subspace's draw, or (round 2 on) the previous round's training
+            seeded = _MODE_OF.get(arm.condition) == "random" or arm.round > 1
+            corpora.append({"domain": d.name, "arm": replace(arm, seed=None).label, "condition": arm.condition,
+                            "rank": arm.rank, "round": arm.round, "seed": arm.seed if seeded else None,
                             **_corpus_quality(d.kind, splits[d.name]["generation"], corpus)})
 
-            def do_distill(where: Path, corpus=corpus, cond=cond, d=d) -> dict:
-                rows = read_corpus(corpus)
-                model, tok = models.load(backend.model_info.path)
-                dc = DistillConfig(**cfg.distill.model_dump(), seed=cfg.seed)
-                bar = tqdm(desc=f"{d.name}/{cond}: distill", unit="step", file=sys.stderr)
-                report = distill(model, tok, rows, where / "adapter", dc,
-                                 lambda step, total, loss: (setattr(bar, "total", total), bar.update(1)))
-                bar.close()
-                return {"adapter": "adapter", "train": report}
+        key = {"corpus": gen_key, "model": model_key[arm], "distill": cfg.distill.model_dump(), "seed": arm.seed}
 
-            distill_key = {"corpus": gen_key, "distill": cfg.distill.model_dump(), "seed": cfg.seed}
-            stages.run("distill", distill_key, do_distill)
-            name = f"{d.name}-{cond}"
-            if name not in backend.adapters():
-                backend.load_adapter(name, str(stages.dir("distill", distill_key) / "adapter"))
-            adapters[(d.name, cond)] = name
+        def do_distill(where: Path) -> dict:
+            model, tok = _merged_model(base_backend.model_info.path, lineage[arm])
+            dc = DistillConfig(**cfg.distill.model_dump(), seed=arm.seed)  # type: ignore[arg-type]
+            bar = tqdm(desc=f"{arm.name}: distill", unit="step", file=sys.stderr)
+            report = distill(model, tok, read_corpus(corpus), where / "adapter", dc,
+                             lambda step, total, loss: (setattr(bar, "total", total), bar.update(1)))
+            bar.close()
+            return {"adapter": "adapter", "train": report}
 
-    # ---- evaluation: every condition on every domain's evaluation set
-    results: list[dict] = []
-    for d in cfg.domains:
-        for cond in cfg.conditions:
-            if cond == "base" and d is not cfg.domains[0]:
-                continue  # base does not depend on the training domain
-            capability = (modes[(d.name, "gradient")],) if cond == "hooks-only" else ()
-            adapter = adapters.get((d.name, cond))
-            for e in cfg.domains:
-                for metric in e.metrics or cfg.metrics:
-                    key = {"model": ident, "train_domain": d.name if cond != "base" else None, "condition": cond,
-                           "eval": e.name, "examples": _content(splits[e.name]["evaluation"]), "metric": metric,
-                           "max_tokens": e.max_tokens, "calibration": cfg.calibration.model_dump(),
-                           "distill": cfg.distill.model_dump(), "strength": cfg.strength, "seed": cfg.seed,
-                           "data": sources[e.name]}
+        res = stages.run("distill", key, do_distill)
+        distill_key[arm] = key
+        adapter_dir[arm] = stages.dir("distill", key) / "adapter"
+        t = res["train"]
+        training.append({"domain": d.name, "arm": arm.label, "seed": arm.seed, "examples": t["examples"],
+                         "steps": t["steps"], "corpus_tokens": t.get("corpus_tokens"),
+                         "trained_tokens": t.get("trained_tokens"), "first_loss": t["first_loss"],
+                         "last_loss": t["last_loss"], "seconds": t["seconds"]})
 
-                    def do_eval(where: Path, e=e, metric=metric, capability=capability, adapter=adapter) -> dict:
-                        items = splits[e.name]["evaluation"]
-                        if metric == "accuracy":
-                            r = accuracy(backend, e.kind, items, capability=capability, strength=cfg.strength,
-                                         adapter=adapter, max_tokens=e.max_tokens)
-                        else:
-                            r = span_nll_eval(backend, e.kind, items, capability=capability, strength=cfg.strength,
-                                              adapter=adapter)
-                        return {"summary": r.summary(), "items": r.items}
+    def evaluate(backend: HFBackend, arm: Arm, mode: str | None) -> None:
+        """`backend` serves the arm's model as it is (a trained arm: its adapter already merged in)."""
+        capability = (mode,) if arm.condition == "hooks-only" and mode else ()
+        for e in cfg.domains:
+            if not cfg.out_of_domain and arm.domain is not None and e.name != arm.domain:
+                continue
+            items = splits[e.name]["evaluation"]
+            for metric in e.metrics or cfg.metrics:
+                if metric == "letter-accuracy" and e.kind != "mcq":
+                    continue  # letters exist only in multiple choice
+                key = {"version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
+                       "merged": True, "mode": calib_key.get(arm) if capability else None,
+                       "strength": cfg.strength if capability else 0.0,
+                       "eval": e.name, "kind": e.kind, "examples": _content(items), "data": sources[e.name],
+                       "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
 
-                    res = stages.run("evaluate", key, do_eval)
-                    results.append({"condition": cond, "train_domain": d.name if cond != "base" else None,
-                                    "eval": e.name, "in_domain": cond == "base" or d.name == e.name,
-                                    "metric": metric, **res["summary"], "items": res["items"]})
-    backend.close()
+                def do_eval(where: Path, e=e, metric=metric, items=items) -> dict:
+                    if metric == "accuracy":
+                        r = accuracy(backend, e.kind, items, capability=capability, strength=cfg.strength,
+                                     max_tokens=e.max_tokens)
+                    elif metric == "letter-accuracy":
+                        r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength)
+                    else:
+                        r = span_nll_eval(backend, e.kind, items, capability=capability, strength=cfg.strength)
+                    return {"summary": r.summary(), "items": r.items}
+
+                res = stages.run("evaluate", key, do_eval)
+                results.append({"arm": arm.label, "condition": arm.condition, "train_domain": arm.domain,
+                                "rank": arm.rank, "seed": arm.seed, "round": arm.round, "eval": e.name,
+                                "in_domain": arm.domain is None or arm.domain == e.name, "metric": metric,
+                                **res["summary"], "items": res["items"]})
+
+    modes: dict[Arm, str] = {}
+
+    def build(backend: HFBackend, arm: Arm) -> None:
+        mode = None
+        if arm.condition in _MODE_OF:
+            mode = modes[arm] if arm in modes else calibrate_mode(backend, arm)
+        if arm.condition in TRAINED:
+            train(backend, arm, mode)
+            # evaluated with its adapter merged into a copy of the weights (the same function as the LoRA
+            # applied on the fly, without peft's per-request adapter dispatch in every layer)
+            trained = _merged_backend(cfg, lineage[arm] + [adapter_dir[arm]],
+                                      {"model": model_key[arm], "adapter": distill_key[arm]})
+            evaluate(trained, arm, None)
+            trained.close()
+        else:
+            evaluate(backend, arm, mode)
+
+    all_arms = arms(cfg)
+    for arm in all_arms:
+        if arm.round == 1:
+            model_key[arm], lineage[arm] = ident, []
+    # round 1 on the base model: its modes, then per arm its corpus, adapter and evaluations
+    for arm in all_arms:
+        if arm.round == 1 and arm.condition in _MODE_OF:
+            modes[arm] = calibrate_mode(base_backend, arm)
+    for arm in all_arms:
+        if arm.round == 1:
+            build(base_backend, arm)
+    base_backend.close()
+    # later rounds: each starts from its parent's model (base + the parent's lineage + the parent's adapter)
+    for arm in all_arms:
+        if arm.round == 1:
+            continue
+        parent = arm.parent()
+        lineage[arm] = lineage[parent] + [adapter_dir[parent]]
+        model_key[arm] = {"base": ident, "adapters": [model_key[parent], distill_key[parent]]}
+        backend = _merged_backend(cfg, lineage[arm], model_key[arm])
+        build(backend, arm)
+        backend.close()
 
     from .experiment_report import write_report
 
-    write_report(root, cfg, config_path, results, corpora, store, stages.timings)
+    baselines = {d.name: eval_set_baselines(d.kind, splits[d.name]["evaluation"]) for d in cfg.domains}
+    write_report(root, cfg, config_path, results, corpora, training, baselines, store, stages.timings)
     return root
-

@@ -30,3 +30,83 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     below = sum(m <= 0 for m in means) / n_boot
     return {"test": "paired-bootstrap", "diff": mean, "ci_low": means[int(0.025 * n_boot)],
             "ci_high": means[int(0.975 * n_boot) - 1], "p": min(1.0, 2 * min(below, 1 - below))}
+
+
+# ---------------------------------------------------------------- across training seeds
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with `df` degrees of freedom."""
+    if math.isnan(t):
+        return float("nan")
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def one_sample_t(d: Sequence[float]) -> dict:
+    """One-sample t-test of mean(d) = 0 (d: one value per training seed, e.g. a per-seed mean difference).
+    With 3 seeds it has 2 degrees of freedom: only a large, consistent effect reaches p < 0.05."""
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    if n < 2:
+        return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": float("nan"), "t": float("nan"), "p": float("nan")}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    if sd == 0:
+        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / (sd / math.sqrt(n))
+    return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": t, "p": t_two_sided_p(t, n - 1)}
+
+
+def sign_test(d: Sequence[float]) -> dict:
+    """Exact two-sided sign test over seeds (zeros dropped). With 3 seeds the smallest p is 0.25: it can
+    only say that the direction is not consistent, never that it is significant."""
+    pos, neg = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    n, k = pos + neg, min(pos, neg)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"test": "sign-over-seeds", "n": n, "positive": pos, "negative": neg, "p": p}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given; NaN stays NaN and is not counted).
+    Controls the family-wise error rate over the whole family, with no assumption on dependence."""
+    idx = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
+    m = len(idx)
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out

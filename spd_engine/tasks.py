@@ -11,7 +11,7 @@ A kind answers four questions about an `Example`:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 Kind = Literal["math", "mcq", "code", "custom"]
@@ -25,7 +25,21 @@ SPAN_OPEN, SPAN_CLOSE = "[[", "]]"
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Where an mcq text states its letter, most explicit first; the gold span and `extract` share them.
-_MCQ_PATTERNS = (r"answer is\s*:?\s*\(?([A-Z])\b\)?", r"^\s*\(?([A-Z])\)?(?:[\s.:)]|$)", r"\(([A-Z])\)")
+#   1. a stated answer: "The answer is (C)", "Answer: C", "The correct option is D.", "best choice: B"
+#   2. a parenthesised letter anywhere: "I think (C)", "(B) because ..."
+#   3. a letter standing alone at the start of a line: "C", "C.", "C)", "C: ..." - never a capital that
+#      starts a sentence ("I think ...", "A date 10 days ago ...")
+# A letter must be a capital that is not part of a word (the "A" of "All" never counts).
+_MCQ_PATTERNS = (
+    r"(?i:answer|(?:correct|right|best)\s+(?:option|choice))(?:\s+(?i:is|would\s+be|should\s+be))?\s*:?\s*"
+    r"\(?([A-Z])(?![\w'])",
+    r"\(([A-Z])\)",
+    r"^[ \t]*([A-Z])(?:[.):](?!\w)|[ \t]*$)",
+)
+# The fixed answer formats that teacher-forced scoring puts before the scored span (see
+# `with_answer_format`): the span is then the answer alone, never the format of the answer.
+MCQ_ANSWER_PREFIX = "Answer: ("
+MATH_ANSWER_PREFIX = "The answer is "
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,7 @@ def correctness_span(kind: Kind, ex: Example) -> tuple[int, int]:
             return m.start(), m.end()
         return m.start(1), m.end(1)
     if kind == "mcq":
-        m = None
-        for pat in _MCQ_PATTERNS:
-            m = re.search(pat, a, flags=re.MULTILINE)
-            if m:
-                break
+        m = _mcq_letter(a, len(ex.options) or None)
         if m is None:
             raise TaskError(f"example {ex.id!r}: mcq answer has no option letter: {a[:60]!r}")
         return m.start(1), m.end(1)
@@ -164,7 +174,39 @@ def _number(text: str) -> float | None:
         return None
 
 
-def extract(kind: Kind, completion: str) -> str | None:
+def _mcq_letter(text: str, n_options: int | None = None) -> re.Match | None:
+    """The match of the letter a text states (pattern order above; the first match of a pattern wins),
+    skipping letters beyond the `n_options` options."""
+    for pat in _MCQ_PATTERNS:
+        for m in re.finditer(pat, text, flags=re.MULTILINE):
+            if n_options is None or _LETTERS.index(m.group(1)) < n_options:
+                return m
+    return None
+
+
+def with_answer_format(kind: Kind, ex: Example) -> Example:
+    """The example with its gold answer in a fixed answer format, span on the answer alone:
+    mcq `B` -> `Answer: (B)` (span `B`), a math answer that is a bare number `109` ->
+    `The answer is 109.` (span `109`). Teacher-forced measures (span NLL, calibration) then score
+    the answer after the format rather than the format itself: a model that starts its replies with
+    "(" or "The" otherwise pays for the format in the span NLL, and training on "(D)"-style corpora
+    moves it whatever the correctness. Other answers (GSM8K reasoning, code, custom) are kept."""
+    if ex.answer is None:
+        return ex
+    if kind == "mcq":
+        s, e = correctness_span(kind, ex)
+        if ex.answer.strip() == ex.answer[s:e]:
+            gold = f"{MCQ_ANSWER_PREFIX}{ex.answer[s:e]})"
+            return replace(ex, answer=gold, span=(len(MCQ_ANSWER_PREFIX), len(MCQ_ANSWER_PREFIX) + e - s))
+    if kind == "math" and re.fullmatch(_NUMBER, ex.answer.strip()):
+        number = ex.answer.strip()
+        gold = f"{MATH_ANSWER_PREFIX}{number}."
+        return replace(ex, answer=gold, span=(len(MATH_ANSWER_PREFIX), len(MATH_ANSWER_PREFIX) + len(number)))
+    return ex
+
+
+def extract(kind: Kind, completion: str, n_options: int | None = None) -> str | None:
+    """The answer a completion gives; for mcq only letters of the first `n_options` options count."""
     if kind == "math":
         for pat in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
             m = re.search(pat, completion, flags=re.IGNORECASE)
@@ -173,11 +215,8 @@ def extract(kind: Kind, completion: str) -> str | None:
         nums = re.findall(_NUMBER, completion)
         return nums[-1].replace(",", "").replace("$", "") if nums else None
     if kind == "mcq":
-        for pat in _MCQ_PATTERNS:
-            m = re.search(pat, completion, flags=re.MULTILINE)
-            if m:
-                return m.group(1)
-        return None
+        m = _mcq_letter(completion, n_options)
+        return None if m is None else m.group(1)
     if kind == "code":
         blocks = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
         return blocks[0] if blocks else completion
@@ -185,7 +224,7 @@ def extract(kind: Kind, completion: str) -> str | None:
 
 
 def score(kind: Kind, ex: Example, completion: str, timeout: float = 10.0) -> bool:
-    got = extract(kind, completion)
+    got = extract(kind, completion, len(ex.options) or None)
     if got is None:
         return False
     if kind == "math":
@@ -200,10 +239,23 @@ def score(kind: Kind, ex: Example, completion: str, timeout: float = 10.0) -> bo
 
         if not ex.tests or not ex.entry_point:
             raise TaskError(f"example {ex.id!r}: code scoring needs tests and an entry point")
-        program = got if re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", got) else ex.prompt + got
-        return run_tests(program, ex.tests, ex.entry_point, timeout=timeout)
+        return run_tests(code_program(ex, got), ex.tests, ex.entry_point, timeout=timeout)
     s, e = correctness_span(kind, ex)
     return " ".join(ex.answer[s:e].split()).lower() in " ".join(got.split()).lower()  # type: ignore[index]
+
+
+def code_program(ex: Example, code: str) -> str:
+    """The program a code completion is tested as. A completion that gives only the body continues the
+    prompt. One that defines the entry point itself still runs after the prompt's preamble - its
+    imports and helper functions, everything before `def <entry point>` - which it may leave out
+    (HumanEval/6 needs the prompt's `from typing import List`); its own definitions come later and win."""
+    assert ex.entry_point is not None
+    definition = rf"def\s+{re.escape(ex.entry_point)}\s*\("
+    if not re.search(definition, code):
+        return ex.prompt + code
+    head = re.search(rf"^{definition}", ex.prompt, flags=re.MULTILINE)
+    preamble = ex.prompt[: head.start()] if head else ""
+    return f"{preamble.rstrip()}\n\n\n{code}" if preamble.strip() else code
 
 
 def accuracy_interval(hits: Sequence[bool], z: float = 1.96) -> tuple[float, float, float]:

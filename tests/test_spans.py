@@ -51,3 +51,14 @@ def test_code_span_is_the_function_body_of_humaneval_solutions(tokenizer):
 def test_custom_span_marked_with_offsets(tokenizer):
     ex = Example(id="c", prompt="Capital of France?", answer="It is Paris, of course.", span=(6, 11))
     assert _span_text(tokenizer, "custom", ex).strip() == "Paris"
+
+
+def test_fixed_answer_formats_put_the_span_on_the_answer_alone(tokenizer):
+    from spd_engine.tasks import with_answer_format
+
+    ex = with_answer_format("mcq", Example(id="c", prompt="q", answer="B", options=("x", "y")))
+    ids, positions = calibration_ids(tokenizer, "mcq", ex)
+    assert tokenizer.decode([ids[p] for p in positions]) == "B"
+    assert tokenizer.decode(ids[positions[0] - 3 : positions[0]]) == "Answer: ("  # the format is context
+    ex = with_answer_format("math", Example(id="m", prompt="What is 3 plus 4?", answer="7"))
+    assert _span_text(tokenizer, "math", ex) == "7"
