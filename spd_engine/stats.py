@@ -83,10 +83,11 @@ def one_sample_t(d: Sequence[float]) -> dict:
     if n < 2:
         return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": float("nan"), "t": float("nan"), "p": float("nan")}
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    if sd == 0:
-        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
-    else:
-        t = mean / (sd / math.sqrt(n))
+    if sd < 1e-12:
+        # no spread across seeds (e.g. the same accuracy on every seed): t is undefined, not infinite - a
+        # p of 0 here would claim certainty from two or three identical numbers
+        return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": float("nan"), "p": float("nan")}
+    t = mean / (sd / math.sqrt(n))
     return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": t, "p": t_two_sided_p(t, n - 1)}
 
 

@@ -105,6 +105,7 @@ def test_t_distribution_p_values_match_tables() -> None:
     assert r["n"] == 3 and r["p"] < 0.01
     assert one_sample_t([0.01, -0.01, 0.0])["p"] == pytest.approx(1.0)
     assert math.isnan(one_sample_t([0.3])["p"])  # one seed: no test across seeds
+    assert math.isnan(one_sample_t([0.6, 0.6])["p"])  # no spread across seeds: undefined, not p = 0
 
 
 def test_sign_test_over_three_seeds_cannot_reach_significance() -> None:
