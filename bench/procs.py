@@ -194,13 +194,13 @@ def vllm_defaults_command() -> list[str]:
             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}"]
 
 
-def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd") -> ServerProcess:
+def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", timeout: float = 900.0) -> ServerProcess:
     """`spd serve --port P` (its defaults: eager, float32, max-model-len 2048, KV cache 2 GiB) on a
     fresh store and data dir."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"))
     (root / "store").mkdir()
-    return ServerProcess(name, spd_serve_command(extra), env, logdir, root=root)
+    return ServerProcess(name, spd_serve_command(extra), env, logdir, root=root, timeout=timeout)
 
 
 def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
@@ -222,6 +222,8 @@ _FACTORIES = {
     "offline_engine": lambda d: EngineClient("offline", d, engine=SERVER_ENGINE),
     "spd_server": spd_server,
     "spd_server_lora": lambda d: spd_server(d, LORA_FLAGS, name="spd-lora"),
+    # spd serve on vLLM's compiled engine (its other defaults kept): the plugins' cost there
+    "spd_server_compiled": lambda d: spd_server(d, ["--no-enforce-eager"], name="spd-compiled", timeout=1800.0),
     "vllm_server": vllm_server,
     "vllm_server_defaults": lambda d: vllm_server(d, defaults=True),
 }

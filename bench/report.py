@@ -52,7 +52,7 @@ def _met(h: dict, goal: str | None = None) -> str:
 
 
 def table(results: dict, skipped: dict | None = None) -> list[str]:
-    lines = ["| # | benchmark | measure | median [min, max] | per CPU-second: median [min, max] | goal | met? "
+    lines = ["| # | benchmark | measure | median [min, max] | from CPU time: median [min, max] | goal | met? "
              "(wall / CPU) |", "|---|---|---|---|---|---|---|"]
     for name in BY_NUMBER:
         i = NUMBER.get(name, "")
@@ -237,9 +237,10 @@ def render(out: Path = RESULTS) -> Path:
               "median and [min, max] over the repetitions. Details, settings and every repetition: "
               "`<benchmark>.json`. \"met?\" judges the median; where the spread crosses the goal, "
               "the repetitions disagree and the row is inconclusive at this noise level. Throughput ratios come "
-              "in two measures: per wall-clock second (what the goals ask for) and per CPU-second of the "
-              "processes under test (the engine process, or a server's whole process group), which does not "
-              "count the time other jobs held the cores of a shared machine.", ""]
+              "in two measures: per wall-clock second (what the goals ask for) and, in the \"from CPU time\" column, "
+              "per CPU-second of the processes under test (the engine process, or a server's whole process "
+              "group; for start-up: the CPU seconds to the first answer), which does not count the time other "
+              "jobs held the cores of a shared machine.", ""]
     lines += table(results, skipped)
     shown = [n for n in BY_NUMBER if n in results]
     missed = [(n, h) for n in shown for h in results[n].get("headline", [])

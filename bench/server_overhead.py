@@ -130,7 +130,7 @@ def run(ctx: Context) -> dict:
     prompts_all = short_prompts()
     levels = ctx.size([1, 8], [1, 8, 32])
     n_requests = {1: ctx.size(2, 3), 8: ctx.size(8, 16), 32: ctx.size(32, 32)}
-    max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 3)
+    max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 4)
     for srv, extra in targets.values():  # warm-up (and the mode's first load in the worker)
         asyncio.run(load(srv.url, prompts_all[:8], 8, 4, extra))
     check = mode_check(spd.url, vllm.url, prompts_all[0])
