@@ -6,11 +6,6 @@ One in-process eager engine serves the whole module; the compiled-vs-eager test 
 compiled engine once in a subprocess (about 2 minutes here)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -21,6 +16,7 @@ from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from spd_engine.data import load_examples, resolve_data  # noqa: E402
 from spd_engine.formatting import text_prompt_ids  # noqa: E402
 from spd_engine.subspace import PackError  # noqa: E402
+from fresh_process import in_fresh_process  # noqa: E402
 from random_lora import write_random_lora  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -95,21 +91,9 @@ RESULT = [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capabilit
 """
 
 
-def _in_fresh_process(code: str, args: dict, **env: str):
-    """Run `code` (reads ARGS, sets RESULT) in a new Python process: a second engine, isolated."""
-    script = f"import json, sys\nARGS = json.loads(sys.argv[1])\n{code}\nprint('RESULT', json.dumps(RESULT))\n"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "OMP_NUM_THREADS": "1", **env}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    return json.loads(line[len("RESULT "):])
-
-
 def _stock_vllm_tokens(model, prompts, n):
     """Greedy tokens of vLLM with the plugin not loaded (VLLM_PLUGINS allow-lists other names)."""
-    out = _in_fresh_process(_STOCK, {"model": str(model), "prompts": prompts, "n": n}, VLLM_PLUGINS="none")
+    out = in_fresh_process(_STOCK, {"model": str(model), "prompts": prompts, "n": n}, VLLM_PLUGINS="none")
     assert not out["patched"], "the plugin was loaded in the stock-vLLM run"
     return out["tokens"]
 
@@ -290,4 +274,4 @@ def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):
     args = {"model": str(bundled_path), "store": str(vllm_be.store.root), "modes": [A, B],
             "requests": [{"prompt_ids": r.prompt_ids, "capability": list(r.capability), "strength": r.strength,
                           "max_tokens": r.max_tokens} for r in reqs]}
-    assert _in_fresh_process(_COMPILED, args) == eager
+    assert in_fresh_process(_COMPILED, args) == eager
