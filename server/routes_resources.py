@@ -23,7 +23,7 @@ from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, documented, not_found
 from .jobs import FINAL
 from .schemas import NAME_PATTERN, AdapterLoad, JobCreate, SubspaceCreate
-from .state import SPDServer
+from .state import AdapterError, SPDServer
 
 router = APIRouter()
 
@@ -302,7 +302,8 @@ def submit(st, kind: str, params: dict) -> dict:
             if src["kind"] not in ("generate", "pipeline") or src["state"] != "succeeded":
                 raise APIError(409, f"job {params['corpus_job']!r} is a {src['state']} {src['kind']} job, not a "
                                "succeeded generate job", "params.corpus_job")
-            _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")
+            if params.get("adapter_name"):
+                _check_adapter_name(st, params["adapter_name"], "params.adapter_name")
         elif kind == "evaluate":
             _check_modes(st, params["capability"], "params.capability")
             if params.get("adapter") and params["adapter"] not in st.adapters():
@@ -311,7 +312,7 @@ def submit(st, kind: str, params: dict) -> dict:
             steps.check_lengths(st, jd, inputs["data"], params["task_kind"], params["max_tokens"], "data")
         elif kind == "pipeline":
             _check_calibration(st, {"name": params["name"], **params["calibration_params"]}, "params.")
-            _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")
+            _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")  # a pipeline always loads one
             inputs["calibration"] = steps.prepare_data(params["calibration"], params["task_kind"], jd, "calibration", st.settings.allow_client_code)
             inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
             steps.check_lengths(st, jd, inputs["prompts"], params["task_kind"], params["max_tokens"], "prompts")
@@ -332,6 +333,11 @@ def submit(st, kind: str, params: dict) -> dict:
 
 
 def _check_adapter_name(st, name: str | None, param: str) -> None:
+    """A job that will load an adapter is refused before it runs when it could not load it."""
+    try:
+        st.check_lora_enabled()
+    except AdapterError as e:
+        raise APIError(e.status, str(e), param) from None
     if name and (name in st.adapters() or name == st.model_id):
         raise APIError(409, f"an adapter named {name!r} is already loaded", param)
 

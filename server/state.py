@@ -203,13 +203,16 @@ class SPDServer:
             raise KeyError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters()) or '(none)'}")
         return req
 
+    def check_lora_enabled(self) -> None:
+        if not self.lora_enabled:
+            raise AdapterError(409, "LoRA is not enabled on this server: start it with --enable-lora "
+                                    "(and --max-lora-rank at least the adapter's rank)")
+
     async def load_adapter(self, name: str, path: Path, persist: bool = True) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        if not self.lora_enabled:
-            raise AdapterError(409, "LoRA is not enabled on this server: start it with --enable-lora "
-                                    "(and --max-lora-rank at least the adapter's rank)")
+        self.check_lora_enabled()
         if name in self.adapters() or name == self.model_id:
             raise AdapterError(409, f"an adapter named {name!r} is already loaded")
         res = await self._models().load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)))

@@ -3,6 +3,7 @@ changes outputs; kill -9 while a job runs leaves an intact store, a clearly fail
 queued job that runs after the restart, and no partial artifacts."""
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -121,5 +122,77 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
             write_random_lora(models.resolve(MODEL), server.data / "adapters" / "a1")
             lora = http.post("/v1/adapters", json={"name": "a1", "directory": "a1"})
             assert lora.status_code == 409 and "--enable-lora" in lora.json()["error"]["message"], lora.text
+            # and a job that would end by loading one is refused before it runs
+            pipe = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
+                "name": "p", "task_kind": "math", "calibration": {"data": CALIBRATION}, "prompts": {"data": PROMPTS}}})
+            assert pipe.status_code == 409 and pipe.json()["error"]["param"] == "params.adapter_name", pipe.text
+            assert "--enable-lora" in pipe.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def _crash_and_restart(server: Server) -> None:
+    server.kill9()
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(server.proc.pid):
+        time.sleep(0.5)
+    assert not _alive(server.proc.pid), "processes of the killed server live on"
+    server.start()
+
+
+def _hidden_files(server: Server, job_id: str) -> list[str]:
+    return sorted(p.name for p in (server.data / "jobs" / job_id).glob(".*"))
+
+
+def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_the_others_cleanly(tmp_path):
+    """generate resumes from its partial corpus; distill, evaluate and pipeline fail as interrupted
+    with no hidden temporaries and no published half-artifact (calibrate: the test above)."""
+    n = 130  # three chunks of the job's 64 requests: the kill lands while the second one runs
+    rows = [{"id": f"q{i}", "prompt": f"What is {i % 9}+{i % 7}?", "answer": f"The answer is {i % 9 + i % 7}"}
+            for i in range(n)]
+    data = "".join(json.dumps(r) + "\n" for r in rows)
+    server = Server(tmp_path, extra=LORA).start()
+    try:
+        with server.client() as http:
+            gen = http.post("/v1/jobs", json={"kind": "generate", "params": {
+                "task_kind": "math", "prompts": {"data": data}, "max_tokens": 24}}).json()
+            deadline = time.time() + 300
+            while http.get(f"/v1/jobs/{gen['id']}").json()["done"] < 64 and time.time() < deadline:
+                time.sleep(0.2)
+            assert http.get(f"/v1/jobs/{gen['id']}").json()["state"] == "running"
+        _crash_and_restart(server)
+        with server.client() as http:
+            done = wait_job(http, gen["id"], timeout=400)
+            assert done["state"] == "succeeded" and done["result"]["skipped"] >= 64, done  # resumed, not redone
+            corpus = [json.loads(x) for x in http.get(f"/v1/jobs/{gen['id']}/artifact").text.splitlines()]
+            assert sorted(r["id"] for r in corpus) == sorted(r["id"] for r in rows)
+
+            started = {
+                "distill": http.post("/v1/jobs", json={"kind": "distill", "params": {
+                    "corpus_job": gen["id"], "epochs": 20, "adapter_name": "never"}}).json(),
+                "evaluate": http.post("/v1/jobs", json={"kind": "evaluate", "params": {
+                    "task_kind": "math", "data": {"data": data}, "max_tokens": 24}}).json(),
+                "pipeline": http.post("/v1/jobs", json={"kind": "pipeline", "params": {
+                    "name": "piped", "task_kind": "math", "calibration": {"data": CALIBRATION},
+                    "prompts": {"data": data}, "max_tokens": 24, "epochs": 20}}).json(),
+            }
+        for kind, job in started.items():
+            with server.client() as http:
+                wait_job(http, job["id"], timeout=400, states=("running",))
+                time.sleep(3)  # well inside the job (each takes minutes)
+                assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running", kind
+            _crash_and_restart(server)
+            with server.client() as http:
+                after = http.get(f"/v1/jobs/{job['id']}").json()
+                assert (after["state"], after["error"]) == ("failed", "interrupted: the server stopped while it ran"), kind
+                assert http.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409, kind
+                assert _hidden_files(server, job["id"]) == [], kind
+                assert not (server.data / "jobs" / job["id"] / "adapter").exists(), kind
+                assert not (server.data / "jobs" / job["id"] / "report.json").exists(), kind
+        with server.client() as http:
+            # the store holds only whole packs (the pipeline's mode, if its calibration had finished)
+            names = [s["name"] for s in http.get("/v1/subspaces").json()["data"]]
+            assert sorted(p.name for p in server.store.iterdir() if p.name != ".by-digest") == sorted(names)
+            assert http.get("/v1/adapters").json()["data"] == []
     finally:
         server.stop()
