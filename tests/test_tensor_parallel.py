@@ -1,11 +1,13 @@
 """Tensor parallelism 2 on vLLM's CPU build (two worker processes, gloo): a head-granularity pack
 gives the tokens of TP 1, where each rank projects only the KV heads it holds.
 
-A tiny random Llama (4 heads, 2 KV heads) stands in for the bundled model, whose 3 KV heads do not
-split over 2 ranks; each engine runs in its own process."""
+A small random Llama (4 heads, 2 KV heads of 64: the CPU attention kernels need a head size such as
+64) stands in for the bundled model, whose 3 KV heads do not split over 2 ranks; each engine runs in
+its own process."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -29,14 +31,29 @@ be.close()
 """
 
 
-def test_tensor_parallel_2_with_a_head_pack_gives_the_tokens_of_tp_1(tiny_path, tokenizer, tmp_path):
-    model, _ = models.load(tiny_path)
+@pytest.fixture(scope="module")
+def llama_2_kv_heads(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("llama-2-kv-heads")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_tensor_parallel_2_with_a_head_pack_gives_the_tokens_of_tp_1(llama_2_kv_heads, tokenizer, tmp_path):
+    model, _ = models.load(llama_2_kv_heads)
     gsm = load_examples(resolve_data("gsm8k"), "math", limit=2)
-    pack = calibrate(model, tokenizer, models.info(tiny_path), "math", gsm, "tp-head",
-                     CalibrationConfig(rank=4, granularity="head", layers=[0, 1]))
+    pack = calibrate(model, tokenizer, models.info(llama_2_kv_heads), "math", gsm, "tp-head",
+                     CalibrationConfig(rank=16, granularity="head", layers=[0, 1]))
     Store(tmp_path).save(pack)
     prompts = [tokenizer.encode(t) for t in ("What is 12 plus 7?", "Name a primary colour.")]
-    args = {"model": str(tiny_path), "store": str(tmp_path), "prompts": prompts}
+    args = {"model": str(llama_2_kv_heads), "store": str(tmp_path), "prompts": prompts}
     tp1 = in_fresh_process(_GENERATE, {**args, "tp": 1})
     tp2 = in_fresh_process(_GENERATE, {**args, "tp": 2}, VLLM_CPU_OMP_THREADS_BIND="0|1")
     assert tp2 == tp1
