@@ -91,7 +91,7 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, 
             "tokens": tokens, "latencies": latencies}
 
 
-def save_random_mode(store_dir, name: str) -> dict:
+def save_random_mode(store_dir, name: str, seed: int = 0) -> dict:
     """A random pack of rank d/2 at the default layers, saved into a server's store (what the
     server serves: the next request can name it)."""
     from spd_engine import models
@@ -101,7 +101,7 @@ def save_random_mode(store_dir, name: str) -> dict:
     info = models.info(models.resolve(MODEL))
     layers = default_layers(info.n_layers)
     pack = calibrate(None, None, info, "math", [], name,
-                     CalibrationConfig(rank=info.kv_width // 2, layers=layers, method="random"))
+                     CalibrationConfig(rank=info.kv_width // 2, layers=layers, method="random", seed=seed))
     Store(store_dir).save(pack)
     return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,17 +33,9 @@ def tokenizer(bundled_path):
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory, tokenizer):
     """A 2-layer random Llama (4 heads, 2 KV heads x 16) saved as a local HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from random_llama import write_random_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return write_random_llama(tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 # The server test modules each define a module-scoped `server` (a real server process); these clients

@@ -7,11 +7,12 @@ its own process."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
 from fresh_process import in_fresh_process  # noqa: E402
+from random_llama import write_random_llama  # noqa: E402
+
 from spd_engine import models  # noqa: E402
 from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from spd_engine.data import load_examples, resolve_data  # noqa: E402
@@ -33,17 +34,7 @@ be.close()
 
 @pytest.fixture(scope="module")
 def llama_2_kv_heads(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("llama-2-kv-heads")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return write_random_llama(tokenizer, tmp_path_factory.mktemp("llama-2-kv-heads"), head_dim=64)
 
 
 def test_tensor_parallel_2_with_a_head_pack_gives_the_tokens_of_tp_1(llama_2_kv_heads, tokenizer, tmp_path):

@@ -1,0 +1,128 @@
+"""13. Isolation soak: 1,000 greedy completions at concurrency 32 against `spd serve --enable-lora`,
+mixing no mode, four modes, two compositions, fractional strengths and an adapter (with and without
+a mode). Every answer is compared with the same request made alone before the load: `mismatches`
+must be 0. Leaks: after the load, nothing is left running or waiting in vLLM's scheduler (its
+/metrics gauges), and the server's processes' resident memory and the API server's open file
+descriptors are compared with their values after the solo answers.
+
+The suite's `tests/test_server_reliability.py` runs the 500-request version of this in CI.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from common import MODEL, Context
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+NAME = "soak"
+TITLE = "1,000 mixed requests at concurrency 32: each equals the same request alone (mismatches, leaks)"
+GOAL = None
+USES = {"spd_server_lora"}
+MODES = ["soak1", "soak2", "soak3", "soak4"]
+PROMPTS = ["Count to five:", "My favourite fruit is", "Write one sentence about the sea at night:", "2 + 2 =",
+           "The best way to learn is"]
+
+
+def _configs(adapter: str) -> list[tuple[dict, str]]:
+    return [({}, MODEL), ({"capability": "soak1"}, MODEL), ({"capability": "soak2"}, MODEL),
+            ({"capability": "soak3", "capability_strength": 0.5}, MODEL), ({"capability": "soak4"}, MODEL),
+            ({"capability": ["soak1", "soak2"]}, MODEL),
+            ({"capability": ["soak3", "soak4"], "capability_strength": 0.7}, MODEL),
+            ({}, adapter), ({"capability": "soak2"}, adapter)]
+
+
+def _gauges(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+            if line.startswith(name):
+                out[name] = float(line.split()[-1])
+    return out
+
+
+def _rss_mib(pgid: int) -> float:
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d)) != pgid:
+                continue
+            with open(f"/proc/{d}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ProcessLookupError):
+            continue
+    return total / 2**20
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def run(ctx: Context) -> dict:
+    from random_lora import write_random_lora
+    from server_overhead import save_random_mode
+
+    from spd_engine import models
+
+    srv = ctx.resources.get("spd_server_lora")
+    for i, name in enumerate(MODES):
+        save_random_mode(srv.root / "store", name, seed=i)
+    write_random_lora(models.resolve(MODEL), srv.root / "data" / "adapters" / "soak-lora")
+    r = httpx.post(srv.url + "/v1/adapters", json={"name": "soak-lora", "directory": "soak-lora"}, timeout=300)
+    r.raise_for_status()
+    configs = _configs("soak-lora")
+    client = httpx.Client(base_url=srv.url, timeout=600,
+                          limits=httpx.Limits(max_connections=40, max_keepalive_connections=40))
+
+    def ask(item: tuple[str, int]) -> str:
+        prompt, c = item
+        extra, model = configs[c]
+        r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                                                 "temperature": 0.0, **extra})
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    combos = [(p, c) for p in PROMPTS for c in range(len(configs))]
+    alone = {x: ask(x) for x in combos}
+    distinct = len(set(alone.values()))
+    before = {"rss_mib": _rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
+    n, concurrency = ctx.size(100, 1000), 32
+    rng = random.Random(0)
+    work = [rng.choice(combos) for _ in range(n)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        together = list(pool.map(ask, work))
+    seconds = time.perf_counter() - t0
+    time.sleep(2)  # let the scheduler's gauges settle
+    after = {"rss_mib": _rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
+    client.close()
+    mismatches = [{"prompt": w[0], "config": configs[w[1]], "together": t, "alone": alone[w]}
+                  for w, t in zip(work, together) if t != alone[w]]
+    leaks = {"left_running": after.get("vllm:num_requests_running"), "left_waiting": after.get("vllm:num_requests_waiting"),
+             "kv_cache_usage_after": after.get("vllm:kv_cache_usage_perc"),
+             "rss_growth_mib": round(after["rss_mib"] - before["rss_mib"], 1),
+             "api_server_fd_growth": after["api_server_fds"] - before["api_server_fds"]}
+    return {
+        "settings": {"requests": n, "concurrency": concurrency, "max_tokens": 8, "greedy": True,
+                     "configs": [{"extra_body": e, "model": m} for e, m in configs], "prompts": PROMPTS,
+                     "server": srv.describe()},
+        "distinct_solo_answers": distinct, "solo_combinations": len(combos),
+        "requests_per_second": n / seconds, "seconds": seconds,
+        "mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
+        "before": before, "after": after, "leaks": leaks,
+        "headline": [
+            {"label": f"mismatches in {n} requests (each vs the same request alone)", "median": float(len(mismatches)),
+             "min": float(len(mismatches)), "max": float(len(mismatches)), "unit": "count", "goal": "<= 0",
+             "met": not mismatches},
+            {"label": "requests/s at concurrency 32 (8 tokens each)", "median": n / seconds, "min": n / seconds,
+             "max": n / seconds, "unit": "req/s", "goal": None, "met": None},
+        ],
+    }
