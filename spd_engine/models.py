@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -79,6 +77,7 @@ def pull(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
 
 
 def _convert_gguf(folder: Path, gguf: str, target: Path, *, quiet: bool) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tqdm import tqdm
 
@@ -129,6 +128,7 @@ def info(path: Path) -> ModelInfo:
 
 def _layer0_kv_bytes(path: Path) -> bytes:
     """The first layer's K and V weights: two models of one architecture differ here."""
+    import torch
     from safetensors import safe_open
 
     out = b""
@@ -142,6 +142,7 @@ def _layer0_kv_bytes(path: Path) -> bytes:
 
 def load(path: Path, device: str = "cpu"):
     """(model, tokenizer) in float32, eval mode, with a pad token for batching."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
