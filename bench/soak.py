@@ -101,9 +101,9 @@ def run(ctx: Context) -> dict:
     with ThreadPoolExecutor(concurrency) as pool:
         together = list(pool.map(ask, work))
     seconds = time.perf_counter() - t0
-    time.sleep(2)  # let the scheduler's gauges settle
+    client.close()  # its keep-alive connections are sockets the server holds open too
+    time.sleep(2)  # let the scheduler's gauges settle and the server close those sockets
     after = {"rss_mib": _rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
-    client.close()
     mismatches = [{"prompt": w[0], "config": configs[w[1]], "together": t, "alone": alone[w]}
                   for w, t in zip(work, together) if t != alone[w]]
     leaks = {"left_running": after.get("vllm:num_requests_running"), "left_waiting": after.get("vllm:num_requests_waiting"),
