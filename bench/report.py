@@ -222,8 +222,10 @@ def render(out: Path = RESULTS) -> Path:
     v = m.get("versions", {})
     lines = ["# Benchmark results", ""]
     if run:
-        lines += [f"Command: `{run['command']}` ({'quick smoke run' if run['quick'] else 'full suite'}), "
-                  f"{run['date']}, total wall time {run['wall_seconds'] / 60:.1f} min.", ""]
+        scope = "quick smoke run" if run["quick"] else ("a subset" if "--only" in run["command"] else "full suite")
+        lines += [f"Last command: `{run['command']}` ({scope}), {run['date']}, total wall time "
+                  f"{run['wall_seconds'] / 60:.1f} min. Each benchmark's JSON has the date and notes of "
+                  "the run that wrote it; rows come from the latest JSON of each.", ""]
         for r in run.get("reruns", []):
             lines += [f"Re-run afterwards: `{r['benchmark']}` ({r['seconds']:.0f} s, `{r['command']}`): {r['why']}", ""]
     if m:

@@ -111,8 +111,6 @@ class SPDServer:
     """The resource API's state, one per vLLM API server process (`app.state.spd`)."""
 
     def __init__(self, engine_client, app_state, args, settings: Settings):
-        from transformers import AutoTokenizer
-
         from .jobs import JobStore, Worker
         from . import steps
 
@@ -123,7 +121,7 @@ class SPDServer:
         self.model_id = names[0] if isinstance(names, list) else names
         self.model_info = models.info(self.model_path)
         self.max_model_len = engine_client.model_config.max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = engine_client.get_tokenizer()  # the served one: loading a second copy costs start time
         self.store = Store(settings.store_dir)
         self.lock = threading.RLock()  # serialises store changes (import, delete) with admission checks
         for d in (settings.data_dir, settings.adapters_dir, settings.jobs_dir):
