@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             if args.quick and not getattr(mod, "QUICK", True):
                 status[name] = {"ok": True, "seconds": 0.0, "skipped": "not run by --quick (QUICK = False: see its docstring)"}
-                print(f"[bench]   skipped in --quick", flush=True)
+                print("[bench]   skipped in --quick", flush=True)
                 later = set().union(*(modules[n].USES for n in names[i + 1:])) if i + 1 < len(names) else set()
                 resources.keep_only(later)
                 continue

@@ -190,7 +190,7 @@ def test_distill_with_fixed_steps_counts_its_tokens(tiny_path, tmp_path) -> None
 
 
 def _tiny_llama_config(tmp_path: Path, tiny_path: Path, **extra) -> Path:
-    lines = [f'name = "seeds"', f'model = "{tiny_path}"', "seed = 1", "seeds = [1, 2]", "batch_size = 4",
+    lines = ['name = "seeds"', f'model = "{tiny_path}"', "seed = 1", "seeds = [1, 2]", "batch_size = 4",
              'metrics = ["span-nll", "letter-accuracy"]', 'conditions = ["base", "hooks-only", "self-distill", "spd", "spd-random"]',
              "rounds = 2", 'round_conditions = ["self-distill", "spd"]']
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
