@@ -8,14 +8,11 @@ imported every attention backend, GPU ones included, which load `vllm._C`, and t
 below aborted with "Only a single TORCH_LIBRARY can be used to register the namespace _C"."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("vllm")
+
+from fresh_process import in_fresh_process  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -62,15 +59,8 @@ EXPECTED = {True: ["_C_AVX2"], False: None}  # None: whichever one build the pla
 
 
 def _run(code: str, args: dict, **env: str) -> dict:
-    script = f"ARGS = __import__('json').loads(__import__('sys').argv[1])\n{_PRELUDE}\n{code}\nprint('RESULT', json.dumps(RESULT))\n"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-           **env}
-    env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
-    return json.loads(line[len("RESULT "):])
+    """`code` after the prelude in a fresh process, with the plugin loaded through its entry point."""
+    return in_fresh_process(f"{_PRELUDE}\n{code}", args, timeout=600, VLLM_PLUGINS=None, **env)
 
 
 @pytest.mark.parametrize("avx2", [True, False], ids=["avx2-path", "native-path"])
