@@ -28,6 +28,8 @@ MODEL = "smollm2-135m"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # the test helpers a benchmark shares (masked_projection, random_lora)
+    sys.path.append(str(REPO / "tests"))
 
 from spd_engine.atomic import write_json  # noqa: E402
 
@@ -185,14 +187,9 @@ def free_port() -> int:
 # ---------------------------------------------------------------- CPU time (the machine may be shared)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system, all threads) of every live process in process group `pgid`, from
-    /proc. Every engine and server of the suite leads its own group (its children: vLLM's engine
-    core and workers, are in it), so the difference of two readings is the CPU work the group did
-    in between. Unlike wall time it does not count the time other jobs on a shared machine held the
-    cores (it still counts their effect on caches and memory bandwidth)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _group_stats(pgid: int) -> list[list[str]]:
+    """/proc/<pid>/stat of every live process in process group `pgid`, from field 3 (state) on."""
+    out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -201,7 +198,23 @@ def group_cpu_seconds(pgid: int) -> float:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # field 5: pgrp
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return total / tick
+            out.append(fields)
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system, all threads) of every live process in process group `pgid`, from
+    /proc. Every engine and server of the suite leads its own group (its children: vLLM's engine
+    core and workers, are in it), so the difference of two readings is the CPU work the group did
+    in between. Unlike wall time it does not count the time other jobs on a shared machine held the
+    cores (it still counts their effect on caches and memory bandwidth)."""
+    ticks = sum(int(f[11]) + int(f[12]) for f in _group_stats(pgid))  # fields 14, 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_rss_mib(pgid: int) -> float:
+    """Resident memory of every live process in process group `pgid`, MiB."""
+    pages = sum(int(f[21]) for f in _group_stats(pgid))  # field 24: rss, in pages
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

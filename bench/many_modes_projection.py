@@ -1,7 +1,7 @@
 """Many modes: `SiteBank.apply` alone (no vLLM, no model), the grouped implementation against the
 former masked one, with 1 to 256 slots loaded at one site.
 
-The former apply (kept below as `masked_apply`, the baseline) multiplies every row by the columns
+The former apply (`masked_apply` in tests/masked_projection.py, the baseline) multiplies every row by the columns
 of every loaded slot and masks: a token pays for the whole bank (S slots x rank r). The grouped
 apply (spd_engine/projection.py) sorts the rows by slot once per step and projects each group with
 its own slot's basis, so a token pays for its own rank; the number of distinct slots present adds
@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Context, headline, interleave, ratios, spread, write_result  # noqa: E402
+from masked_projection import masked_apply  # noqa: E402  (tests/, on the path through common)
 from spd_engine.projection import SiteBank, SlotGroups  # noqa: E402
 
 NAME = "many_modes_projection"
@@ -46,20 +47,6 @@ USES: set[str] = set()
 
 WIDTH, RANK, REQUESTS, PREFILL_TOKENS = 192, 96, 64, 32
 SLOT_COUNTS = (1, 8, 32, 64, 256)
-
-
-def masked_apply(bank: SiteBank, x: torch.Tensor, slot: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    """The former `SiteBank.apply` (spd_engine/projection.py before the grouped one), verbatim:
-    the baseline."""
-    shape = x.shape
-    x2 = x.reshape(shape[0], -1)
-    W = bank.W.to(device=x.device, dtype=x.dtype)
-    has = slot >= 0
-    covered = bank.covers.to(x.device)[slot.clamp(min=0)]
-    alpha = torch.where(has & covered, strength.to(x.dtype), torch.zeros((), dtype=x.dtype))
-    keep = (bank.col_slot.to(x.device)[None, :] == slot[:, None]).to(x.dtype)  # (N, R)
-    px = ((x2 @ W) * keep) @ W.T
-    return (x2 + alpha[:, None] * (px - x2)).reshape(shape)
 
 
 def gathered_apply(stack_t: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:

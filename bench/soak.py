@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-from common import MODEL, Context
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import MODEL, Context, group_rss_mib
 
 NAME = "soak"
 TITLE = "1,000 mixed requests at concurrency 32: each equals the same request alone (mismatches, leaks)"
@@ -45,21 +41,6 @@ def _gauges(url: str) -> dict[str, float]:
             if line.startswith(name):
                 out[name] = float(line.split()[-1])
     return out
-
-
-def _rss_mib(pgid: int) -> float:
-    total = 0
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            if os.getpgid(int(d)) != pgid:
-                continue
-            with open(f"/proc/{d}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ProcessLookupError):
-            continue
-    return total / 2**20
 
 
 def _fds(pid: int) -> int:
@@ -93,7 +74,7 @@ def run(ctx: Context) -> dict:
     combos = [(p, c) for p in PROMPTS for c in range(len(configs))]
     alone = {x: ask(x) for x in combos}
     distinct = len(set(alone.values()))
-    before = {"rss_mib": _rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
+    before = {"rss_mib": group_rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
     n, concurrency = ctx.size(100, 1000), 32
     rng = random.Random(0)
     work = [rng.choice(combos) for _ in range(n)]
@@ -103,7 +84,7 @@ def run(ctx: Context) -> dict:
     seconds = time.perf_counter() - t0
     client.close()  # its keep-alive connections are sockets the server holds open too
     time.sleep(2)  # let the scheduler's gauges settle and the server close those sockets
-    after = {"rss_mib": _rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
+    after = {"rss_mib": group_rss_mib(srv.proc.pid), "api_server_fds": _fds(srv.proc.pid), **_gauges(srv.url)}
     mismatches = [{"prompt": w[0], "config": configs[w[1]], "together": t, "alone": alone[w]}
                   for w, t in zip(work, together) if t != alone[w]]
     leaks = {"left_running": after.get("vllm:num_requests_running"), "left_waiting": after.get("vllm:num_requests_waiting"),

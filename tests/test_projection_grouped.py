@@ -3,6 +3,7 @@ reference `project()` per row and to the former masked form (every loaded slot's
 import pytest
 import torch
 
+from masked_projection import masked_apply
 from spd_engine.bank import ProjectionBank
 from spd_engine.projection import NO_MODE, SiteBank, SlotGroups, orthonormal_union, project
 
@@ -10,19 +11,6 @@ from spd_engine.projection import NO_MODE, SiteBank, SlotGroups, orthonormal_uni
 def _basis(w: int, r: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(w, r, generator=g, dtype=torch.float64)).Q.to(dtype)
-
-
-def masked_apply(bank: SiteBank, x, slot, strength):
-    """The former `SiteBank.apply`, kept as the reference: every row times every slot's columns."""
-    shape = x.shape
-    x2 = x.reshape(shape[0], -1)
-    W = bank.W.to(device=x.device, dtype=x.dtype)
-    has = slot >= 0
-    covered = bank.covers.to(x.device)[slot.clamp(min=0)]
-    alpha = torch.where(has & covered, strength.to(x.dtype), torch.zeros((), dtype=x.dtype))
-    keep = (bank.col_slot.to(x.device)[None, :] == slot[:, None]).to(x.dtype)
-    px = ((x2 @ W) * keep) @ W.T
-    return (x2 + alpha[:, None] * (px - x2)).reshape(shape)
 
 
 def _per_row(slot_bases, x, slot, strength):
