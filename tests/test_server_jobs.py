@@ -61,6 +61,15 @@ def _alive(pgid: int) -> bool:
     return True
 
 
+def _crash(server: Server) -> None:
+    """kill -9 the server; the engine core and any job subprocess must die with it."""
+    server.kill9()
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(server.proc.pid):
+        time.sleep(0.5)
+    assert not _alive(server.proc.pid), "processes of the killed server live on"
+
+
 def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_and_leaves_no_partial_pack(tmp_path):
     server = Server(tmp_path).start()
     with server.client() as http:
@@ -72,11 +81,7 @@ def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_a
                                                  "calibration": {"data": CALIBRATION}}).json()
         assert http.delete(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
         wait_job(http, first["id"], timeout=120, states=("running",))
-    server.kill9()
-    deadline = time.time() + 30  # the engine core and the job's subprocess die with the server
-    while time.time() < deadline and _alive(server.proc.pid):
-        time.sleep(0.5)
-    assert not _alive(server.proc.pid), "processes of the killed server live on"
+    _crash(server)
     assert not (server.store / "first").exists()
 
     server.start()
@@ -131,13 +136,6 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
         server.stop()
 
 
-def _crash_and_restart(server: Server) -> None:
-    server.kill9()
-    deadline = time.time() + 30
-    while time.time() < deadline and _alive(server.proc.pid):
-        time.sleep(0.5)
-    assert not _alive(server.proc.pid), "processes of the killed server live on"
-    server.start()
 
 
 def _hidden_files(server: Server, job_id: str) -> list[str]:
@@ -160,7 +158,8 @@ def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_t
             while http.get(f"/v1/jobs/{gen['id']}").json()["done"] < 64 and time.time() < deadline:
                 time.sleep(0.2)
             assert http.get(f"/v1/jobs/{gen['id']}").json()["state"] == "running"
-        _crash_and_restart(server)
+        _crash(server)
+        server.start()
         with server.client() as http:
             done = wait_job(http, gen["id"], timeout=400)
             assert done["state"] == "succeeded" and done["result"]["skipped"] >= 64, done  # resumed, not redone
@@ -181,7 +180,8 @@ def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_t
                 wait_job(http, job["id"], timeout=400, states=("running",))
                 time.sleep(3)  # well inside the job (each takes minutes)
                 assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running", kind
-            _crash_and_restart(server)
+            _crash(server)
+            server.start()
             with server.client() as http:
                 after = http.get(f"/v1/jobs/{job['id']}").json()
                 assert (after["state"], after["error"]) == ("failed", "interrupted: the server stopped while it ran"), kind
