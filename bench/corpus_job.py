@@ -5,9 +5,9 @@ strings. The job goes through vLLM's engine client inside the server (the batch 
 the server's continuous batch, up to 64 requests at a time), then writes the corpus file.
 
 The offline arm is vLLM's `LLM` with vLLM's own process model (its engine core in a process of its
-own, as the server's), no plugin (VLLM_PLUGINS=none), and the server's engine settings: eager,
-float32, max_model_len 2048, and the OpenAI server's CPU scheduler defaults (128 sequences, 2048
-batched tokens; `LLM` would otherwise default to 256 / 4096). All prompts of a repetition go to
+own, as the server's), no plugin (VLLM_PLUGINS=none), and the server's engine settings
+(`common.server_engine`: `spd serve`'s flags and VLLM_CPU_* settings on this machine, and the
+OpenAI server's CPU scheduler defaults). All prompts of a repetition go to
 `LLM.generate` in one call.
 
 Each repetition uses prompts neither engine has seen (the prefix cache is warm for the shared
@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from common import MODEL, SERVER_ENGINE, Context, Goal, headline, interleave, ratios, spread
+from common import MODEL, Context, Goal, headline, interleave, ratios, server_engine, spread
 
 NAME = "corpus_job"
 TITLE = "corpus generation job through spd serve / offline vLLM LLM.generate"
@@ -103,7 +103,7 @@ def run(ctx: Context) -> dict:
                      "task_kind": "math", "capability": "none (the offline arm is stock vLLM)",
                      "server": srv.describe(),
                      "offline": {"call": "LLM.generate, all prompts of the rep in one call",
-                                 "engine": {**SERVER_ENGINE, "VLLM_PLUGINS": "none",
+                                 "engine": {**server_engine()[0], **server_engine()[1], "VLLM_PLUGINS": "none",
                                             "process_model": "vLLM default (engine core in its own process)"},
                                  "start_seconds": offline_engine.state["start_seconds"]}},
         "seconds": sec,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, SERVER_ENGINE, free_port, group_cpu_seconds
+from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_seconds, server_engine
 
 TAG = "@@bench "
 NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
@@ -37,7 +37,8 @@ def child_env(**extra: str) -> dict[str, str]:
     selection or store inherited from the caller."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_PLUGINS", "SPD_STORE_DIR", "SPD_SERVER_DATA", "SPD_API_KEY", "VLLM_API_KEY",
-                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                        "VLLM_CPU_NUM_OF_RESERVED_CPU")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
@@ -73,10 +74,11 @@ class EngineClient:
     packs saved into its store); "stock": vLLM's `LLM` with VLLM_PLUGINS=none; both in-process
     (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor `uni`: VLLMBackend's default). arm "offline":
     vLLM's `LLM` with its own process model (engine core in a process of its own), no plugin, and
-    `engine` as given (the settings of the server it is compared with)."""
+    `engine` and `env` as given (the settings of the server it is compared with)."""
 
-    def __init__(self, arm: str, logdir: Path, engine: dict | None = None, tag: str = ""):
-        extra = {"VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"]}
+    def __init__(self, arm: str, logdir: Path, engine: dict | None = None, tag: str = "",
+                 env: dict[str, str] | None = None):
+        extra = {"VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"], **(env or {})}
         if arm in ("plugin", "stock"):
             extra["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
         env = child_env(**extra)
@@ -138,7 +140,8 @@ class ServerProcess:
         self.log = open(Path(logdir) / f"server-{name}-{self.port}.log", "w")
         self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         self.env_shown = {k: env[k] for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "SPD_STORE_DIR",
-                                              "SPD_SERVER_DATA", "OMP_NUM_THREADS") if k in env}
+                                              "SPD_SERVER_DATA", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND",
+                                              "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in env}
         self.url = f"http://127.0.0.1:{self.port}"
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
@@ -177,13 +180,14 @@ def spd_serve_command(extra: list[str] | None = None) -> list[str]:
     return [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])]
 
 
-def vllm_same_flags_command() -> list[str]:
-    """vLLM's OpenAI server with exactly the engine flags `spd serve` passes to it (taken from
-    server.__main__.vllm_command, so the two cannot drift apart)."""
+def vllm_same_flags_command() -> tuple[list[str], dict[str, str]]:
+    """vLLM's OpenAI server with exactly the engine flags and vLLM settings `spd serve` passes to it
+    (taken from server.__main__.vllm_command, so the two cannot drift apart): the command, and the
+    VLLM_CPU_* variables it sets."""
     from server.__main__ import vllm_command
 
-    cmd, _ = vllm_command(["--port", "{port}"], {})
-    return cmd
+    cmd, env = vllm_command(["--port", "{port}"], {})
+    return cmd, {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
 
 
 def vllm_defaults_command() -> list[str]:
@@ -194,36 +198,45 @@ def vllm_defaults_command() -> list[str]:
             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}"]
 
 
-def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", timeout: float = 900.0) -> ServerProcess:
-    """`spd serve --port P` (its defaults: eager, float32, max-model-len 2048, KV cache 2 GiB) on a
-    fresh store and data dir."""
+def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", timeout: float = 900.0,
+               env: dict[str, str] | None = None) -> ServerProcess:
+    """`spd serve --port P EXTRA` (with its defaults for what EXTRA does not set) on a fresh store
+    and data dir; `env`: variables added to the child's environment."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"))
+    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"), **(env or {}))
     (root / "store").mkdir()
     return ServerProcess(name, spd_serve_command(extra), env, logdir, root=root, timeout=timeout)
 
 
 def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
-    """Stock vLLM's OpenAI server, no plugin loaded: the same flags as `spd serve`, or vLLM's own
-    defaults (compiled engine, the model's dtype, its max length). VLLM_CPU_KVCACHE_SPACE is set in
-    both (vLLM's CPU default refuses to start on this machine)."""
-    env = child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
-    cmd = vllm_defaults_command() if defaults else vllm_same_flags_command()
+    """Stock vLLM's OpenAI server, no plugin loaded: the same flags and VLLM_CPU_* settings as
+    `spd serve`, or vLLM's own defaults (compiled engine, bfloat16 on x86, the model's max length)
+    with VLLM_CPU_KVCACHE_SPACE set (vLLM's CPU default refuses to start on this machine)."""
+    if defaults:
+        cmd, env = vllm_defaults_command(), child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
+    else:
+        cmd, cpu_env = vllm_same_flags_command()
+        env = child_env(VLLM_PLUGINS=NO_PLUGINS, **cpu_env)
     return ServerProcess("vllm-defaults" if defaults else "vllm", cmd, env, logdir,
                          timeout=1800.0 if defaults else 900.0)
 
 
-# the server with LoRA on (hot_paths: loading an adapter needs it)
-LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
+def _offline_engine(logdir: Path) -> EngineClient:
+    """vLLM's offline `LLM` with `spd serve`'s engine settings on this machine (corpus_job's baseline)."""
+    engine, env = server_engine()
+    return EngineClient("offline", logdir, engine=engine, env=env)
+
+
+# the server with LoRA on (hot_paths: loading an adapter needs it), in float32: the soak compares
+# each answer with the same request alone, which vLLM's bfloat16 kernels do not guarantee
+LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32"]
 
 _FACTORIES = {
     "plugin_engine": lambda d: EngineClient("plugin", d),
     "stock_engine": lambda d: EngineClient("stock", d),
-    "offline_engine": lambda d: EngineClient("offline", d, engine=SERVER_ENGINE),
+    "offline_engine": _offline_engine,
     "spd_server": spd_server,
     "spd_server_lora": lambda d: spd_server(d, LORA_FLAGS, name="spd-lora"),
-    # spd serve on vLLM's compiled engine (its other defaults kept): the plugins' cost there
-    "spd_server_compiled": lambda d: spd_server(d, ["--no-enforce-eager"], name="spd-compiled", timeout=1800.0),
     "vllm_server": vllm_server,
     "vllm_server_defaults": lambda d: vllm_server(d, defaults=True),
 }

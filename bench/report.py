@@ -14,7 +14,8 @@ from run import ORDER  # noqa: E402
 # the numbering of issue 5 (1-8), then the benchmarks added since
 NUMBER = {"projection_overhead": 1, "mixed_modes": 2, "cost_growth": 3, "hooked_generation": 4, "calibration": 5,
           "corpus_job": 6, "server_overhead": 7, "hot_paths": 8, "server_defaults": 9, "server_start": 10,
-          "many_modes": 11, "many_modes_projection": 12, "soak": 13}
+          "many_modes": 11, "many_modes_projection": 12, "soak": 13,
+          "cpu_defaults": 14}
 BY_NUMBER = sorted(ORDER, key=lambda n: NUMBER.get(n, 99))
 
 

@@ -1,8 +1,10 @@
 """7. `spd serve` / `vllm serve` with the same flags: output tokens/s and requests/s of vLLM's
 OpenAI server with this project's plugins (`python -m server --port P`, i.e. `spd serve` with its
 defaults) / the same vLLM server without them (`python -m vllm.entrypoints.openai.api_server`
-with the engine flags `spd serve` passes, VLLM_PLUGINS=none: no plugin loaded). Both: eager,
-float32, max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, no LoRA, vLLM's defaults for the rest.
+with the engine flags and VLLM_CPU_* settings `spd serve` passes, VLLM_PLUGINS=none: no plugin
+loaded). Both: `spd serve`'s CPU defaults on this machine (eager, bfloat16 where the CPU has BF16
+instructions, no reserved core on 2 CPUs), max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, no LoRA,
+vLLM's defaults for the rest.
 
 Since the rework `spd serve` IS vLLM's server (it execs it with VLLM_PLUGINS naming
 spd_kv_projection and spd_api), so the former comparison "our HTTP layer / vLLM's" is gone: what

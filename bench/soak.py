@@ -1,4 +1,5 @@
-"""13. Isolation soak: 1,000 greedy completions at concurrency 32 against `spd serve --enable-lora`,
+"""13. Isolation soak: 1,000 greedy completions at concurrency 32 against `spd serve --enable-lora
+--dtype float32` (the dtype in which vLLM gives a request the same tokens in any batch),
 mixing no mode, four modes, two compositions, fractional strengths and an adapter (with and without
 a mode). Every answer is compared with the same request made alone before the load: `mismatches`
 must be 0. Leaks: after the load, nothing is left running or waiting in vLLM's scheduler (its

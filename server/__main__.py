@@ -8,11 +8,19 @@ this project's defaults apply only to what the user did not set:
   --model           the bundled SmolLM2-135M-Instruct (served as `smollm2-135m`); a bundled name
                     given to --model is resolved to its converted directory
   --host            127.0.0.1 (vLLM's default listens on every interface)
-  --dtype           float32 on a machine without a GPU (bf16 is slower on these CPUs)
-  --enforce-eager   on a machine without a GPU: the compiled engine recompiles at every start
-                    here (3-4 minutes) for no measured throughput gain at this model size
+  --dtype           on a machine without a GPU: bfloat16 where the CPU has BF16 instructions
+                    (AVX-512 BF16 or AMX), float32 elsewhere (bfloat16 is emulated on AVX2-only
+                    CPUs and about 2x slower there)
+  --enforce-eager   on a machine without a GPU: vLLM's compiled engine recompiles at every start
+                    on this vLLM build (1.5-2.5 minutes for the bundled model), eager starts in
+                    ~40 s
   --max-model-len   2048
   VLLM_CPU_KVCACHE_SPACE  2 (GiB; vLLM's CPU default refuses to start on small machines)
+  VLLM_CPU_NUM_OF_RESERVED_CPU  0 on a machine with at most 2 CPUs: vLLM reserves one core for
+                    its scheduler and API server, which on 2 cores leaves the model one thread
+
+The CPU defaults come from a sweep on a 2-core machine (bench/cpu_defaults.py, its JSON in
+bench/results/): what each setting gave is in the README's Performance section.
 
 This project's own settings are environment variables, so plain
 `VLLM_PLUGINS=spd_kv_projection,spd_api vllm serve MODEL` reads the same ones:
@@ -53,6 +61,34 @@ def _on_cpu() -> bool:
     return True
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 flags of BF16 arithmetic (what vLLM's _C kernels use)
+SMALL_MACHINE_CPUS = 2  # the largest CPU count the no-reservation default was measured on
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_defaults(argv: list[str], env: dict[str, str], flags: set[str], cpus: int) -> tuple[list[str], dict[str, str]]:
+    """`spd serve`'s CPU settings for what ARGV and ENV leave unset, for a CPU with `flags`
+    (/proc/cpuinfo) and `cpus` usable CPUs."""
+    argv, env = list(argv), dict(env)
+    if not _given(argv, "--dtype"):
+        argv += ["--dtype", "bfloat16" if flags & BF16_FLAGS else "float32"]
+    if not _given(argv, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
+        argv += ["--enforce-eager"]
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if cpus <= SMALL_MACHINE_CPUS and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return argv, env
+
+
 def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment for `spd serve ARGV`."""
     from spd_engine import models
@@ -73,11 +109,7 @@ def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
     if not _given(argv, "--max-model-len"):
         argv += ["--max-model-len", "2048"]
     if _on_cpu():
-        if not _given(argv, "--dtype"):
-            argv += ["--dtype", "float32"]
-        if not _given(argv, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
-            argv += ["--enforce-eager"]
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        argv, env = cpu_defaults(argv, env, cpu_flags(), len(os.sched_getaffinity(0)))
     listed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if "VLLM_PLUGINS" in env and listed:
         env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*listed, *PLUGINS]))

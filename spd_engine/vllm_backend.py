@@ -26,9 +26,11 @@ KV_CACHE_GIB_DEFAULT = "2"
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, model: str, *, enforce_eager: bool = True,
+    def __init__(self, model: str, *, enforce_eager: bool = True, dtype: str = "float32",
                  max_model_len: int = 2048, max_num_seqs: int = 32, max_loras: int = 2, max_lora_rank: int = 16,
                  tensor_parallel_size: int = 1, enable_prefix_caching: bool = True, seed: int = 0):
+        # dtype: float32 by default, where a request's greedy tokens do not depend on its batch
+        # (vLLM's bfloat16 kernels change them with the batch, with or without the plugin)
         self.store = Store(Path(tempfile.mkdtemp(prefix="spd-vllm-modes-")))
         # the plugin reads the store from the environment (worker processes inherit it)
         os.environ["SPD_STORE_DIR"] = str(self.store.root)
@@ -46,7 +48,7 @@ class VLLMBackend(Backend):
             # the in-process worker binds itself to one core; more OpenMP threads thrash (~10x slower)
             torch.set_num_threads(1)
         self.llm = LLM(
-            model=str(path), dtype="float32", enforce_eager=enforce_eager, seed=seed,
+            model=str(path), dtype=dtype, enforce_eager=enforce_eager, seed=seed,
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching, enable_lora=max_loras > 0,

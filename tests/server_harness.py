@@ -1,6 +1,6 @@
 """A real server process for the server tests: `python -m server` (what `spd serve` runs: vLLM's
 OpenAI API server with this project's plugins) on 127.0.0.1, a free port, temporary store and
-data dirs, the bundled model; or, with `stock=True`, plain `python -m
+data dirs, the bundled model (in float32, see `command`); or, with `stock=True`, plain `python -m
 vllm.entrypoints.openai.api_server` with `VLLM_PLUGINS` naming the plugins."""
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ class Server:
 
     def command(self) -> list[str]:
         if not self.stock:
-            return [sys.executable, "-m", "server", "--port", str(self.port), *self.extra]
+            # float32: the tests compare a request's tokens in a batch with its tokens alone, which
+            # vLLM guarantees only in float32 (its bfloat16 kernels, `spd serve`'s default on CPUs
+            # with BF16 instructions, change greedy tokens with the batch, plugins or not)
+            dtype = [] if any(a.startswith("--dtype") for a in self.extra) else ["--dtype", "float32"]
+            return [sys.executable, "-m", "server", "--port", str(self.port), *dtype, *self.extra]
         from spd_engine import models
 
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),

@@ -91,6 +91,29 @@ def test_float64_rows_with_a_float32_bank_project_in_float64():
     assert torch.allclose(out, project(x, A.double()), atol=1e-12)
 
 
+def test_bfloat16_rows_project_within_bfloat16_rounding_of_the_float64_result_and_no_mode_rows_stay_bit_exact():
+    """A bfloat16 model's K/V (the CPU default where the CPU has BF16 kernels): the result stays in
+    bfloat16 and is the exact projection up to a few bfloat16 roundings of the row's scale."""
+    w = 192  # SmolLM2-135M's K/V width per layer
+    A, B = _basis(w, 96, 11), _basis(w, 16, 12)
+    slot_bases = [A, B, orthonormal_union([A, B])]
+    bank = SiteBank.build(slot_bases)
+    g = torch.Generator().manual_seed(13)
+    x64 = torch.randn(64, w, generator=g, dtype=torch.float64) * 3
+    x = x64.to(torch.bfloat16)
+    slot = torch.randint(-1, 3, (64,), generator=g)
+    strength = torch.rand(64, generator=g, dtype=torch.float64)
+    strength[::4] = 1.0
+    out = bank.apply(x, slot, strength.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    want = _per_row([b.double() for b in slot_bases], x.double(), slot, strength.to(torch.bfloat16).double())
+    scale = x.double().abs().amax(dim=1, keepdim=True)
+    err = ((out.double() - want).abs() / scale).max().item()
+    assert err < 8 * 2 ** -8, f"error {err:.4f} of the row scale exceeds 8 bfloat16 roundings"
+    none = slot == NO_MODE
+    assert none.any() and torch.equal(out[none], x[none])
+
+
 def test_head_shaped_rows_and_the_old_call_form_with_explicit_groups():
     A, B = _basis(12, 5, 9), _basis(12, 2, 10)
     bank = SiteBank.build([A, None, B])

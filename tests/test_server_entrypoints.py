@@ -3,10 +3,12 @@ start-up crash can never pass CI again), and stock vLLM's OpenAI server with `VL
 naming this project's plugins, which exposes the same API."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from server.__main__ import BF16_FLAGS, SMALL_MACHINE_CPUS, cpu_flags
 from server_harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -30,7 +32,7 @@ def random_pack(hf_backend):
                      CalibrationConfig(rank=4, method="random", layers=list(range(0, 30, 3))))
 
 
-def test_spd_serve_starts_answers_a_completion_in_a_capability_mode_and_stops(tmp_path, random_pack):
+def test_spd_serve_starts_with_its_cpu_defaults_answers_in_a_capability_mode_and_stops(tmp_path, random_pack):
     from spd_engine.subspace import Store
 
     Store(tmp_path / "store").save(random_pack)
@@ -45,6 +47,11 @@ def test_spd_serve_starts_answers_a_completion_in_a_capability_mode_and_stops(tm
     finally:
         server.stop()
     assert server.proc.returncode is not None
+    # its CPU defaults reached vLLM: bfloat16 where the CPU has BF16 instructions, no reserved core on 2 CPUs
+    log = (tmp_path / f"server-{server.port}.log").read_text(errors="replace")
+    assert f"dtype=torch.{'bfloat16' if cpu_flags() & BF16_FLAGS else 'float32'}" in log
+    if len(os.sched_getaffinity(0)) <= SMALL_MACHINE_CPUS:
+        assert "reserve_cpu_num=0" in log
 
 
 def test_stock_vllm_server_with_vllm_plugins_serves_the_same_api(tmp_path):

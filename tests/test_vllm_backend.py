@@ -91,6 +91,17 @@ RESULT = [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capabilit
 """
 
 
+_BF16 = """
+from spd_engine.vllm_backend import VLLMBackend
+from spd_engine.backend import GenerationRequest
+from spd_engine.subspace import Store
+be = VLLMBackend(ARGS["model"], dtype="bfloat16", max_loras=0)
+be.add_subspace(Store(ARGS["store"]).load(ARGS["mode"]))
+RESULT = {name: [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])})
+                                                  for r in batch])] for name, batch in ARGS["batches"].items()}
+"""
+
+
 def _stock_vllm_tokens(model, prompts, n):
     """Greedy tokens of vLLM with the plugin not loaded (VLLM_PLUGINS allow-lists other names)."""
     out = in_fresh_process(_STOCK, {"model": str(model), "prompts": prompts, "n": n}, VLLM_PLUGINS="none")
@@ -265,6 +276,25 @@ def test_the_front_end_validates_requests_and_salts_by_pack_content(monkeypatch,
     Store(tmp_path).save(other)
     sp2 = SamplingParams(extra_args={"capability": A})
     assert front.admit(sp2, None, model) != salt and sp2.extra_args["spd_digests"][A] != sp.extra_args["spd_digests"][A]
+
+
+def test_in_bfloat16_a_projected_row_changes_only_itself_and_strength_zero_is_no_mode(vllm_be, bundled_path):
+    """bfloat16 (`spd serve`'s default on CPUs with BF16 instructions): vLLM's greedy tokens there
+    depend on the batch's shape, so rows are compared within batches of one shape: a batch with a
+    projected row and a strength-0 row against the same batch without any mode."""
+    tok = vllm_be.tokenizer
+
+    def req(i, cap=(), strength=1.0):
+        return {"prompt_ids": _ids(tok, i), "capability": list(cap), "strength": strength, "max_tokens": 24}
+
+    batches = {"modes": [req(0), req(1), req(1, (A,), 0.0), req(1, (A,))],
+               "none": [req(0), req(1), req(1), req(1)]}
+    out = in_fresh_process(_BF16, {"model": str(bundled_path), "store": str(vllm_be.store.root), "mode": A,
+                                   "batches": batches})
+    modes, none = out["modes"], out["none"]
+    assert modes[:2] == none[:2]  # rows without a mode: untouched by the projected row beside them
+    assert modes[2] == none[2]  # strength 0 is no mode
+    assert modes[3] != none[3]  # the projected row really was projected
 
 
 def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):
