@@ -95,7 +95,8 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, 
 
 def save_random_mode(store_dir, name: str, seed: int = 0) -> dict:
     """A random pack of rank d/2 at the default layers, saved into a server's store (what the
-    server serves: the next request can name it)."""
+    server serves: the next request can name it). A pack of that name already there is kept (a
+    server shared by several benchmarks: the same seed made it)."""
     from spd_engine import models
     from spd_engine.calibrate import CalibrationConfig, calibrate, default_layers
     from spd_engine.subspace import Store
@@ -104,7 +105,8 @@ def save_random_mode(store_dir, name: str, seed: int = 0) -> dict:
     layers = default_layers(info.n_layers)
     pack = calibrate(None, None, info, "math", [], name,
                      CalibrationConfig(rank=info.kv_width // 2, layers=layers, method="random", seed=seed))
-    Store(store_dir).save(pack)
+    if name not in Store(store_dir).names():
+        Store(store_dir).save(pack)
     return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
 
 
