@@ -17,9 +17,10 @@ server's store): the whole cost of serving steered requests, against the same st
 Load: closed-loop clients at concurrency 1, 8, 32, a fixed number of /v1/completions requests per
 level (short prompts: the first sentence of distinct GSM8K questions, 10-30 tokens; greedy;
 64 tokens each: ignore_eos), with p50/p99 latency. The load alternates between the servers, level
-by level, round by round (A B C A B C). Two measures: tokens per wall-clock second, and per
-CPU-second of the server's processes (API server, engine core, worker: its process group), which
-does not count the time other jobs of a shared machine held the cores.
+by level, round by round, the order rotated each round (A B C, B C A, C A B, ...). Two measures:
+tokens per wall-clock second, and per CPU-second of the server's processes (API server, engine
+core, worker: its process group), which does not count the time other jobs of a shared machine
+held the cores.
 """
 from __future__ import annotations
 
@@ -143,7 +144,8 @@ def run(ctx: Context) -> dict:
     for rnd in range(rounds):
         for c in levels:
             prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n_requests[c])]
-            for name, (srv, extra) in targets.items():
+            arms = list(targets.items())
+            for name, (srv, extra) in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:  # no arm always follows another
                 runs[name][str(c)].append(measured(srv, prompts, c, max_tokens, extra))
     per_level, heads = {}, []
     for c in levels:
