@@ -68,7 +68,8 @@ SMALL_MACHINE_CPUS = 2  # the largest CPU count the no-reservation default was m
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        text = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
     except OSError:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
@@ -109,7 +110,8 @@ def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
     if not _given(argv, "--max-model-len"):
         argv += ["--max-model-len", "2048"]
     if _on_cpu():
-        argv, env = cpu_defaults(argv, env, cpu_flags(), len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        argv, env = cpu_defaults(argv, env, cpu_flags(), cpus)
     listed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if "VLLM_PLUGINS" in env and listed:
         env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*listed, *PLUGINS]))
