@@ -41,19 +41,26 @@ ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max
           "enable_prefix_caching": True, "seed": 0}
 
 
+def spd_serve_vllm(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The vLLM command `spd serve ARGV` runs and the VLLM_CPU_* settings it sets (from
+    server.__main__.vllm_command, so the benchmarks' baselines cannot drift from it)."""
+    from server.__main__ import vllm_command
+
+    cmd, env = vllm_command(argv, {})
+    return cmd, {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
+
+
 def server_engine() -> tuple[dict, dict[str, str]]:
     """`spd serve`'s engine on this machine as `LLM` arguments, for an offline `LLM` doing the same
     work as the server: the flags and VLLM_CPU_* settings `spd serve` passes to vLLM (its CPU
-    defaults, from server.__main__.vllm_command) plus the OpenAI server's CPU scheduler defaults
+    defaults, `spd_serve_vllm`) plus the OpenAI server's CPU scheduler defaults
     (vLLM 0.32, engine/arg_utils.py: 128 sequences, 2048 batched tokens for OPENAI_API_SERVER on
     CPU; `LLM` would otherwise take 256 / 4096)."""
-    from server.__main__ import vllm_command
-
-    cmd, env = vllm_command([], {})
+    cmd, env = spd_serve_vllm([])
     engine = {"dtype": cmd[cmd.index("--dtype") + 1], "enforce_eager": "--enforce-eager" in cmd,
               "max_model_len": int(cmd[cmd.index("--max-model-len") + 1]), "max_num_seqs": 128,
               "max_num_batched_tokens": 2048}
-    return engine, {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
+    return engine, env
 
 
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}

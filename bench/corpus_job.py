@@ -98,12 +98,13 @@ def run(ctx: Context) -> dict:
     r_cpu = ratios([t / c for t, c in zip(tokens["job"], cpu["job"])],
                    [t / c for t, c in zip(tokens["offline"], cpu["offline"])])
     client.close()
+    engine, engine_env = server_engine()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
                      "task_kind": "math", "capability": "none (the offline arm is stock vLLM)",
                      "server": srv.describe(),
                      "offline": {"call": "LLM.generate, all prompts of the rep in one call",
-                                 "engine": {**server_engine()[0], **server_engine()[1], "VLLM_PLUGINS": "none",
+                                 "engine": {**engine, **engine_env, "VLLM_PLUGINS": "none",
                                             "process_model": "vLLM default (engine core in its own process)"},
                                  "start_seconds": offline_engine.state["start_seconds"]}},
         "seconds": sec,

@@ -30,11 +30,9 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-
-from common import MODEL, Context, headline, ratios, spread
+from common import Context, headline, ratios, spread
 from procs import spd_server
-from server_overhead import MODE, load, measured, save_random_mode, short_prompts
+from server_overhead import MODE, greedy_text, load, measured, save_random_mode, short_prompts
 
 NAME = "cpu_defaults"
 TITLE = "CPU settings for spd serve / vllm serve with its defaults: tokens/s at concurrency 32, start time"
@@ -56,17 +54,9 @@ CANDIDATES = {  # name: (spd serve flags, environment)
 }
 
 
-def _text(url: str, prompt: str, extra: dict | None = None) -> str:
-    """A greedy 24-token completion."""
-    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
-                                                  "temperature": 0.0, **(extra or {})}, timeout=300)
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
-
-
 def projects(url: str, prompt: str) -> bool:
     """A request in the random mode gives another greedy text than the same request without one."""
-    return _text(url, prompt, {"capability": MODE}) != _text(url, prompt)
+    return greedy_text(url, prompt, {"capability": MODE}) != greedy_text(url, prompt)
 
 
 BATCH_PROMPTS = ["Count to five:", "My favourite fruit is", "Write one sentence about the sea and the sky at night:",
@@ -77,12 +67,12 @@ BATCH_PROMPTS = ["Count to five:", "My favourite fruit is", "Write one sentence 
 def batch_mismatches(url: str, copies: int = 4, repeats: int = 3) -> dict:
     """Greedy answers (no mode) that differ between a request alone and the same request among
     `copies` x 8 concurrent ones."""
-    alone = {p: _text(url, p) for p in BATCH_PROMPTS}
+    alone = {p: greedy_text(url, p) for p in BATCH_PROMPTS}
     work = BATCH_PROMPTS * copies
     differ = 0
     for _ in range(repeats):
         with ThreadPoolExecutor(len(work)) as pool:
-            differ += sum(alone[p] != t for p, t in zip(work, pool.map(lambda p: _text(url, p), work)))
+            differ += sum(alone[p] != t for p, t in zip(work, pool.map(lambda p: greedy_text(url, p), work)))
     return {"differ": differ, "of": repeats * len(work)}
 
 

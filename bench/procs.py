@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from common import BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_seconds, server_engine
+from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_seconds, server_engine,
+                    spd_serve_vllm)
 
 TAG = "@@bench "
 NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
@@ -180,16 +181,6 @@ def spd_serve_command(extra: list[str] | None = None) -> list[str]:
     return [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])]
 
 
-def vllm_same_flags_command() -> tuple[list[str], dict[str, str]]:
-    """vLLM's OpenAI server with exactly the engine flags and vLLM settings `spd serve` passes to it
-    (taken from server.__main__.vllm_command, so the two cannot drift apart): the command, and the
-    VLLM_CPU_* variables it sets."""
-    from server.__main__ import vllm_command
-
-    cmd, env = vllm_command(["--port", "{port}"], {})
-    return cmd, {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
-
-
 def vllm_defaults_command() -> list[str]:
     """vLLM's OpenAI server with its own defaults: only the model, its served name and where to listen."""
     from spd_engine import models
@@ -215,7 +206,7 @@ def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
     if defaults:
         cmd, env = vllm_defaults_command(), child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
     else:
-        cmd, cpu_env = vllm_same_flags_command()
+        cmd, cpu_env = spd_serve_vllm(["--port", "{port}"])
         env = child_env(VLLM_PLUGINS=NO_PLUGINS, **cpu_env)
     return ServerProcess("vllm-defaults" if defaults else "vllm", cmd, env, logdir,
                          timeout=1800.0 if defaults else 900.0)

@@ -111,16 +111,19 @@ def save_random_mode(store_dir, name: str, seed: int = 0) -> dict:
     return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
 
 
+def greedy_text(url: str, prompt: str, extra: dict | None = None) -> str:
+    """A greedy 24-token completion's text."""
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                  "temperature": 0.0, **(extra or {})}, timeout=300)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
 def mode_check(spd_url: str, vllm_url: str, prompt: str) -> dict:
     """The same greedy completion from spd serve without a mode, in the mode, and from vllm serve:
     the mode arm must really project (its text differs), the no-mode arm must be vLLM's."""
-    def text(url, extra=None):
-        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
-                                                      "temperature": 0.0, **(extra or {})}, timeout=300)
-        r.raise_for_status()
-        return r.json()["choices"][0]["text"]
-
-    out = {"prompt": prompt, "spd": text(spd_url), "vllm": text(vllm_url), "spd_mode": text(spd_url, {"capability": MODE})}
+    out = {"prompt": prompt, "spd": greedy_text(spd_url, prompt), "vllm": greedy_text(vllm_url, prompt),
+           "spd_mode": greedy_text(spd_url, prompt, {"capability": MODE})}
     out["no_mode_equals_vllm"] = out["spd"] == out["vllm"]
     out["mode_changes_output"] = out["spd_mode"] != out["spd"]
     return out
