@@ -206,8 +206,9 @@ def free_port() -> int:
 # ---------------------------------------------------------------- CPU time (the machine may be shared)
 
 
-def _group_stats(pgid: int) -> list[list[str]]:
-    """/proc/<pid>/stat of every live process in process group `pgid`, from field 3 (state) on."""
+def _group_stats(pgid: int) -> list[tuple[str, list[str]]]:
+    """(command name, /proc/<pid>/stat from field 3 (state) on) of every live process in process
+    group `pgid`."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -219,21 +220,29 @@ def _group_stats(pgid: int) -> list[list[str]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # field 5: pgrp
-            out.append(fields)
+            out.append((stat[stat.index("(") + 1:stat.rindex(")")], fields))
+    return out
+
+
+def group_cpu_by_process(pgid: int) -> dict[str, float]:
+    """CPU time (user + system, all threads) of every live process in process group `pgid`, from
+    /proc, summed by command name (vLLM names its processes: VLLM::EngineCore, VLLM::Worker; the
+    API server is `python`). Every engine and server of the suite leads its own group (its
+    children: vLLM's engine core and workers, are in it), so the difference of two readings is the
+    CPU work the group did in between. Unlike wall time it does not count the time other jobs on a
+    shared machine held the cores (it still counts their effect on caches and memory bandwidth)."""
+    out: dict[str, float] = {}
+    for comm, f in _group_stats(pgid):  # fields 14, 15: utime, stime
+        out[comm] = out.get(comm, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
 def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system, all threads) of every live process in process group `pgid`, from
-    /proc. Every engine and server of the suite leads its own group (its children: vLLM's engine
-    core and workers, are in it), so the difference of two readings is the CPU work the group did
-    in between. Unlike wall time it does not count the time other jobs on a shared machine held the
-    cores (it still counts their effect on caches and memory bandwidth)."""
-    ticks = sum(int(f[11]) + int(f[12]) for f in _group_stats(pgid))  # fields 14, 15: utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU time of every live process in process group `pgid` (`group_cpu_by_process`, summed)."""
+    return sum(group_cpu_by_process(pgid).values())
 
 
 def group_rss_mib(pgid: int) -> float:
     """Resident memory of every live process in process group `pgid`, MiB."""
-    pages = sum(int(f[21]) for f in _group_stats(pgid))  # field 24: rss, in pages
+    pages = sum(int(f[21]) for _, f in _group_stats(pgid))  # field 24: rss, in pages
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

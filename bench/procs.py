@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_seconds, server_engine,
-                    spd_serve_vllm)
+from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_by_process,
+                    group_cpu_seconds, server_engine, spd_serve_vllm)
 
 TAG = "@@bench "
 NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
@@ -166,6 +166,10 @@ class ServerProcess:
     def cpu(self) -> float:
         """CPU seconds used so far by the server's processes (API server, engine core, worker)."""
         return group_cpu_seconds(self.proc.pid)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """`cpu` by process name (`python`: the API server; VLLM::EngineCore; VLLM::Worker)."""
+        return group_cpu_by_process(self.proc.pid)
 
     def describe(self) -> dict:
         return {"command": " ".join(self.cmd[1:]), "env": self.env_shown, "start_to_first_answer_seconds":

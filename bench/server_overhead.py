@@ -58,12 +58,35 @@ def short_prompts() -> list[str]:
 
 
 def measured(srv, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
-    """`load` against a server, with the CPU seconds its processes used meanwhile."""
-    c0 = srv.cpu()
+    """`load` against a server, with the CPU seconds its processes used meanwhile (in all and by
+    process)."""
+    c0 = srv.cpu_by_process()
     out = asyncio.run(load(srv.url, prompts, concurrency, max_tokens, extra))
-    out["cpu_seconds"] = srv.cpu() - c0
+    c1 = srv.cpu_by_process()
+    out["cpu_seconds_by_process"] = {k: round(v - c0.get(k, 0.0), 2) for k, v in c1.items()}
+    out["cpu_seconds"] = sum(c1.values()) - sum(c0.values())
     out["tok_per_cpu_s"] = out["tokens"] / max(out["cpu_seconds"], 1e-9)
     return out
+
+
+def rotated_rounds(servers: dict, rounds: int, max_tokens: int, concurrency: int = 32) -> dict[str, list[dict]]:
+    """`rounds` rounds of `measured` on every server (`concurrency` requests each), the order
+    rotating from round to round so no server always runs right after another; each round its own
+    prompts."""
+    prompts_all, names = short_prompts(), list(servers)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rnd in range(rounds):
+        prompts = [prompts_all[(rnd * 37 + j) % len(prompts_all)] for j in range(concurrency)]
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            runs[name].append(measured(servers[name], prompts, concurrency, max_tokens))
+    return runs
+
+
+def cores_busy(runs: list[dict]) -> dict[str, float]:
+    """Where the cores went while one server was measured: CPU seconds by process / wall seconds."""
+    wall = sum(x["seconds"] for x in runs)
+    return {p: round(sum(x["cpu_seconds_by_process"].get(p, 0.0) for x in runs) / wall, 3)
+            for p in runs[0]["cpu_seconds_by_process"]}
 
 
 async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
