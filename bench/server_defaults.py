@@ -2,23 +2,26 @@
 
 `spd serve` (`python -m server --port P`) with its defaults on this machine (server/__main__.py:
 on a CPU, eager, bfloat16 where the CPU has BF16 instructions else float32, no core reserved on 2
-CPUs, max-model-len 2048, KV cache 2 GiB; the plugins loaded). `vllm serve` (`python -m
+CPUs, TCMalloc and Intel OpenMP preloaded where installed, max-model-len 2048, KV cache 2 GiB; the
+plugins loaded). `vllm serve` (`python -m
 vllm.entrypoints.openai.api_server --model DIR --served-model-name smollm2-135m`,
 VLLM_PLUGINS=none): vLLM's own defaults on this CPU, i.e. the compiled engine (torch.compile,
 VLLM_COMPILE), bfloat16 (vLLM's CPU platform downcasts float32 models), the model's max length
 (8192), one core reserved for the scheduler; VLLM_CPU_KVCACHE_SPACE=2 is set because vLLM's CPU
 default refuses to start on this machine. vLLM 0.32's CPU build recompiles at every start here
 (its compile cache does not reload), so its start takes minutes: both starts to a first answer are
-reported (the goal of issue 15: ours no slower). How the defaults were chosen: cpu_defaults.
+reported (the goal of issue 15: ours no slower). How the defaults were chosen: cpu_defaults and
+cpu_preload.
 
 The same load as server_overhead (64 tokens per request, ignore_eos, short prompts), at concurrency
-32, the servers alternated round by round; 6 rounds (the baseline's rounds vary by +-20% here).
+32, the servers alternated round by round (which goes first alternating too); 16 rounds (the
+baseline's rounds vary by +-20% here).
 Skipped in --quick runs (the compiled start alone takes minutes).
 """
 from __future__ import annotations
 
 from common import Context, Goal, headline, ratios, spread
-from server_overhead import MODE, load, measured, mode_check, percentile, save_random_mode, short_prompts
+from server_overhead import MODE, cores_busy, load, mode_check, percentile, rotated_rounds, save_random_mode, short_prompts
 
 NAME = "server_defaults"
 TITLE = "spd serve (its defaults) / vllm serve (its defaults, compiled): tokens/s at concurrency 32"
@@ -37,14 +40,11 @@ def run(ctx: Context) -> dict:
     mode = save_random_mode(servers["spd"].root / "store", MODE)
     check = mode_check(servers["spd"].url, servers["vllm_defaults"].url, short_prompts()[0])
     prompts_all = short_prompts()
-    concurrency, n_requests, max_tokens, rounds = 32, 32, ctx.size(8, 64), ctx.size(1, 6)
+    # rounds are cheap next to the starts, and the machine's rounds vary by +-20%: many of them
+    concurrency, n_requests, max_tokens, rounds = 32, 32, ctx.size(8, 64), ctx.size(1, 16)
     for srv in servers.values():  # warm-up
         asyncio.run(load(srv.url, prompts_all[:32], 32, 4))
-    runs = {name: [] for name in servers}
-    for rnd in range(rounds):
-        prompts = [prompts_all[(rnd * 37 + j) % len(prompts_all)] for j in range(n_requests)]
-        for name, srv in servers.items():
-            runs[name].append(measured(srv, prompts, concurrency, max_tokens))
+    runs = rotated_rounds(servers, rounds, max_tokens, concurrency)
 
     def ratio(a, b, key):
         return ratios([x[key] for x in runs[a]], [x[key] for x in runs[b]])
@@ -53,6 +53,8 @@ def run(ctx: Context) -> dict:
     lat = {n: {"p50": percentile([v for x in runs[n] for v in x["latencies"]], 0.5),
                "p99": percentile([v for x in runs[n] for v in x["latencies"]], 0.99)} for n in servers}
     starts = {n: s.start_seconds for n, s in servers.items()}
+    busy = {n: cores_busy(runs[n]) for n in servers}
+    print(f"[bench]   cores busy by process while measured: {busy}", flush=True)
     return {
         "settings": {"concurrency": concurrency, "requests": n_requests, "max_tokens": max_tokens, "rounds": rounds,
                      "greedy": True, "ignore_eos": True,
@@ -65,6 +67,7 @@ def run(ctx: Context) -> dict:
         "start_to_first_answer_seconds": starts,
         "tok_s_ratio": tok,
         "tok_per_cpu_s_ratio": cpu,
+        "cores_busy_by_process": busy,
         "headline": [{**headline("tokens/s, concurrency 32, each with its defaults", tok, GOAL, cpu=cpu),
                       "p50": {n: lat[n]["p50"] for n in ("spd", "vllm_defaults")},
                       "p99": {n: lat[n]["p99"] for n in ("spd", "vllm_defaults")}},

@@ -11,9 +11,10 @@ this project's defaults apply only to what the user did not set:
   --dtype           on a machine without a GPU: bfloat16 where the CPU has BF16 instructions
                     (AVX-512 BF16 or AMX), float32 elsewhere (bfloat16 is emulated on AVX2-only
                     CPUs and about 2x slower there)
-  --enforce-eager   on a machine without a GPU: vLLM's compiled engine recompiles at every start
-                    on this vLLM build (1.5-2.5 minutes for the bundled model), eager starts in
-                    ~40 s
+  VLLM_USE_AOT_COMPILE  0 on a machine without a GPU: vLLM's compiled engine (its default, kept)
+                    then reloads its compile cache (~/.cache/vllm) at the next start; with vLLM
+                    0.32's AOT cache on torch 2.13 the load fails and it recompiles at every start
+                    (for the bundled model: ~85 s instead of ~40 s)
   --max-model-len   2048
   VLLM_CPU_KVCACHE_SPACE  2 (GiB; vLLM's CPU default refuses to start on small machines)
   VLLM_CPU_NUM_OF_RESERVED_CPU  0 on a machine with at most 2 CPUs: vLLM reserves one core for
@@ -82,8 +83,7 @@ def cpu_defaults(argv: list[str], env: dict[str, str], flags: set[str], cpus: in
     argv, env = list(argv), dict(env)
     if not _given(argv, "--dtype"):
         argv += ["--dtype", "bfloat16" if flags & BF16_FLAGS else "float32"]
-    if not _given(argv, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
-        argv += ["--enforce-eager"]
+    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if cpus <= SMALL_MACHINE_CPUS and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -1,6 +1,6 @@
 """A real server process for the server tests: `python -m server` (what `spd serve` runs: vLLM's
 OpenAI API server with this project's plugins) on 127.0.0.1, a free port, temporary store and
-data dirs, the bundled model (in float32, see `command`); or, with `stock=True`, plain `python -m
+data dirs, the bundled model (in float32 and eager, see `command`); or, with `stock=True`, plain `python -m
 vllm.entrypoints.openai.api_server` with `VLLM_PLUGINS` naming the plugins."""
 from __future__ import annotations
 
@@ -47,9 +47,15 @@ class Server:
         if not self.stock:
             # float32: the tests compare a request's tokens in a batch with its tokens alone, which
             # vLLM guarantees only in float32 (its bfloat16 kernels, `spd serve`'s default on CPUs
-            # with BF16 instructions, change greedy tokens with the batch, plugins or not)
-            dtype = [] if any(a.startswith("--dtype") for a in self.extra) else ["--dtype", "float32"]
-            return [sys.executable, "-m", "server", "--port", str(self.port), *dtype, *self.extra]
+            # with BF16 instructions, change greedy tokens with the batch, plugins or not). Eager:
+            # it starts in less time than the compiled default (whose tokens equal eager's in
+            # float32: test_vllm_backend); test_server_entrypoints starts `spd serve`'s defaults
+            def given(*flags: str) -> bool:
+                return any(a.split("=")[0] in flags for a in self.extra)
+
+            dtype = [] if given("--dtype") else ["--dtype", "float32"]
+            eager = [] if given("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config") else ["--enforce-eager"]
+            return [sys.executable, "-m", "server", "--port", str(self.port), *dtype, *eager, *self.extra]
         from spd_engine import models
 
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),

@@ -1,6 +1,6 @@
 """`spd serve`'s command line: its defaults fill only what the user left unset, and its CPU
 defaults follow the machine (bfloat16 only where the CPU has BF16 instructions; no reserved core
-on a 2-CPU machine). Fast: nothing is started."""
+on a 2-CPU machine; the compiled engine with a compile cache that reloads). Fast: nothing is started."""
 from __future__ import annotations
 
 from server.__main__ import cpu_defaults, vllm_command
@@ -13,16 +13,16 @@ def _value(argv, flag):
     return argv[argv.index(flag) + 1]
 
 
-def test_bfloat16_only_where_the_cpu_has_bf16_instructions_and_eager_unless_compilation_is_asked():
-    argv, _ = cpu_defaults([], {}, AVX512_BF16, 2)
-    assert _value(argv, "--dtype") == "bfloat16" and "--enforce-eager" in argv
+def test_bfloat16_only_where_the_cpu_has_bf16_instructions_and_the_compiled_engine_reloads_its_cache():
+    argv, env = cpu_defaults([], {}, AVX512_BF16, 2)
+    assert _value(argv, "--dtype") == "bfloat16"
+    assert "--enforce-eager" not in argv and env["VLLM_USE_AOT_COMPILE"] == "0"  # vLLM's compiled engine, cached
     argv, _ = cpu_defaults([], {}, AVX2, 2)
     assert _value(argv, "--dtype") == "float32"
     argv, _ = cpu_defaults([], {}, {"amx_bf16"}, 64)
     assert _value(argv, "--dtype") == "bfloat16"
-    for given in (["--no-enforce-eager"], ["-O", "3"], ["--compilation-config={}"]):
-        argv, _ = cpu_defaults(given, {}, AVX2, 2)
-        assert "--enforce-eager" not in argv
+    argv, env = cpu_defaults(["--enforce-eager"], {"VLLM_USE_AOT_COMPILE": "1"}, AVX2, 2)
+    assert argv.count("--enforce-eager") == 1 and env["VLLM_USE_AOT_COMPILE"] == "1"
 
 
 def test_the_users_dtype_and_thread_settings_win():
