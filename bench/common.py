@@ -42,17 +42,18 @@ ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max
 
 
 def spd_serve_vllm(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The vLLM command `spd serve ARGV` runs and the VLLM_CPU_* settings it sets (from
-    server.__main__.vllm_command, so the benchmarks' baselines cannot drift from it)."""
+    """The vLLM command `spd serve ARGV` runs and the vLLM settings it sets in the environment
+    (VLLM_CPU_*, VLLM_USE_AOT_COMPILE; not VLLM_PLUGINS) (from server.__main__.vllm_command, so the
+    benchmarks' baselines cannot drift from it)."""
     from server.__main__ import vllm_command
 
     cmd, env = vllm_command(argv, {})
-    return cmd, {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
+    return cmd, {k: v for k, v in env.items() if k.startswith("VLLM_") and k not in ("VLLM_PLUGINS", "VLLM_API_KEY")}
 
 
 def server_engine() -> tuple[dict, dict[str, str]]:
     """`spd serve`'s engine on this machine as `LLM` arguments, for an offline `LLM` doing the same
-    work as the server: the flags and VLLM_CPU_* settings `spd serve` passes to vLLM (its CPU
+    work as the server: the flags and vLLM environment settings `spd serve` passes to vLLM (its CPU
     defaults, `spd_serve_vllm`) plus the OpenAI server's CPU scheduler defaults
     (vLLM 0.32, engine/arg_utils.py: 128 sequences, 2048 batched tokens for OPENAI_API_SERVER on
     CPU; `LLM` would otherwise take 256 / 4096)."""

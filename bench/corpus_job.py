@@ -6,7 +6,7 @@ the server's continuous batch, up to 64 requests at a time), then writes the cor
 
 The offline arm is vLLM's `LLM` with vLLM's own process model (its engine core in a process of its
 own, as the server's), no plugin (VLLM_PLUGINS=none), and the server's engine settings
-(`common.server_engine`: `spd serve`'s flags and VLLM_CPU_* settings on this machine, and the
+(`common.server_engine`: `spd serve`'s flags and vLLM environment settings on this machine, and the
 OpenAI server's CPU scheduler defaults). All prompts of a repetition go to
 `LLM.generate` in one call.
 

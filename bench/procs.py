@@ -204,7 +204,7 @@ def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", 
 
 
 def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
-    """Stock vLLM's OpenAI server, no plugin loaded: the same flags and VLLM_CPU_* settings as
+    """Stock vLLM's OpenAI server, no plugin loaded: the same flags and vLLM environment settings as
     `spd serve`, or vLLM's own defaults (compiled engine, bfloat16 on x86, the model's max length)
     with VLLM_CPU_KVCACHE_SPACE set (vLLM's CPU default refuses to start on this machine)."""
     if defaults:
@@ -222,9 +222,10 @@ def _offline_engine(logdir: Path) -> EngineClient:
     return EngineClient("offline", logdir, engine=engine, env=env)
 
 
-# the server with LoRA on (hot_paths: loading an adapter needs it), in float32: the soak compares
-# each answer with the same request alone, which vLLM's bfloat16 kernels do not guarantee
-LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32"]
+# the server with LoRA on (hot_paths: loading an adapter needs it), in float32 and eager: the soak
+# compares each answer with the same request alone, which vLLM's bfloat16 kernels do not guarantee
+# (the soak's record was made eager, as the tests' servers run)
+LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32", "--enforce-eager"]
 
 _FACTORIES = {
     "plugin_engine": lambda d: EngineClient("plugin", d),

@@ -1,9 +1,10 @@
 """9. `spd serve` with its defaults / `vllm serve` with its defaults, tokens/s at concurrency 32.
 
 `spd serve` (`python -m server --port P`) with its defaults on this machine (server/__main__.py:
-on a CPU, eager, bfloat16 where the CPU has BF16 instructions else float32, no core reserved on 2
-CPUs, TCMalloc and Intel OpenMP preloaded where installed, max-model-len 2048, KV cache 2 GiB; the
-plugins loaded). `vllm serve` (`python -m
+on a CPU, vLLM's compiled engine with its compile cache reloading (VLLM_USE_AOT_COMPILE=0),
+bfloat16 where the CPU has BF16 instructions else float32, no core reserved on 2 CPUs,
+max-model-len 2048, KV cache 2 GiB; the plugins loaded). Its start is measured with the compile
+cache as a previous start left it (cpu_compiled measures a cold one). `vllm serve` (`python -m
 vllm.entrypoints.openai.api_server --model DIR --served-model-name smollm2-135m`,
 VLLM_PLUGINS=none): vLLM's own defaults on this CPU, i.e. the compiled engine (torch.compile,
 VLLM_COMPILE), bfloat16 (vLLM's CPU platform downcasts float32 models), the model's max length
@@ -11,11 +12,11 @@ VLLM_COMPILE), bfloat16 (vLLM's CPU platform downcasts float32 models), the mode
 default refuses to start on this machine. vLLM 0.32's CPU build recompiles at every start here
 (its compile cache does not reload), so its start takes minutes: both starts to a first answer are
 reported (the goal of issue 15: ours no slower). How the defaults were chosen: cpu_defaults and
-cpu_preload.
+cpu_preload and cpu_compiled.
 
 The same load as server_overhead (64 tokens per request, ignore_eos, short prompts), at concurrency
-32, the servers alternated round by round (which goes first alternating too); 16 rounds (the
-baseline's rounds vary by +-20% here).
+32, the servers alternated round by round (which goes first alternating too), each run starting
+once both are idle (`server_overhead.settle`); 16 rounds.
 Skipped in --quick runs (the compiled start alone takes minutes).
 """
 from __future__ import annotations

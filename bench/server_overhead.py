@@ -1,9 +1,9 @@
 """7. `spd serve` / `vllm serve` with the same flags: output tokens/s and requests/s of vLLM's
 OpenAI server with this project's plugins (`python -m server --port P`, i.e. `spd serve` with its
 defaults) / the same vLLM server without them (`python -m vllm.entrypoints.openai.api_server`
-with the engine flags and VLLM_CPU_* settings `spd serve` passes, VLLM_PLUGINS=none: no plugin
-loaded). Both: `spd serve`'s CPU defaults on this machine (eager, bfloat16 where the CPU has BF16
-instructions, no reserved core on 2 CPUs), max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, no LoRA,
+with the engine flags and vLLM environment settings `spd serve` passes, VLLM_PLUGINS=none: no plugin
+loaded). Both: `spd serve`'s CPU defaults on this machine (the compiled engine with its compile
+cache reloading, bfloat16 where the CPU has BF16 instructions, no reserved core on 2 CPUs), max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, no LoRA,
 vLLM's defaults for the rest.
 
 Since the rework `spd serve` IS vLLM's server (it execs it with VLLM_PLUGINS naming
@@ -17,7 +17,9 @@ server's store): the whole cost of serving steered requests, against the same st
 Load: closed-loop clients at concurrency 1, 8, 32, a fixed number of /v1/completions requests per
 level (short prompts: the first sentence of distinct GSM8K questions, 10-30 tokens; greedy;
 64 tokens each: ignore_eos), with p50/p99 latency. The load alternates between the servers, level
-by level, round by round, the order rotated each round (A B C, B C A, C A B, ...). Two measures:
+by level, round by round, the order rotated each round (A B C, B C A, C A B, ...), each run starting
+once both servers are idle (`settle`: a server is still busy for a second or two after a burst,
+which was measured against the next arm before 2026-11-29's second run). Two measures:
 tokens per wall-clock second, and per CPU-second of the server's processes (API server, engine
 core, worker: its process group), which does not count the time other jobs of a shared machine
 held the cores.
@@ -69,16 +71,31 @@ def measured(srv, prompts: list[str], concurrency: int, max_tokens: int, extra: 
     return out
 
 
+def settle(servers, idle_share: float = 0.05, interval: float = 0.5, limit: float = 30.0) -> float:
+    """Wait until all `servers` together use less than `idle_share` of one core over `interval`
+    seconds (at most `limit` s); the seconds waited. vLLM's compiled server with its defaults keeps
+    a core busy for seconds after a burst of requests (its engine core polls), which would be
+    measured against whichever server runs next."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        c0 = sum(s.cpu() for s in servers)
+        time.sleep(interval)
+        if sum(s.cpu() for s in servers) - c0 < idle_share * interval:
+            break
+    return time.perf_counter() - t0
+
+
 def rotated_rounds(servers: dict, rounds: int, max_tokens: int, concurrency: int = 32) -> dict[str, list[dict]]:
     """`rounds` rounds of `measured` on every server (`concurrency` requests each), the order
-    rotating from round to round so no server always runs right after another; each round its own
-    prompts."""
+    rotating from round to round so no server always runs right after another, each run starting
+    once all servers are idle (`settle`); each round its own prompts."""
     prompts_all, names = short_prompts(), list(servers)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(rounds):
         prompts = [prompts_all[(rnd * 37 + j) % len(prompts_all)] for j in range(concurrency)]
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            runs[name].append(measured(servers[name], prompts, concurrency, max_tokens))
+            waited = settle(servers.values())
+            runs[name].append({**measured(servers[name], prompts, concurrency, max_tokens), "settle_seconds": waited})
     return runs
 
 
@@ -172,7 +189,8 @@ def run(ctx: Context) -> dict:
             prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n_requests[c])]
             arms = list(targets.items())
             for name, (srv, extra) in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:  # no arm always follows another
-                runs[name][str(c)].append(measured(srv, prompts, c, max_tokens, extra))
+                waited = settle([spd, vllm])
+                runs[name][str(c)].append({**measured(srv, prompts, c, max_tokens, extra), "settle_seconds": waited})
     per_level, heads = {}, []
     for c in levels:
         k = str(c)

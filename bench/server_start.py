@@ -1,5 +1,5 @@
-"""10. Start to first answer: `spd serve` / `vllm serve` with the same flags (eager, float32,
-max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2; vLLM's with VLLM_PLUGINS=none), each started fresh,
+"""10. Start to first answer: `spd serve` / `vllm serve` with the same flags and vLLM settings
+(`spd serve`'s defaults on this machine; vLLM's with VLLM_PLUGINS=none), each started fresh,
 alternately (spd vllm spd vllm ...), nothing else of the suite running. Time from the spawn of the
 process to the first /v1/completions that answers 200 (a 1-token completion, polled every 0.25 s),
 then the server is stopped. The order alternates per pair (A B, B A, ...). Also the CPU seconds
