@@ -98,10 +98,11 @@ def git_state() -> dict:
 
     def git(*a):
         r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
+        return r.stdout if r.returncode == 0 else None
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "modified": [ln[3:] for ln in (dirty or "").splitlines()]}
+    dirty = git("status", "--porcelain", "--untracked-files=no")  # "XY path": not stripped, X may be a space
+    return {"commit": (git("rev-parse", "HEAD") or "").strip() or None,
+            "modified": [ln[3:] for ln in (dirty or "").splitlines() if ln.strip()]}
 
 
 def now() -> str:

@@ -14,7 +14,7 @@ this project's defaults apply only to what the user did not set:
   VLLM_USE_AOT_COMPILE  0 on a machine without a GPU: vLLM's compiled engine (its default, kept)
                     then reloads its compile cache (~/.cache/vllm) at the next start; with vLLM
                     0.32's AOT cache on torch 2.13 the load fails and it recompiles at every start
-                    (for the bundled model: ~85 s instead of ~40 s)
+                    (for the bundled model: ~90 s instead of ~40 s)
   --max-model-len   2048
   VLLM_CPU_KVCACHE_SPACE  2 (GiB; vLLM's CPU default refuses to start on small machines)
   VLLM_CPU_NUM_OF_RESERVED_CPU  0 on a machine with at most 2 CPUs: vLLM reserves one core for
