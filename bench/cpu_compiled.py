@@ -22,12 +22,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import Context, headline, ratios, spread
+from common import Context, headline, spd_serve_vllm, spread
 from cpu_defaults import batch_mismatches, projects
 from procs import spd_server
-from server_overhead import MODE, cores_busy, load, rotated_rounds, save_random_mode, short_prompts
-
-from server.__main__ import vllm_command
+from server_overhead import MODE, cores_busy, load, rotated_rounds, run_ratios, save_random_mode, short_prompts
 
 NAME = "cpu_compiled"
 TITLE = "spd serve, compiled engine with its compile cache reloading / eager: tokens/s at concurrency 32, starts"
@@ -37,9 +35,8 @@ QUICK = False
 
 
 def run(ctx: Context) -> dict:
-    cmd, env = vllm_command([], {})
+    cmd, base_env = spd_serve_vllm([])
     dtype = ["--dtype", cmd[cmd.index("--dtype") + 1]]
-    base_env = {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
     cache = Path(tempfile.mkdtemp(prefix="bench-vllm-cache-"))
     arms = {"eager": ([*dtype, "--enforce-eager"], base_env),
             "compiled": ([*dtype, "--no-enforce-eager"], {**base_env, "VLLM_USE_AOT_COMPILE": "0",
@@ -68,8 +65,8 @@ def run(ctx: Context) -> dict:
         for srv in servers.values():
             srv.close()
         shutil.rmtree(cache, ignore_errors=True)
-    tok = ratios([x["tok_s"] for x in runs["compiled"]], [x["tok_s"] for x in runs["eager"]])
-    cpu = ratios([x["tok_per_cpu_s"] for x in runs["compiled"]], [x["tok_per_cpu_s"] for x in runs["eager"]])
+    tok = run_ratios(runs["compiled"], runs["eager"], "tok_s")
+    cpu = run_ratios(runs["compiled"], runs["eager"], "tok_per_cpu_s")
     busy = {n: cores_busy(runs[n]) for n in runs}
     print(f"[bench]   checks {checks}; cores busy by process {busy}", flush=True)
     return {

@@ -30,9 +30,9 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from common import Context, headline, ratios, spread
+from common import Context, headline, spread
 from procs import spd_server
-from server_overhead import MODE, greedy_text, load, measured, save_random_mode, short_prompts
+from server_overhead import MODE, greedy_text, load, measured, run_ratios, save_random_mode, short_prompts
 
 NAME = "cpu_defaults"
 TITLE = "CPU settings for spd serve / vllm serve with its defaults: tokens/s at concurrency 32, start time"
@@ -98,9 +98,8 @@ def run(ctx: Context, candidates: dict | None = None) -> dict:
             for r in runs.values():
                 for x in r:
                     x.pop("latencies")
-            tok = ratios([x["tok_s"] for x in runs["candidate"]], [x["tok_s"] for x in runs["vllm_defaults"]])
-            cpu = ratios([x["tok_per_cpu_s"] for x in runs["candidate"]],
-                         [x["tok_per_cpu_s"] for x in runs["vllm_defaults"]])
+            tok = run_ratios(runs["candidate"], runs["vllm_defaults"], "tok_s")
+            cpu = run_ratios(runs["candidate"], runs["vllm_defaults"], "tok_per_cpu_s")
             out[name] = {"server": srv.describe(), "mode_changes_output": check,
                          "concurrent_answers_differing_from_alone": invariance, "tok_s_ratio": tok,
                          "tok_per_cpu_s_ratio": cpu,

@@ -21,12 +21,10 @@ import asyncio
 from importlib import metadata
 from pathlib import Path
 
-from common import Context, headline, ratios, spread
+from common import Context, headline, spd_serve_vllm, spread
 from cpu_defaults import projects
 from procs import spd_server
-from server_overhead import MODE, load, rotated_rounds, save_random_mode, short_prompts
-
-from server.__main__ import vllm_command
+from server_overhead import MODE, load, rotated_rounds, run_ratios, save_random_mode, short_prompts
 
 NAME = "cpu_preload"
 TITLE = "Preloaded TCMalloc / Intel OpenMP for spd serve / the same with nothing preloaded: tokens/s at concurrency 32"
@@ -65,9 +63,8 @@ def candidates() -> tuple[dict[str, str], list[str]]:
 def run(ctx: Context) -> dict:
     preload, left_out = candidates()
     # spd serve's CPU dtype and thread settings, given explicitly, and the eager engine
-    cmd, env = vllm_command([], {})
+    cmd, base_env = spd_serve_vllm([])
     flags = ["--dtype", cmd[cmd.index("--dtype") + 1], "--enforce-eager"]
-    base_env = {k: v for k, v in env.items() if k.startswith("VLLM_CPU_")}
     prompts_all = short_prompts()
     concurrency, n_requests, max_tokens, rounds = 32, 32, ctx.size(8, 64), ctx.size(1, 12)
     servers = {}
@@ -86,8 +83,8 @@ def run(ctx: Context) -> dict:
                 x.pop("latencies")
         out, heads = {}, []
         for name, srv in servers.items():
-            tok = ratios([x["tok_s"] for x in runs[name]], [x["tok_s"] for x in runs[REFERENCE]])
-            cpu = ratios([x["tok_per_cpu_s"] for x in runs[name]], [x["tok_per_cpu_s"] for x in runs[REFERENCE]])
+            tok = run_ratios(runs[name], runs[REFERENCE], "tok_s")
+            cpu = run_ratios(runs[name], runs[REFERENCE], "tok_per_cpu_s")
             out[name] = {"server": srv.describe(), "LD_PRELOAD": preload[name], "mode_changes_output": checks[name],
                          "tok_s_ratio": tok, "tok_per_cpu_s_ratio": cpu, "tok_s": spread([x["tok_s"] for x in runs[name]]),
                          "start_to_first_answer_seconds": round(srv.start_seconds, 2), "runs": runs[name]}

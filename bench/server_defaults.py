@@ -21,8 +21,9 @@ Skipped in --quick runs (the compiled start alone takes minutes).
 """
 from __future__ import annotations
 
-from common import Context, Goal, headline, ratios, spread
-from server_overhead import MODE, cores_busy, load, mode_check, percentile, rotated_rounds, save_random_mode, short_prompts
+from common import Context, Goal, headline, spread
+from server_overhead import (MODE, cores_busy, load, mode_check, percentile, rotated_rounds, run_ratios, save_random_mode,
+                             short_prompts)
 
 NAME = "server_defaults"
 TITLE = "spd serve (its defaults) / vllm serve (its defaults, compiled): tokens/s at concurrency 32"
@@ -47,10 +48,7 @@ def run(ctx: Context) -> dict:
         asyncio.run(load(srv.url, prompts_all[:32], 32, 4))
     runs = rotated_rounds(servers, rounds, max_tokens, concurrency)
 
-    def ratio(a, b, key):
-        return ratios([x[key] for x in runs[a]], [x[key] for x in runs[b]])
-
-    tok, cpu = ratio("spd", "vllm_defaults", "tok_s"), ratio("spd", "vllm_defaults", "tok_per_cpu_s")
+    tok, cpu = (run_ratios(runs["spd"], runs["vllm_defaults"], key) for key in ("tok_s", "tok_per_cpu_s"))
     lat = {n: {"p50": percentile([v for x in runs[n] for v in x["latencies"]], 0.5),
                "p99": percentile([v for x in runs[n] for v in x["latencies"]], 0.99)} for n in servers}
     starts = {n: s.start_seconds for n, s in servers.items()}

@@ -71,11 +71,21 @@ def measured(srv, prompts: list[str], concurrency: int, max_tokens: int, extra: 
     return out
 
 
+def rotation(items: list, k: int) -> list:
+    """`items` rotated by `k` (round k's order, so no arm always runs right after another)."""
+    return items[k % len(items):] + items[:k % len(items)]
+
+
+def run_ratios(num: list[dict], den: list[dict], key: str) -> dict:
+    """Per-round ratios of `key` between two arms' runs (`common.ratios`)."""
+    return ratios([x[key] for x in num], [x[key] for x in den])
+
+
 def settle(servers, idle_share: float = 0.05, interval: float = 0.5, limit: float = 30.0) -> float:
     """Wait until all `servers` together use less than `idle_share` of one core over `interval`
-    seconds (at most `limit` s); the seconds waited. vLLM's compiled server with its defaults keeps
-    a core busy for seconds after a burst of requests (its engine core polls), which would be
-    measured against whichever server runs next."""
+    seconds (at most `limit` s); the seconds waited. A server stays busy for a second or two after
+    a burst of requests (measured: 1.5-2 s waits), which would be measured against whichever
+    server runs next."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < limit:
         c0 = sum(s.cpu() for s in servers)
@@ -93,7 +103,7 @@ def rotated_rounds(servers: dict, rounds: int, max_tokens: int, concurrency: int
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(rounds):
         prompts = [prompts_all[(rnd * 37 + j) % len(prompts_all)] for j in range(concurrency)]
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for name in rotation(names, rnd):
             waited = settle(servers.values())
             runs[name].append({**measured(servers[name], prompts, concurrency, max_tokens), "settle_seconds": waited})
     return runs
@@ -187,19 +197,18 @@ def run(ctx: Context) -> dict:
     for rnd in range(rounds):
         for c in levels:
             prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n_requests[c])]
-            arms = list(targets.items())
-            for name, (srv, extra) in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:  # no arm always follows another
+            for name, (srv, extra) in rotation(list(targets.items()), rnd):
                 waited = settle([spd, vllm])
                 runs[name][str(c)].append({**measured(srv, prompts, c, max_tokens, extra), "settle_seconds": waited})
     per_level, heads = {}, []
     for c in levels:
         k = str(c)
         base = runs["vllm"][k]
-        tok = ratios([x["tok_s"] for x in runs["spd"][k]], [x["tok_s"] for x in base])
-        req = ratios([x["req_s"] for x in runs["spd"][k]], [x["req_s"] for x in base])
-        tok_mode = ratios([x["tok_s"] for x in runs["spd_mode"][k]], [x["tok_s"] for x in base])
-        cpu = ratios([x["tok_per_cpu_s"] for x in runs["spd"][k]], [x["tok_per_cpu_s"] for x in base])
-        cpu_mode = ratios([x["tok_per_cpu_s"] for x in runs["spd_mode"][k]], [x["tok_per_cpu_s"] for x in base])
+        tok = run_ratios(runs["spd"][k], base, "tok_s")
+        req = run_ratios(runs["spd"][k], base, "req_s")
+        tok_mode = run_ratios(runs["spd_mode"][k], base, "tok_s")
+        cpu = run_ratios(runs["spd"][k], base, "tok_per_cpu_s")
+        cpu_mode = run_ratios(runs["spd_mode"][k], base, "tok_per_cpu_s")
         lat = {name: {"p50": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.5),
                       "p99": percentile([v for x in runs[name][k] for v in x["latencies"]], 0.99),
                       "mean": statistics.mean(v for x in runs[name][k] for v in x["latencies"])} for name in targets}
