@@ -120,6 +120,8 @@ from spd_engine.subspace import Site, Store
 from spd_engine.subspace import load as load_pack
 from spd_engine.vllm_requests import CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
 
+from . import vllm_lora_fixes as lora_fixes
+
 log = logging.getLogger("spd.vllm_plugin")
 
 
@@ -147,6 +149,7 @@ class PluginState:
         self.device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
         self.step = _Step()
         self.front = FrontEnd()
+        self.fixes: list[str] = []  # the vLLM bugs found by their probes and fixed in this process (vllm_lora_fixes)
 
 
 
@@ -672,6 +675,13 @@ def _patch_v1_runner(module) -> None:
     _patch_method(cls, "__init__", _wrap_runner_init)
     _patch_method(cls, "execute_model", _wrap_execute_model)
     _patch_method(cls, "initialize_attn_backend", _wrap_initialize_attn_backend)
+    _patch_method(cls, "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs)
+
+
+def _fix_cpu_lora(module) -> None:
+    if lora_fixes.fix_no_adapter_rows(module):
+        PLUGIN.fixes.append("no_adapter_rows_get_the_last_adapter")
+        log.info("spd_kv_projection: fixed vLLM's LoRA index -1 (tokens without an adapter got the last one)")
 
 
 def _refuse_v2_runners(module) -> None:
@@ -687,6 +697,7 @@ _PATCHES = {
     "vllm.v1.worker.gpu.model_runner": _refuse_v2_runners,
     "vllm.v1.worker.cpu.model_runner": _refuse_v2_runners,
     "vllm.v1.engine.input_processor": _patch_input_processor,
+    lora_fixes.CPU_PUNICA: _fix_cpu_lora,
 }
 
 
