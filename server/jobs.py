@@ -1,5 +1,12 @@
 """Durable jobs: a SQLite store (WAL) in the data dir, and one worker thread that runs them.
 
+One job system per data dir, whatever the number of API-server processes (`--api-server-count`):
+every process accepts, lists and cancels jobs through the store, and only the process holding an
+exclusive lock on `<data>/jobs.lock` runs them (the others wait for the lock, so one takes over if
+its holder dies). Start-up recovery runs when the lock is taken, so it never touches a job another
+live process is running. A cancel that reaches a process that is not running the job is recorded
+in the store (`cancels`) and carried out by the running process within half a second.
+
 States: queued -> running -> succeeded | failed | cancelled. Queued jobs survive a restart. A job
 found `running` at startup was interrupted by a crash: generation is resumed (its corpus file is
 append-only and resumable), every other kind is marked failed with the reason, and its hidden
@@ -29,7 +36,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     done INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0,
     result TEXT, error TEXT, artifact TEXT,
     created REAL NOT NULL, started REAL, finished REAL
-)"""
+);
+CREATE TABLE IF NOT EXISTS cancels (id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"""
 
 
 class Cancelled(Exception):
@@ -45,7 +54,7 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
 
     def _exec(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:
@@ -98,6 +107,21 @@ class JobStore:
         rows = self._exec(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created DESC LIMIT -1 OFFSET ?",
                           (*FINAL, keep))
         return [r["id"] for r in rows]
+
+    def request_cancel(self, job_id: str) -> None:
+        self._exec("INSERT OR IGNORE INTO cancels (id) VALUES (?)", (job_id,))
+
+    def take_cancel(self, job_id: str) -> bool:
+        """Whether a cancel of `job_id` was requested (forgotten here)."""
+        with self._lock:
+            return self._db.execute("DELETE FROM cancels WHERE id = ?", (job_id,)).rowcount == 1
+
+    def next_number(self, name: str) -> int:
+        """The next value of a counter shared by every process of the server (1, 2, ...)."""
+        with self._lock:
+            row = self._db.execute("INSERT INTO counters (name, value) VALUES (?, 1) ON CONFLICT(name) "
+                                   "DO UPDATE SET value = value + 1 RETURNING value", (name,)).fetchone()
+        return row[0]
 
     def transition(self, job_id: str, from_states: set[str], to: str, **fields) -> bool:
         """Atomically move a job from one of `from_states` to `to`; False when it was elsewhere."""
@@ -164,8 +188,9 @@ class Worker:
     """Runs queued jobs one at a time in a thread of the server process (heavy steps start their
     own subprocess, so serving is never blocked by training)."""
 
-    def __init__(self, store: JobStore, jobs_dir: Path, runners: dict[str, Runner]):
-        self.store, self.jobs_dir, self.runners = store, Path(jobs_dir), runners
+    def __init__(self, store: JobStore, jobs_dir: Path, runners: dict[str, Runner], lock_path: Path):
+        self.store, self.jobs_dir, self.runners, self.lock_path = store, Path(jobs_dir), runners, Path(lock_path)
+        self.leading = threading.Event()  # this process holds the lock: it runs the jobs
         self.current: JobContext | None = None
         self._cancel_requested: set[str] = set()  # cancelled between leaving the queue and starting
         self._lock = threading.Lock()
@@ -195,9 +220,30 @@ class Worker:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def start(self) -> None:
-        self.recover()
-        self._thread = threading.Thread(target=self._loop, name="spd-job-worker", daemon=True)
+        self._thread = threading.Thread(target=self._lead, name="spd-job-worker", daemon=True)
         self._thread.start()
+
+    def _lead(self) -> None:
+        import fcntl
+
+        self._lock_file = lock = open(self.lock_path, "a")  # held (open) until stop() or the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("jobs run in another API-server process (it holds %s); this one waits to take over", self.lock_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if self._stop.is_set():
+            return
+        self.leading.set()
+        self.recover()
+        threading.Thread(target=self._watch_cancels, name="spd-job-cancels", daemon=True).start()
+        self._loop()
+
+    def _watch_cancels(self) -> None:
+        while not self._stop.wait(0.5):
+            cur = self.current
+            if cur is not None and self.store.take_cancel(cur.id):
+                cur.cancel()
 
     def stop(self) -> None:
         """Shut down: the running job goes back to the queue (a resumable one keeps its partial
@@ -207,10 +253,13 @@ class Worker:
         cur = self.current
         if cur:
             cur.cancel(requeue=True)
-        if self._thread:
+        if self._thread and self.leading.is_set():  # a waiting thread stays blocked on the lock
             self._thread.join(timeout=30)
         if cur and self.store.transition(cur.id, {"running"}, "queued"):  # the thread did not get there
             log.info("job %s re-queued at shutdown", cur.id)
+        if self.leading.is_set():
+            self.leading.clear()
+            self._lock_file.close()  # another API-server process takes over
 
     def notify(self) -> None:
         self._wake.set()
@@ -225,8 +274,11 @@ class Worker:
                 cur.cancel()
                 return True
             job = self.store.get(job_id)
-            if job is not None and job["state"] == "running":  # between leaving the queue and starting
-                self._cancel_requested.add(job_id)
+            if job is not None and job["state"] == "running":
+                if self.leading.is_set():  # between leaving the queue and starting
+                    self._cancel_requested.add(job_id)
+                else:
+                    self.store.request_cancel(job_id)  # the process running it carries it out
                 return True
             return False
 
@@ -247,7 +299,7 @@ class Worker:
         ctx = JobContext(self.store, job, d)
         with self._lock:
             self.current = ctx
-            if job["id"] in self._cancel_requested:
+            if job["id"] in self._cancel_requested or self.store.take_cancel(job["id"]):
                 self._cancel_requested.discard(job["id"])
                 ctx.cancel()
         try:

@@ -58,6 +58,10 @@ class Settings:
     def db_path(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
 
+    @property
+    def jobs_lock(self) -> Path:
+        return self.data_dir / "jobs.lock"  # held by the one API-server process that runs the jobs
+
 
 @dataclass(frozen=True)
 class Limits:

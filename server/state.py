@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -101,6 +102,23 @@ class EngineClientBackend(Backend):
         return self.server.adapters()
 
 
+class SharedLoRAIds:
+    """Named fix `lora_ids_per_api_server` (vllm/entrypoints/openai/models/serving.py): vLLM numbers
+    runtime-loaded adapters with a counter per API-server process (`OpenAIServingModels.
+    lora_id_counter`), and the engine knows an adapter only by that number, so under
+    `--api-server-count 2` two processes give two different adapters the same id and requests get
+    the wrong weights. This drop-in counter is shared by the processes (the job store's SQLite)."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def inc(self, num: int = 1) -> int:
+        value = 0
+        for _ in range(num):
+            value = self.jobs.next_number("lora_int_id")
+        return value
+
+
 class AdapterError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -128,29 +146,92 @@ class SPDServer:
             d.mkdir(parents=True, exist_ok=True)
         self.backend = EngineClientBackend(self)
         self.jobs = JobStore(settings.db_path)
-        self.worker = Worker(self.jobs, settings.jobs_dir, steps.make_runners(self, self.jobs))
+        self.worker = Worker(self.jobs, settings.jobs_dir, steps.make_runners(self, self.jobs), settings.jobs_lock)
         self.worker.start()
+        self._adapters_lock = asyncio.Lock()  # this process's adapter changes and syncs, one at a time
+        self._adapters_seen: tuple | None = None  # the adapters file's stat when this process last read it
+        if self.lora_enabled:
+            self._models().lora_id_counter = SharedLoRAIds(self.jobs)
         prune_retained(self.store)
         log.info("spd_api: store %s, data %s, modes %s", settings.store_dir, settings.data_dir, self.capabilities())
 
-    async def restore_adapters(self) -> None:
-        """Load again the adapters that were loaded when the server last stopped."""
-        for name, path in self._saved_adapters().items():
+    async def follow_adapters(self) -> None:
+        """At start: serve the adapters of the adapters file (loaded when the server last stopped,
+        or by another API-server process of this server), each under the id it was loaded with;
+        then follow the file while the server runs."""
+        await self.sync_adapters(validate=True)
+        while True:
+            await asyncio.sleep(1.0)
             try:
-                await self.load_adapter(name, Path(path), persist=False)
-                log.info("spd_api: adapter %s loaded again from %s", name, path)
-            except (AdapterError, OSError) as e:
-                log.error("spd_api: adapter %s (%s) was loaded before the restart but cannot be now: %s", name, path, e)
+                await self.sync_adapters()
+            except Exception:  # noqa: BLE001 - keep following; the next change is read again
+                log.exception("spd_api: reading the adapters file failed")
 
-    def _saved_adapters(self) -> dict[str, str]:
+    def _read_adapters(self) -> dict[str, dict]:
+        """The adapters file: {name: {"path": str, "id": int}} (an older {name: path} gets ids)."""
         try:
             saved = json.loads(self.settings.adapters_file.read_text())
         except (OSError, ValueError):
             return {}
-        return {n: p for n, p in saved.items() if isinstance(n, str) and isinstance(p, str)} if isinstance(saved, dict) else {}
+        out = {}
+        for name, entry in (saved.items() if isinstance(saved, dict) else ()):
+            entry = {"path": entry} if isinstance(entry, str) else entry
+            if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                ident = entry.get("id")
+                out[name] = {"path": entry["path"],
+                             "id": ident if isinstance(ident, int) and ident > 0 else self.jobs.next_number("lora_int_id")}
+        return out
 
-    def _persist_adapters(self) -> None:
-        write_json(self.settings.adapters_file, self.adapter_paths())
+    @contextlib.contextmanager
+    def _adapters_file_locked(self):
+        """The adapters file, read and written by one process at a time."""
+        import fcntl
+
+        with open(self.settings.data_dir / "adapters.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write_adapters(self, change) -> None:
+        with self._adapters_file_locked():
+            entries = self._read_adapters()
+            change(entries)
+            write_json(self.settings.adapters_file, entries)
+            self._adapters_seen = self._adapters_stat()
+
+    def _adapters_stat(self) -> tuple | None:
+        try:
+            st = self.settings.adapters_file.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    async def sync_adapters(self, validate: bool = False) -> None:
+        """Make this process's adapters those of the adapters file (what other API-server processes
+        loaded or unloaded). `validate`: load each into the engine now (an adapter that no longer
+        loads is logged and not served) instead of on its first request."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled or self._adapters_stat() == self._adapters_seen:
+            return
+        async with self._adapters_lock:
+            self._adapters_seen = self._adapters_stat()
+            entries = self._read_adapters()
+            served = self._models().lora_requests
+            for name in [n for n in served if n not in entries]:
+                del served[name]
+            for name, entry in entries.items():
+                known = served.get(name)
+                if known is not None and known.lora_int_id == entry["id"] and known.lora_path == entry["path"]:
+                    continue
+                req = LoRARequest(lora_name=name, lora_int_id=entry["id"], lora_path=entry["path"])
+                if validate:
+                    try:
+                        await self.engine.add_lora(req)
+                    except Exception as e:  # noqa: BLE001 - one broken adapter must not stop the server
+                        log.error("spd_api: adapter %s (%s) was loaded before but cannot be now: %s", name,
+                                  entry["path"], e)
+                        continue
+                served[name] = req
 
     async def abort_admitted(self, name: str) -> None:
         """Abort the requests admitted in a mode that was just deleted (they fail with an abort;
@@ -206,29 +287,40 @@ class SPDServer:
             raise AdapterError(409, "LoRA is not enabled on this server: start it with --enable-lora "
                                     "(and --max-lora-rank at least the adapter's rank)")
 
-    async def load_adapter(self, name: str, path: Path, persist: bool = True) -> None:
+    async def load_adapter(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         self.check_lora_enabled()
-        if name in self.adapters() or name == self.model_id:
-            raise AdapterError(409, f"an adapter named {name!r} is already loaded")
-        res = await self._models().load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)))
-        if isinstance(res, ErrorResponse):
-            raise AdapterError(422, f"the adapter does not load on this model: {res.error.message}")
-        if persist:
-            self._persist_adapters()
+        await self.sync_adapters()
+        async with self._adapters_lock:
+            if name in self.adapters() or name == self.model_id:
+                raise AdapterError(409, f"an adapter named {name!r} is already loaded")
+            res = await self._models().load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)))
+            if isinstance(res, ErrorResponse):
+                raise AdapterError(422, f"the adapter does not load on this model: {res.error.message}")
+            req = self._models().lora_requests[name]
+
+            def add(entries: dict) -> None:
+                if name in entries:  # another API-server process loaded one under this name meanwhile
+                    del self._models().lora_requests[name]
+                    raise AdapterError(409, f"an adapter named {name!r} is already loaded")
+                entries[name] = {"path": req.lora_path, "id": req.lora_int_id}
+
+            self._write_adapters(add)
 
     async def unload_adapter(self, name: str) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
-        if name not in self.adapters():
-            raise KeyError(name)
-        res = await self._models().unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
-        if isinstance(res, ErrorResponse):
-            raise AdapterError(422, res.error.message)
-        self._persist_adapters()
+        await self.sync_adapters()
+        async with self._adapters_lock:
+            if name not in self.adapters():
+                raise KeyError(name)
+            res = await self._models().unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            if isinstance(res, ErrorResponse):
+                raise AdapterError(422, res.error.message)
+            self._write_adapters(lambda entries: entries.pop(name, None))
 
     def adapter_dir(self, name: str) -> Path:
         return child(self.settings.adapters_dir, name, "adapter directory")

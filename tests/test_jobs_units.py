@@ -15,7 +15,8 @@ def _store(tmp_path) -> JobStore:
 def test_a_cancel_between_leaving_the_queue_and_starting_cancels_the_job(tmp_path):
     store = _store(tmp_path)
     ran = []
-    worker = Worker(store, tmp_path / "jobs", {"generate": lambda ctx: (ctx.check(), ran.append(1), ({}, None))[-1]})
+    worker = Worker(store, tmp_path / "jobs", {"generate": lambda ctx: (ctx.check(), ran.append(1), ({}, None))[-1]},
+                    tmp_path / "jobs.lock")
     job = store.create("job-1", "generate", {})
     assert store.transition("job-1", {"queued"}, "running")  # the worker took it, has not started it
     assert worker.cancel("job-1")
@@ -26,7 +27,7 @@ def test_a_cancel_between_leaving_the_queue_and_starting_cancels_the_job(tmp_pat
 
 def test_a_shutdown_puts_the_running_job_back_in_the_queue(tmp_path):
     store = _store(tmp_path)
-    worker = Worker(store, tmp_path / "jobs", {})
+    worker = Worker(store, tmp_path / "jobs", {}, tmp_path / "jobs.lock")
 
     def runner(ctx: JobContext):
         worker.current.cancel(requeue=True)  # what Worker.stop does to the running job
@@ -66,3 +67,58 @@ def test_retention_lists_finished_jobs_beyond_the_newest_n(tmp_path):
     assert sorted(store.expired(3)) == ["job-0", "job-1"]
     assert store.delete("job-0") and not store.delete("job-q")
     assert store.get("job-q")["state"] == "queued"
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_two_api_server_processes_share_one_job_system_and_a_cancel_reaching_either_stops_the_job(tmp_path):
+    """Two workers on one data dir, each with its own database connection (as two API-server
+    processes under --api-server-count 2): one runs the jobs, the second's start-up recovery leaves
+    the running job alone, its cancel stops it, and it takes over when the first stops."""
+    import time
+
+    started = threading.Event()
+
+    def slow(ctx: JobContext):
+        started.set()
+        while True:
+            ctx.check()
+            time.sleep(0.05)
+
+    def worker() -> tuple[JobStore, Worker]:
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        return store, Worker(store, tmp_path / "jobs", {"calibrate": slow, "generate": lambda ctx: ({"ok": 1}, None)},
+                             tmp_path / "jobs.lock")
+
+    store_a, a = worker()
+    a.start()
+    assert _until(a.leading.is_set)
+    store_a.create("job-1", "calibrate", {})
+    assert started.wait(10)
+    store_b, b = worker()
+    b.start()
+    time.sleep(1.0)
+    assert not b.leading.is_set() and store_b.get("job-1")["state"] == "running"  # not failed as "interrupted"
+    assert b.cancel("job-1")
+    assert _until(lambda: store_b.get("job-1")["state"] == "cancelled"), store_b.get("job-1")
+    a.stop()
+    assert _until(b.leading.is_set)  # the lock passed to the waiting process
+    store_b.create("job-2", "generate", {})
+    b.notify()
+    assert _until(lambda: store_a.get("job-2")["state"] == "succeeded")
+    b.stop()
+
+
+def test_a_counter_shared_by_two_connections_never_repeats_a_value(tmp_path):
+    a, b = JobStore(tmp_path / "db.sqlite3"), JobStore(tmp_path / "db.sqlite3")
+    got = [s.next_number("lora") for _ in range(5) for s in (a, b)]
+    assert got == list(range(1, 11))

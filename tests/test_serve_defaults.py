@@ -45,7 +45,7 @@ def test_no_core_is_reserved_for_the_scheduler_on_two_cpus_but_vllms_reservation
 def test_plugins_are_added_to_the_users_list_and_the_bundled_model_is_served_by_its_name():
     cmd, env = vllm_command(["--port", "1"], {"VLLM_PLUGINS": "other"})
     assert env["VLLM_PLUGINS"] == "other,spd_kv_projection,spd_api"
-    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[1:4] == ["-m", "server.vllm_cli", "serve"]
     assert _value(cmd, "--served-model-name") == "smollm2-135m" and _value(cmd, "--host") == "127.0.0.1"
     cmd, _ = vllm_command(["--host", "0.0.0.0", "--max-model-len", "512"], {})
     assert _value(cmd, "--host") == "0.0.0.0" and cmd.count("--host") == 1 and cmd.count("--max-model-len") == 1
