@@ -214,18 +214,29 @@ class SPDEndpoints:
         state.spd_adapters = asyncio.get_running_loop().create_task(state.spd.follow_adapters())  # kept: not collected
 
 
+ENGINE_DEAD_EXIT = 1
+
+
 def _with_shutdown(inner):
     """vLLM's app lifespan, then ours: at shutdown (SIGTERM, SIGINT) the job worker stops and puts
-    its running job back in the queue, while the event loop still runs."""
+    its running job back in the queue, while the event loop still runs. When the shutdown is
+    vLLM's reaction to a dead engine (its watchdog, within 5 s), the process then exits with
+    status 1: vLLM itself would exit 0, and a supervisor would not restart it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        async with inner(app) as value:
+        spd = None
+        async with inner(app) as value:  # vLLM's lifespan deletes app.state when it ends
             try:
                 yield value
             finally:
                 spd = getattr(app.state, "spd", None)
                 if spd is not None:
                     await asyncio.to_thread(spd.close)
+        if spd is not None and spd.engine_died:
+            log.error("spd_api: the engine died; exiting with status %d (queued jobs resume at the next start)",
+                      ENGINE_DEAD_EXIT)
+            logging.shutdown()
+            os._exit(ENGINE_DEAD_EXIT)
 
     return lifespan

@@ -133,6 +133,14 @@ class SPDServer:
         from . import steps
 
         self.engine, self.app_state, self.settings = engine_client, app_state, settings
+        self.stopping = False  # vLLM is shutting the engine down (SIGTERM/SIGINT): its end is not a death
+        shutdown = engine_client.shutdown
+
+        def stop_engine(*args, **kwargs):
+            self.stopping = True
+            return shutdown(*args, **kwargs)
+
+        engine_client.shutdown = stop_engine
         self.loop = asyncio.get_running_loop()
         self.model_path = Path(engine_client.model_config.model)
         names = getattr(args, "served_model_name", None) or [str(self.model_path)]
@@ -328,6 +336,11 @@ class SPDServer:
     def call(self, coro):
         """Run a coroutine on the server's loop from another thread (the job worker) and wait."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    @property
+    def engine_died(self) -> bool:
+        """The engine ended without vLLM shutting it down (a crash, or its process killed)."""
+        return self.engine.errored and not self.stopping
 
     def close(self) -> None:
         self.worker.stop()

@@ -164,5 +164,7 @@ def test_a_dead_engine_makes_the_server_exit_non_zero_within_seconds_and_a_resta
             states = [wait_job(http, i)["state"] for i in ids]
             assert states == ["succeeded", "succeeded"], states
             assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+        s.stop()
+        assert s.proc.returncode == 0, s.tail()  # a SIGTERM is a clean stop, not an engine death
     finally:
         s.stop()
