@@ -24,8 +24,9 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG
+from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG, parse_extra_args
 
+from . import model_names
 from .settings import Limits
 
 log = logging.getLogger("spd.server")
@@ -68,10 +69,13 @@ def check_bounds(body: dict, limits: Limits) -> None:
 
 
 class OpenAIGuard:
-    """ASGI middleware on vLLM's completion routes: first brings this process's adapters up to date
-    with the other API-server processes' (`SPDServer.sync_adapters`), then moves the capability fields (see above),
-    bounds the work per request (`check_bounds`) and the requests in flight (429 with
-    Retry-After beyond SPD_MAX_INFLIGHT, instead of an unbounded queue)."""
+    """ASGI middleware around vLLM's OpenAI routes. First it brings this process's adapters up to
+    date with the other API-server processes' (`SPDServer.sync_adapters`). On the completion routes
+    it then turns a mode model name into its capability fields (`server.model_names`), moves the
+    capability fields (see above), bounds the work per request (`check_bounds`) and the requests in
+    flight (429 with Retry-After beyond SPD_MAX_INFLIGHT, instead of an unbounded queue), and says
+    in the response headers what was applied (`applied_headers`). On /v1/models it adds the mode
+    model names."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app, self.limits, self.inflight = app, Limits.from_env(), 0
@@ -79,11 +83,12 @@ class OpenAIGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _naming_the_process(send)
-        if scope["path"] in ADAPTER_USERS:
-            spd = getattr(scope["app"].state, "spd", None)
-            if spd is not None:
-                await spd.sync_adapters()  # adapters another API-server process loaded (a stat when none did)
+        send = _with_headers(send, [PROCESS_HEADER])
+        spd = getattr(scope["app"].state, "spd", None)
+        if spd is not None and scope["path"] in ADAPTER_USERS:
+            await spd.sync_adapters()  # adapters another API-server process loaded (a stat when none did)
+        if spd is not None and scope["path"] == "/v1/models" and scope.get("method") == "GET":
+            return await self.app(scope, receive, _listing_modes(send, spd))
         if scope.get("method") != "POST" or scope["path"] not in OPENAI_ROUTES:
             return await self.app(scope, receive, send)
         from .errors import response
@@ -103,8 +108,11 @@ class OpenAIGuard:
             body = json.loads(raw)
             if isinstance(body, dict):
                 check_bounds(body, self.limits)
-                if any(k in body for k in FIELDS):
-                    raw = json.dumps(move_capability_fields(body)).encode()
+                named = model_names.apply(body, {spd.model_id, *spd.adapters()}) if spd is not None else body
+                if named is not body or any(k in body for k in FIELDS):
+                    body = move_capability_fields(named)
+                    raw = json.dumps(body).encode()
+                send = _with_headers(send, applied_headers(body))
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
         except ValueError as e:
@@ -129,15 +137,55 @@ class OpenAIGuard:
 
 
 PROCESS_HEADER = (b"x-spd-process", str(os.getpid()).encode())
+CAPABILITY_HEADER, STRENGTH_HEADER = b"x-spd-capability", b"x-spd-capability-strength"
 
 
-def _naming_the_process(send: Send) -> Send:
-    """Every response says which API-server process answered (`x-spd-process: PID`): under
-    `--api-server-count N` the kernel spreads connections over N processes."""
+def applied_headers(body: dict) -> list[tuple[bytes, bytes]]:
+    """What a completion request is served with: its modes (`x-spd-capability`, comma-separated,
+    empty for none) and strength (`x-spd-capability-strength`, 0 for none). The engine projects
+    exactly that or the request is refused before any token (the front end's 400)."""
+    try:
+        cap, strength = parse_extra_args(body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else None)
+    except ValueError:
+        return []  # refused by the front end with a 400 naming the field
+    if not cap:
+        strength = 0.0
+    return [(CAPABILITY_HEADER, ",".join(cap).encode()), (STRENGTH_HEADER, repr(strength).encode())]
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send` with `extra` added to the response headers (every response names the API-server
+    process that answered, `x-spd-process: PID`: under `--api-server-count N` the kernel spreads
+    connections over N processes)."""
+    if not extra:
+        return send
+
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), PROCESS_HEADER]}
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
         await send(message)
+
+    return sending
+
+
+def _listing_modes(send: Send, spd) -> Send:
+    """`send` for vLLM's /v1/models answer, with the mode model names added."""
+    start: dict = {}
+    chunks: list[bytes] = []
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            body = json.dumps(model_names.listed(json.loads(body), spd.capabilities())).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return sending
 

@@ -287,3 +287,60 @@ def test_openapi_schema_lists_vllms_routes_and_ours(http):
               "/v1/subspaces/{name}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifact", "/v1/adapters",
               "/health", "/metrics"):
         assert p in paths, p
+
+
+def test_a_mode_model_name_gives_the_tokens_of_the_same_request_with_capability_fields(oai, http, modes):
+    prompt = "Write about the sea:"
+    base = _complete(oai, prompt, max_tokens=16).choices[0].text
+    for name, extra in ((f"{MODEL}@rnd", {"capability": "rnd"}),
+                        (f"{MODEL}@math+rnd:0.5", {"capability": ["math", "rnd"], "capability_strength": 0.5})):
+        by_name = oai.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+        assert by_name == _complete(oai, prompt, max_tokens=16, extra_body=extra).choices[0].text, name
+        chat = oai.chat.completions.create(model=name, messages=[{"role": "user", "content": "Name a color."}],
+                                           temperature=0, max_tokens=8).choices[0].message.content
+        assert chat == _chat(oai, "Name a color.", extra_body=extra).choices[0].message.content, name
+    assert oai.completions.create(model=f"{MODEL}@rnd", prompt=prompt, max_tokens=16,
+                                  temperature=0).choices[0].text != base  # the mode really acts here
+    assert oai.completions.create(model=f"{MODEL}@rnd:0", prompt=prompt, max_tokens=16,
+                                  temperature=0).choices[0].text == base
+    for name, param in ((f"{MODEL}@nope", "capability"), (f"{MODEL}@rnd:x", "model"), (f"{MODEL}@rnd:2", "capability_strength")):
+        r = http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (name, r.text)
+    clash = http.post("/v1/completions", json={"model": f"{MODEL}@rnd", "prompt": "x", "capability": "math"})
+    assert clash.status_code == 400 and clash.json()["error"]["param"] == "capability"
+
+
+def test_mode_model_names_keep_each_modes_own_prefix_cache(oai, modes):
+    prefix = " ".join(f"Row {i}: a sentence about the number {i} and a green field." for i in range(40))
+    prompt = prefix + "\nThe last row was"
+    for first, second in (("rnd", "rnd2"), ("rnd2", "rnd")):
+        oai.completions.create(model=f"{MODEL}@{first}", prompt=prompt, max_tokens=8, temperature=0)
+        got = oai.completions.create(model=f"{MODEL}@{second}", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        fresh = _complete(oai, prompt, extra_body={"capability": second, "cache_salt": f"own-{first}-name"}).choices[0].text
+        assert got == fresh, f"{second} was served prefix-cache blocks computed under {first}"
+
+
+def test_v1_models_lists_every_mode_of_the_model_and_follows_the_store_at_once(oai, http, modes):
+    listed = {m.id for m in oai.models.list().data}
+    assert {MODEL, *(f"{MODEL}@{m}" for m in modes)} <= listed
+    r = http.post("/v1/subspaces", json={"name": "listed-late", "kind": "math", "method": "random", "rank": 1,
+                                         "layers": [3], "calibration": {"data": CALIBRATION}})
+    assert r.status_code == 202 and wait_job(http, r.json()["id"])["state"] == "succeeded"
+    assert f"{MODEL}@listed-late" in {m.id for m in oai.models.list().data}
+    assert http.delete("/v1/subspaces/listed-late").status_code in (200, 204)
+    assert f"{MODEL}@listed-late" not in {m.id for m in oai.models.list().data}
+
+
+def test_every_completion_and_chat_response_says_which_modes_and_strength_were_applied(http, modes):
+    cases = [({"model": MODEL}, ("", "0.0")), ({"model": MODEL, "capability": "rnd"}, ("rnd", "1.0")),
+             ({"model": f"{MODEL}@math+rnd:0.5"}, ("math,rnd", "0.5")),
+             ({"model": MODEL, "vllm_xargs": {"capability": "rnd2", "capability_strength": 0.25}}, ("rnd2", "0.25"))]
+    for body, (cap, strength) in cases:
+        for route, extra in (("/v1/completions", {"prompt": "Hi"}),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+            for stream in (False, True):
+                with http.stream("POST", route, json={**body, **extra, "max_tokens": 2, "stream": stream}) as r:
+                    r.read()
+                    assert r.status_code == 200, r.text
+                    assert (r.headers["x-spd-capability"], r.headers["x-spd-capability-strength"]) == (cap, strength), \
+                        (body, route, stream)
