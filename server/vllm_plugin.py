@@ -149,6 +149,7 @@ class PluginState:
         self.device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
         self.step = _Step()
         self.front = FrontEnd()
+        self.installed: set[str] = set()  # the HOOKS installed in this process (Hook.name)
         self.fixes: list[str] = []  # the vLLM bugs found by their probes and fixed in this process (vllm_lora_fixes)
 
 
@@ -584,10 +585,6 @@ def _wrap_process_inputs(orig):
     return process_inputs
 
 
-def _patch_input_processor(module) -> None:
-    _patch_method(module.InputProcessor, "process_inputs", _wrap_process_inputs)
-
-
 # ------------------------------------------------------------------ CUDA graphs
 
 _KV_UPDATE_OP = "vllm::unified_kv_cache_update"
@@ -646,6 +643,7 @@ def _wrap_runner_init(orig):
 def _wrap_initialize_attn_backend(orig):
     def initialize_attn_backend(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
+        check_installed(_V1_RUNNER)
         used = check_model_layers(self.vllm_config)
         check_cudagraph_mode(self.vllm_config)
         log.info("spd_kv_projection: K/V projected in %s; cudagraph_mode %s", ", ".join(used) or "(no layer)",
@@ -665,19 +663,6 @@ def _refuse_v2_runner(orig):
     return __init__
 
 
-def _patch_method(cls, name: str, wrap) -> None:
-    if not getattr(getattr(cls, name), "__spd_patched__", False):
-        setattr(cls, name, wrap(getattr(cls, name)))
-
-
-def _patch_v1_runner(module) -> None:
-    cls = module.GPUModelRunner  # the V1 runner; the CPU runner subclasses it
-    _patch_method(cls, "__init__", _wrap_runner_init)
-    _patch_method(cls, "execute_model", _wrap_execute_model)
-    _patch_method(cls, "initialize_attn_backend", _wrap_initialize_attn_backend)
-    _patch_method(cls, "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs)
-
-
 def _fix_cpu_lora(module) -> None:
     if lora_fixes.fix_no_adapter_rows(module):
         PLUGIN.fixes.append("no_adapter_rows_get_the_last_adapter")
@@ -687,50 +672,133 @@ def _fix_cpu_lora(module) -> None:
 def _refuse_v2_runners(module) -> None:
     for cls in vars(module).values():
         if isinstance(cls, type) and cls.__module__ == module.__name__ and cls.__name__.endswith("ModelRunner") \
-                and "__init__" in cls.__dict__:
-            _patch_method(cls, "__init__", _refuse_v2_runner)
+                and "__init__" in cls.__dict__ and not getattr(cls.__init__, "__spd_patched__", False):
+            cls.__init__ = _refuse_v2_runner(cls.__init__)
 
 
-# module -> patch, applied when vLLM imports the module (at once if it already has)
-_PATCHES = {
-    "vllm.v1.worker.gpu_model_runner": _patch_v1_runner,
+@dataclass(frozen=True)
+class Hook:
+    """A vLLM method the plugin wraps, when vLLM imports its module (the plugin imports none: a
+    module the platform does not use may load foreign kernels). `required`: without it the plugin
+    cannot keep its promise (a request naming a mode served as asked, or refused), so a vLLM that
+    lacks it makes the engine refuse to start, naming it; an optional hook is skipped where vLLM
+    has no such module."""
+
+    module: str
+    cls: str
+    method: str
+    wrap: Callable
+    required: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.cls}.{self.method}"
+
+
+_V1_RUNNER = "vllm.v1.worker.gpu_model_runner"  # vllm/v1/worker/gpu_model_runner.py; the CPU runner subclasses it
+HOOKS: tuple[Hook, ...] = (
+    Hook(_V1_RUNNER, "GPUModelRunner", "__init__", _wrap_runner_init),  # CUDA-graph policy before load_model
+    Hook(_V1_RUNNER, "GPUModelRunner", "execute_model", _wrap_execute_model),  # the step's runner, for routing
+    Hook(_V1_RUNNER, "GPUModelRunner", "initialize_attn_backend", _wrap_initialize_attn_backend),  # patch the KV writes
+    Hook(_V1_RUNNER, "GPUModelRunner", "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs),
+    Hook("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", _wrap_process_inputs),  # admission
+)
+# whole-module patches, optional: the V2 runners (refused: routing reads the V1 runner) and the CPU LoRA ops
+MODULE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "vllm.v1.worker.gpu.model_runner": _refuse_v2_runners,
     "vllm.v1.worker.cpu.model_runner": _refuse_v2_runners,
-    "vllm.v1.engine.input_processor": _patch_input_processor,
     lora_fixes.CPU_PUNICA: _fix_cpu_lora,
 }
 
+# Every private vLLM symbol the project relies on, where it lives (vLLM 0.32), and who uses it.
+PRIVATE_SYMBOLS: tuple[tuple[str, str, str], ...] = (
+    *((f"{h.cls}.{h.method}", h.module.replace(".", "/") + ".py", "wrapped (HOOKS)") for h in HOOKS),
+    ("<attention impl>.do_kv_cache_update", "vllm/v1/attention/backends/*.py", "wrapped per impl in use (patch_impl)"),
+    ("GPUModelRunner.input_batch.req_ids / .requests / .query_start_loc", "vllm/v1/worker/gpu_model_runner.py",
+     "read: per-step routing"),
+    ("ForwardContext.attn_metadata", "vllm/forward_context.py", "read: the step's query_start_loc"),
+    ("CompilationConfig.cudagraph_mode / splitting_ops / pass_config", "vllm/config/compilation.py",
+     "read and lowered: CUDA-graph policy"),
+    ("bgmv_shrink / bgmv_expand / bgmv_expand_slice", "vllm/lora/ops/torch_ops/lora_ops.py",
+     "replaced where the probe finds the index -1 bug (vllm_lora_fixes)"),
+    ("PunicaWrapperBase._sampler_indices / indices_len / token_lora_indices", "vllm/lora/punica_wrapper/punica_base.py",
+     "read and set: prompt logprobs under LoRA (vllm_lora_fixes)"),
+    ("OpenAIServingModels.lora_id_counter / lora_requests", "vllm/entrypoints/openai/models/serving.py",
+     "replaced / followed: adapters across API-server processes (server/state.py)"),
+)
+
+
+def _hooks_of(module: str) -> list[Hook]:
+    return [h for h in HOOKS if h.module == module]
+
+
+def _apply(module: ModuleType) -> None:
+    """Install the hooks of a module vLLM just imported (RuntimeError naming a missing target)."""
+    for hook in _hooks_of(module.__name__):
+        cls = getattr(module, hook.cls, None)
+        fn = getattr(cls, hook.method, None) if cls is not None else None
+        if fn is None:
+            raise RuntimeError(f"spd_kv_projection: this vLLM has no {hook.name}, which the plugin must hook; "
+                               "refusing to start (see the README for the supported vLLM versions)")
+        if not getattr(fn, "__spd_patched__", False):
+            setattr(cls, hook.method, hook.wrap(fn))
+        PLUGIN.installed.add(hook.name)
+    patch = MODULE_PATCHES.get(module.__name__)
+    if patch is not None:
+        patch(module)
+
+
+def check_required_modules() -> None:
+    """Every required hook's module exists in this vLLM (its parent packages are imported, not it)."""
+    import importlib.util
+
+    for module in sorted({h.module for h in HOOKS if h.required}):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            names = ", ".join(h.name for h in _hooks_of(module))
+            raise RuntimeError(f"spd_kv_projection: this vLLM has no module {module} (hooks: {names}); "
+                               "refusing to start (see the README for the supported vLLM versions)")
+
+
+def check_installed(module: str) -> None:
+    """At engine start: every required hook of `module` reported that it is installed."""
+    missing = [h.name for h in _hooks_of(module) if h.required and h.name not in PLUGIN.installed]
+    if missing:
+        raise RuntimeError(f"spd_kv_projection: hooks not installed: {', '.join(missing)}; refusing to start")
+
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Applies a patch when a module is first imported by whoever imports it. The plugin itself
-    imports none of these: a module the platform does not use may load foreign kernels."""
+    """Installs a module's hooks when it is first imported, by whoever imports it."""
 
-    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]):
-        self.patches = patches
+    def __init__(self, modules: set[str]):
+        self.modules = modules
 
     def find_spec(self, name, path, target=None):
-        if name not in self.patches:
+        if name not in self.modules:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, self.patches[name])
+                spec.loader = _PatchingLoader(spec.loader)
                 return spec
         return None
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader, patch: Callable[[ModuleType], None]):
-        self.loader, self.patch = loader, patch
+    def __init__(self, loader):
+        self.loader = loader
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        self.patch(module)
+        _apply(module)
 
 
 def die_with_parent() -> None:
@@ -763,10 +831,19 @@ def register() -> None:
         if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # routing reads the V1 runner (inherited by workers)
             log.info("spd_kv_projection: VLLM_USE_V2_MODEL_RUNNER=0 (the projection needs the V1 model runner)")
-        for module, patch in _PATCHES.items():
-            if module in sys.modules:
-                patch(sys.modules[module])
-        sys.meta_path.insert(0, _PatchOnImport({m: p for m, p in _PATCHES.items() if m not in sys.modules}))
+        check_required_modules()
+        modules = {h.module for h in HOOKS} | set(MODULE_PATCHES)
+        for module in sorted(modules & set(sys.modules)):
+            _apply(sys.modules[module])
+        sys.meta_path.insert(0, _PatchOnImport(modules - set(sys.modules)))
+
+
+FRONT_END_HOOK = "vllm.v1.engine.input_processor.InputProcessor.process_inputs"
+
+
+def front_end_installed() -> bool:
+    """Whether this process admits requests through the plugin (validation, digests, cache salt)."""
+    return FRONT_END_HOOK in PLUGIN.installed
 
 
 def is_active() -> bool:
