@@ -5,8 +5,9 @@ script fails on a metadata lookup), so every process model of vLLM is there, wit
 `spd_api` (subspace, job and adapter routes, capability fields). Every vLLM flag passes through;
 this project's defaults apply only to what the user did not set:
 
-  --model           the bundled SmolLM2-135M-Instruct (served as `smollm2-135m`); a bundled name
-                    given to --model is resolved to its converted directory
+  MODEL             the bundled SmolLM2-135M-Instruct (served as `smollm2-135m`), given to vLLM
+                    as `vllm serve`'s positional argument; a bundled name given as MODEL or
+                    --model is resolved to its converted directory
   --host            127.0.0.1 (vLLM's default listens on every interface)
   --dtype           on a machine without a GPU: bfloat16 where the CPU has BF16 instructions
                     (AVX-512 BF16 or AMX), float32 elsewhere (bfloat16 is emulated on AVX2-only
@@ -95,13 +96,14 @@ def vllm_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
     from spd_engine import models
 
     argv, env = list(argv), dict(env)
-    model = _value(argv, "--model")
-    if model is None:
-        argv += ["--model", str(models.resolve(models.DEFAULT_MODEL))]
+    positional = argv[0] if argv and not argv[0].startswith("-") else None  # `vllm serve MODEL`
+    model = positional or _value(argv, "--model")
+    if model is None:  # the bundled model, as the positional argument `vllm serve` expects
+        argv.insert(0, str(models.resolve(models.DEFAULT_MODEL)))
         if not _given(argv, "--served-model-name"):
             argv += ["--served-model-name", models.DEFAULT_MODEL]
     elif model in models.BUNDLED:
-        i = argv.index(model)
+        i = 0 if positional else argv.index(model)
         argv[i] = str(models.resolve(model))
         if not _given(argv, "--served-model-name"):
             argv += ["--served-model-name", model]

@@ -411,8 +411,10 @@ async def list_adapters(request: Request):
     st = _st(request)
     d = st.settings.adapters_dir
     available = sorted(p.name for p in d.iterdir() if (p / "adapter_config.json").is_file()) if d.is_dir() else []
-    return {"object": "list", "data": [{"name": n, "path": st.adapter_paths().get(n)} for n in st.adapters()],
-            "available": available}
+    paths = st.adapter_paths()
+    return {"object": "list", "available": available,
+            "data": [{"name": n, "path": paths.get(n),
+                      "provenance": steps.read_provenance(Path(paths[n])) if n in paths else None} for n in st.adapters()]}
 
 
 @router.post("/v1/adapters", responses=documented(400, 404, 409, 422), tags=["adapters"], status_code=201,

@@ -128,6 +128,10 @@ class PipelineParams(_Strict):
     lora_rank: int = Field(default=8, ge=1, le=256)
     adapter_name: str | None = Field(default=None, min_length=1, max_length=64,
                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    controls: list[Literal["self-distill"]] = Field(
+        default_factory=list, max_length=1,
+        description="control arms run beside spd: 'self-distill' is the same pipeline without the projection "
+                    "(generation unprojected, the same distillation settings and seed), loaded as ADAPTER-self-distill")
 
 
 class GenerateJob(_Strict):

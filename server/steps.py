@@ -168,6 +168,75 @@ def evaluate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dic
     return res.summary()
 
 
+PROVENANCE = "spd_provenance.json"  # beside an adapter's PEFT files: what it was made from
+MAX_PROVENANCE_BYTES = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def mode_provenance(server: SPDServer, name: str) -> dict:
+    """A mode as a corpus was generated under it: its pack's digest and its calibration data's sha256."""
+    from .vllm_plugin import pack_digest
+
+    try:
+        pack = server.store.load(name, server.model_info)
+        return {"name": name, "digest": pack_digest(server.store.path(name)),
+                "calibration_sha256": pack.manifest.calibration.data_sha256, "method": pack.manifest.method}
+    except (KeyError, ValueError, OSError):
+        return {"name": name, "digest": None, "calibration_sha256": None, "method": None}  # deleted since
+
+
+def write_provenance(server: SPDServer, ctx: JobContext, adapter_dir: Path, corpus: Path, generation: dict,
+                     distill_cfg: dict) -> dict:
+    """Record, in the adapter's directory, the job that made it, the corpus (sha256 and the settings
+    it was generated with, the modes with their pack digests and calibration data hashes) and
+    every distillation setting, the seed included."""
+    record = {"job": ctx.id, "job_kind": ctx.job["kind"], "model": server.model_id,
+              "corpus_sha256": _sha256(corpus),
+              "generation": {"capability": generation.get("capability") or [], "strength": generation.get("strength", 1.0),
+                             "max_tokens": generation.get("max_tokens", 256),
+                             "temperature": generation.get("temperature", 0.0), "seed": generation.get("seed")},
+              "modes": [mode_provenance(server, n) for n in generation.get("capability") or []],
+              "distill": dict(distill_cfg)}
+    write_json(adapter_dir / PROVENANCE, record)
+    return record
+
+
+def read_provenance(adapter_dir: Path) -> dict | None:
+    """An adapter's provenance record (None for an adapter no job made, or an unreadable record)."""
+    path = adapter_dir / PROVENANCE
+    try:
+        if path.stat().st_size > MAX_PROVENANCE_BYTES:
+            return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def compare_arms(job_dir: Path, reports: dict[str, str]) -> dict:
+    """spd against each other arm on the same evaluation items: the paired difference in accuracy
+    with its 95% bootstrap interval, and the exact McNemar test."""
+    from spd_engine.stats import mcnemar_exact, paired_bootstrap
+
+    correct = {arm: [bool(it["correct"]) for it in json.loads((job_dir / name).read_text())["items"]]
+               for arm, name in reports.items()}
+    out = {}
+    for other in (a for a in correct if a != "spd"):
+        boot = paired_bootstrap([float(c) for c in correct["spd"]], [float(c) for c in correct[other]])
+        out[f"spd-vs-{other}"] = {"diff": boot["diff"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
+                                  "mcnemar": mcnemar_exact(correct["spd"], correct[other])}
+    return out
+
+
 # ---------------------------------------------------------------- the runners, one per job kind
 
 
@@ -188,6 +257,8 @@ def make_runners(server: SPDServer, store: JobStore):
             raise ValueError(f"job {p['corpus_job']!r} has no finished corpus")
         cfg = {k: p[k] for k in ("epochs", "lr", "lora_rank", "lora_alpha", "batch_size", "max_length", "seed")}
         result = distill(server, ctx, corpus, ctx.dir / "adapter", cfg)
+        made = src["params"] if src["kind"] == "generate" else {**src["params"], "capability": [src["params"]["name"]]}
+        write_provenance(server, ctx, ctx.dir / "adapter", corpus, made, cfg)
         if p.get("adapter_name"):
             server.call(server.load_adapter(p["adapter_name"], ctx.dir / "adapter"))
             result["adapter_loaded"] = p["adapter_name"]
@@ -202,19 +273,29 @@ def make_runners(server: SPDServer, store: JobStore):
         kind, ins, result = p["task_kind"], p["_inputs"], {}
         cal = {"name": p["name"], "kind": kind, **p.get("calibration_params", {})}
         result["calibrate"] = calibrate(server, ctx, cal, ins["calibration"])
-        gen = {"capability": [p["name"]], "strength": p["strength"], "max_tokens": p["max_tokens"]}
-        result["generate"] = generate(server, ctx, kind, ins["prompts"], gen)
         cfg = {"epochs": p["epochs"], "lr": p["lr"], "lora_rank": p["lora_rank"], "lora_alpha": float(p["lora_rank"]),
                "batch_size": 4, "max_length": 1024, "seed": 42}
-        result["distill"] = distill(server, ctx, ctx.dir / "corpus.jsonl", ctx.dir / "adapter", cfg)
         adapter = p.get("adapter_name") or f"{p['name']}-{ctx.id[-6:]}"
-        server.call(server.load_adapter(adapter, ctx.dir / "adapter"))
+        # the spd arm, then each control arm: (arm, its generation's capability, corpus, adapter dir, adapter name)
+        arms = [("spd", [p["name"]], "corpus.jsonl", "adapter", adapter)]
+        if "self-distill" in p.get("controls", []):
+            arms.append(("self-distill", [], "corpus_self-distill.jsonl", "adapter_self-distill", f"{adapter}-self-distill"))
+        for arm, capability, corpus, out, name in arms:
+            gen = {"capability": capability, "strength": p["strength"], "max_tokens": p["max_tokens"]}
+            key = "" if arm == "spd" else f"_{arm}"
+            result[f"generate{key}"] = generate(server, ctx, kind, ins["prompts"], gen, corpus)
+            result[f"distill{key}"] = distill(server, ctx, ctx.dir / corpus, ctx.dir / out, cfg)
+            write_provenance(server, ctx, ctx.dir / out, ctx.dir / corpus, gen, cfg)
+            server.call(server.load_adapter(name, ctx.dir / out))
         result["adapter_loaded"] = adapter
         ev = ins.get("eval_data") or ins["calibration"]  # scored data needs gold answers
-        result["evaluate"] = {
-            "base": evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"]}, "report_base.json"),
-            "adapter": evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"], "adapter": adapter}, "report.json"),
-        }
+        reports = {"base": (None, "report_base.json"), **{arm: (name, "report.json" if arm == "spd" else
+                                                                f"report_{arm}.json") for arm, *_, name in arms}}
+        result["evaluate"] = {arm: evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"], "adapter": name}, report)
+                              for arm, (name, report) in reports.items()}
+        result["evaluate"]["adapter"] = result["evaluate"]["spd"]  # the name before controls existed (one release)
+        if len(arms) > 1:
+            result["compare"] = compare_arms(ctx.dir, {arm: report for arm, (_, report) in reports.items()})
         return result, "adapter"
 
     return {"calibrate": run_calibrate, "generate": run_generate, "distill": run_distill,

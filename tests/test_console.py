@@ -206,3 +206,20 @@ def test_a_wrong_api_key_says_so_clearly_and_the_right_one_then_connects(browser
         assert [e for e in page.errors if "401" not in e] == []
     finally:
         page.context.close()
+
+
+def test_the_pipeline_form_shows_base_self_distill_and_spd_as_bars_with_their_intervals(page):
+    """The pipeline result's three arms (the shape `run_pipeline` writes, checked in test_server_jobs),
+    each a bar whose length is its accuracy and whose mark spans its 95% interval."""
+    tab(page, "jobs")
+    arm = lambda v, lo, hi: {"metric": "accuracy", "value": v, "n": 50, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    job = {"id": "job-shown", "result": {
+        "evaluate": {"base": arm(0.24, 0.14, 0.37), "self-distill": arm(0.41, 0.28, 0.55), "spd": arm(0.54, 0.40, 0.67)},
+        "compare": {"spd-vs-self-distill": {"diff": 0.13, "ci_low": 0.02, "ci_high": 0.24, "mcnemar": {"p": 0.03}}}}}
+    page.evaluate("job => renderArms(job)", job)
+    bars = page.eval_on_selector_all("#pipeline-arms .arm", """rows => rows.map(r => [r.dataset.arm,
+        r.querySelector('.arm-fill').style.width, r.querySelector('.arm-ci').style.left, r.querySelector('.arm-ci').style.width])""")
+    assert [b[0] for b in bars] == ["base", "self-distill", "spd"]
+    assert [float(b[1].rstrip("%")) for b in bars] == [24.0, 41.0, 54.0]
+    assert abs(float(bars[2][2].rstrip("%")) - 40.0) < 1e-6 and abs(float(bars[2][3].rstrip("%")) - 27.0) < 1e-6
+    assert "13.0 points" in page.inner_text("#pipeline-arms") and page.errors == []

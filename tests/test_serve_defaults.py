@@ -49,3 +49,14 @@ def test_plugins_are_added_to_the_users_list_and_the_bundled_model_is_served_by_
     assert _value(cmd, "--served-model-name") == "smollm2-135m" and _value(cmd, "--host") == "127.0.0.1"
     cmd, _ = vllm_command(["--host", "0.0.0.0", "--max-model-len", "512"], {})
     assert _value(cmd, "--host") == "0.0.0.0" and cmd.count("--host") == 1 and cmd.count("--max-model-len") == 1
+
+
+def test_the_model_is_vllm_serves_positional_argument_and_a_bundled_name_is_resolved_there_too():
+    from spd_engine import models
+
+    cmd, _ = vllm_command([], {})
+    assert cmd[4] == str(models.resolve(models.DEFAULT_MODEL)) and "--model" not in cmd
+    cmd, _ = vllm_command([models.DEFAULT_MODEL, "--port", "1"], {})
+    assert cmd[4] == str(models.resolve(models.DEFAULT_MODEL)) and _value(cmd, "--served-model-name") == models.DEFAULT_MODEL
+    cmd, _ = vllm_command(["/some/dir"], {})
+    assert cmd[4] == "/some/dir" and cmd.count("/some/dir") == 1 and "--served-model-name" not in cmd

@@ -1,5 +1,5 @@
-"""Durable jobs against a real server process: a pipeline ends with a hot-loaded adapter that
-changes outputs; kill -9 while a job runs leaves an intact store, a clearly failed job, a
+"""Durable jobs against a real server process: a pipeline with its self-distillation control arm
+ends with hot-loaded adapters that change outputs and a paired comparison; kill -9 while a job runs leaves an intact store, a clearly failed job, a
 queued job that runs after the restart, and no partial artifacts."""
 from __future__ import annotations
 
@@ -23,13 +23,28 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             r = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
                 "name": "pipe", "task_kind": "math", "calibration": {"data": CALIBRATION},
                 "calibration_params": {"rank": 8}, "prompts": {"data": PROMPTS}, "max_tokens": 12,
-                "epochs": 1, "lr": 0.05, "lora_rank": 8, "adapter_name": "pipe-lora"}})
+                "epochs": 1, "lr": 0.05, "lora_rank": 8, "adapter_name": "pipe-lora", "controls": ["self-distill"]}})
             assert r.status_code == 202, r.text
-            job = wait_job(http, r.json()["id"], timeout=400)
+            job = wait_job(http, r.json()["id"], timeout=600)
             assert job["state"] == "succeeded", job
             assert job["progress"] == 1.0 and job["started"] <= job["finished"]
             assert job["result"]["adapter_loaded"] == "pipe-lora"
-            assert set(job["result"]["evaluate"]) == {"base", "adapter"}
+            evaluated = job["result"]["evaluate"]
+            assert set(evaluated) == {"base", "spd", "self-distill", "adapter"} and evaluated["adapter"] == evaluated["spd"]
+            assert all(e["ci_low"] <= e["value"] <= e["ci_high"] for e in evaluated.values())
+            vs = job["result"]["compare"]["spd-vs-self-distill"]
+            assert vs["ci_low"] <= vs["diff"] <= vs["ci_high"] and 0.0 <= vs["mcnemar"]["p"] <= 1.0
+            assert abs(vs["diff"] - (evaluated["spd"]["value"] - evaluated["self-distill"]["value"])) < 1e-9
+            served = {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
+            assert set(served) == {"pipe-lora", "pipe-lora-self-distill"}
+            spd, sd = served["pipe-lora"]["provenance"], served["pipe-lora-self-distill"]["provenance"]
+            pack = json.loads((server.store / "pipe" / "manifest.json").read_text())
+            assert spd["job"] == job["id"] and spd["distill"] == sd["distill"] and spd["distill"]["seed"] == 42
+            assert [m["name"] for m in spd["modes"]] == ["pipe"] and len(spd["modes"][0]["digest"]) == 32
+            assert spd["modes"][0]["calibration_sha256"] == pack["calibration"]["data_sha256"]
+            assert sd["modes"] == [] and sd["generation"]["capability"] == []
+            control = (server.data / "jobs" / job["id"] / "corpus_self-distill.jsonl").read_text().splitlines()
+            assert len(control) == 2
             assert "pipe" in [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]]
             tar = http.get(f"/v1/jobs/{job['id']}/artifact")
             assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
@@ -45,6 +60,8 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             # a finished job is deleted with its files, but not while its adapter is served
             assert http.delete(f"/v1/jobs/{job['id']}").status_code == 409
             assert http.delete("/v1/adapters/pipe-lora").status_code == 200
+            assert http.delete(f"/v1/jobs/{job['id']}").status_code == 409  # the control arm's adapter is served too
+            assert http.delete("/v1/adapters/pipe-lora-self-distill").status_code == 200
             assert http.delete(f"/v1/jobs/{job['id']}").json() == {"id": job["id"], "deleted": True}
             assert not (server.data / "jobs" / job["id"]).exists()
     finally:

@@ -401,6 +401,31 @@ async function refreshJobs() {
     jobs.filter((j) => (j.kind === "distill" || j.kind === "pipeline") && j.state === "succeeded").map((j) => j.id));
   if (modesChanged) await refreshModes();
   if (adaptersChanged) await refreshAdapters();
+  renderArms(jobs.find((j) => j.kind === "pipeline" && j.state === "succeeded"));
+}
+
+// The latest finished pipeline: accuracy of base, self-distill and spd on its evaluation set, each a
+// bar with its 95% interval, and the paired comparison of spd with self-distill.
+const ARMS = ["base", "self-distill", "spd"];
+
+function renderArms(job) {
+  const box = $("#pipeline-arms");
+  const ev = job?.result?.evaluate;
+  if (!ev) return box.replaceChildren();
+  const rows = ARMS.filter((a) => ev[a] ?? (a === "spd" && ev.adapter)).map((a) => [a, ev[a] ?? ev.adapter]);
+  const pct = (v) => `${(100 * v).toFixed(1)}%`;
+  const chart = el("div", { class: "arms", role: "img", "aria-label": `accuracy per arm of ${job.id}` },
+    ...rows.map(([arm, r]) => el("div", { class: "arm", "data-arm": arm },
+      el("span", { class: "arm-name", text: arm }),
+      el("div", { class: "arm-track" },
+        el("div", { class: "arm-fill", style: `width: ${100 * r.value}%` }),
+        el("div", { class: "arm-ci", style: `left: ${100 * r.ci_low}%; width: ${100 * (r.ci_high - r.ci_low)}%`,
+                    title: `95% interval ${pct(r.ci_low)} to ${pct(r.ci_high)}` })),
+      el("span", { class: "arm-value", text: `${pct(r.value)} [${pct(r.ci_low)}, ${pct(r.ci_high)}] n=${r.n}` }))));
+  const vs = job.result.compare?.["spd-vs-self-distill"];
+  const note = vs ? el("p", { class: "small", text: `spd − self-distill: ${(100 * vs.diff).toFixed(1)} points ` +
+    `[${(100 * vs.ci_low).toFixed(1)}, ${(100 * vs.ci_high).toFixed(1)}], McNemar p = ${vs.mcnemar.p.toPrecision(2)}` }) : null;
+  box.replaceChildren(el("h3", { text: `Result of ${job.id} (${job.result.evaluate.spd?.metric ?? "accuracy"})` }), chart, note);
 }
 
 function jobRow(j) {
@@ -464,6 +489,7 @@ async function startPipeline(ev) {
                    max_tokens: Number(f.get("max_tokens")), epochs: Number(f.get("epochs")) };
   if (f.get("rank")) params.calibration_params = { rank: Number(f.get("rank")) };
   if (f.get("adapter_name")) params.adapter_name = f.get("adapter_name");
+  if (f.get("self_distill")) params.controls = ["self-distill"];
   for (const row of $$(".data-row", form)) {
     const spec = await dataSpec(row);
     if (spec) params[row.dataset.role] = spec;
@@ -491,12 +517,22 @@ async function refreshAdapters() {
   const loaded = ad.data.map((a) => a.name);
   const rows = [
     ...ad.data.map((a) => el("tr", {}, el("td", {}, el("b", { text: a.name })), el("td", { class: "ok", text: "loaded" }),
+      el("td", { class: "small", text: provenance(a.provenance), title: a.provenance ? JSON.stringify(a.provenance, null, 1) : "" }),
       el("td", {}, el("button", { type: "button", class: "link danger", text: "unload", onclick: () => adapterCall(`unloaded ${a.name}`, `v1/adapters/${encodeURIComponent(a.name)}`, "DELETE") })))),
-    ...ad.available.filter((n) => !loaded.includes(n)).map((n) => el("tr", {}, el("td", { text: n }), el("td", { class: "muted", text: "in the adapters dir" }),
+    ...ad.available.filter((n) => !loaded.includes(n)).map((n) => el("tr", {}, el("td", { text: n }), el("td", { class: "muted", text: "in the adapters dir" }), el("td"),
       el("td", {}, el("button", { type: "button", class: "link", text: "load", onclick: () => adapterCall(`loaded ${n}`, "v1/adapters", "POST", { name: n, directory: n }) })))),
   ];
   $("#ad-table tbody").replaceChildren(...rows);
-  if (!rows.length) $("#ad-table tbody").append(el("tr", {}, el("td", { colspan: 3, class: "muted", text: "no adapters" })));
+  if (!rows.length) $("#ad-table tbody").append(el("tr", {}, el("td", { colspan: 4, class: "muted", text: "no adapters" })));
+}
+
+// What a job-made adapter was made from (GET /v1/adapters `provenance`), in one line.
+function provenance(p) {
+  if (!p) return "";
+  const modes = p.modes.length ? p.modes.map((m) => `${m.name} (${(m.digest ?? "deleted").slice(0, 8)})`).join(" + ") : "no mode";
+  const d = p.distill;
+  return `job ${p.job.replace(/^job-/, "")}: corpus ${p.corpus_sha256.slice(0, 8)} under ${modes}; ` +
+    `LoRA r ${d.lora_rank}, alpha ${d.lora_alpha}, lr ${d.lr}, ${d.epochs} epochs, seed ${d.seed}`;
 }
 
 async function adapterCall(done, path, method, body) {
