@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m spd_engine.cli model pull
 	touch $(STAMP)
 
-# Re-resolve requirements.lock from pyproject.toml (pip-tools in a throwaway venv).
+# Re-resolve requirements.lock from pyproject.toml (pip-tools in a throwaway venv). scikit-learn (lm-eval
+# imports it only for metrics this project does not use) is left out: installed, transformers imports it
+# with every model process, about 2 s of every vLLM process start here.
 lock:
 	python3 -m venv /tmp/spd-lock-venv && /tmp/spd-lock-venv/bin/pip install -q pip-tools
 	/tmp/spd-lock-venv/bin/pip-compile -q --extra vllm --extra test --strip-extras --no-emit-find-links \
 	    --no-emit-index-url --unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec \
+	    --unsafe-package scikit-learn --unsafe-package scipy --unsafe-package threadpoolctl \
 	    -o requirements.lock pyproject.toml
 
 serve: setup

@@ -344,3 +344,71 @@ def test_every_completion_and_chat_response_says_which_modes_and_strength_were_a
                     assert r.status_code == 200, r.text
                     assert (r.headers["x-spd-capability"], r.headers["x-spd-capability-strength"]) == (cap, strength), \
                         (body, route, stream)
+
+
+_LM_EVAL_TASK = """task: spd_date_understanding
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def _lm_eval(server, tmp_path, model: str, items: int = 60) -> tuple[tuple[float, float], list[float]]:
+    """lm-eval's own API model (`local-completions`: prompt + echo + logprobs, a fixed body) on a
+    BIG-bench multiple-choice task: its scores (acc, acc_norm) and every choice's log-likelihood."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from spd_engine import models
+    from spd_engine.data import resolve_data
+
+    task_dir = tmp_path / "lm_eval_tasks"
+    if not task_dir.exists():
+        task_dir.mkdir()
+        source = json.loads(resolve_data("bigbench/date_understanding").read_text())["examples"][:items]
+        rows = [{"question": ex["input"], "choices": list(ex["target_scores"]),
+                 "label": [v for v in ex["target_scores"].values()].index(1)} for ex in source]
+        (task_dir / "date.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (task_dir / "spd_date.yaml").write_text(_LM_EVAL_TASK.format(data=task_dir / "date.jsonl"))
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["spd_date_understanding"], task_manager=TaskManager(include_path=str(task_dir)),
+        model_args=f"model={model},base_url={server.url}/v1/completions,tokenizer={models.resolve(MODEL)},"
+                   "tokenizer_backend=huggingface,num_concurrent=4,max_retries=1",
+        log_samples=True, cache_requests=False)
+    loglik = [float(r[0][0]) for s in out["samples"]["spd_date_understanding"] for r in s["resps"]]
+    scores = out["results"]["spd_date_understanding"]
+    return (scores["acc,none"], scores["acc_norm,none"]), loglik
+
+
+def test_lm_eval_scores_a_multiple_choice_task_under_a_mode_named_as_a_model_and_with_an_adapter(
+        server, http, modes, tmp_path_factory, monkeypatch):
+    from random_lora import write_random_lora
+
+    from spd_engine import models
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's local-completions sends it as the bearer token
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tmp = tmp_path_factory.mktemp("lm-eval")
+    base_acc, base_ll = _lm_eval(server, tmp, MODEL)
+    mode_acc, mode_ll = _lm_eval(server, tmp, f"{MODEL}@rnd")
+    zero_acc, zero_ll = _lm_eval(server, tmp, f"{MODEL}@rnd:0")
+    assert mode_ll != base_ll and mode_acc != base_acc  # the mode changes the scores lm-eval computes
+    assert zero_acc == base_acc and max(abs(a - b) for a, b in zip(zero_ll, base_ll)) < 1e-3
+    # the same task through the LoRA server with an adapter as the model: its own scores, and the
+    # server keeps serving (vLLM-CPU's prompt-logprobs crash under LoRA, fixed by the plugin)
+    write_random_lora(models.resolve(MODEL), server.data / "adapters" / "lm-eval-lora")
+    assert http.post("/v1/adapters", json={"name": "lm-eval-lora", "directory": "lm-eval-lora"}).status_code == 201
+    lora_acc, lora_ll = _lm_eval(server, tmp, "lm-eval-lora")
+    assert lora_ll != base_ll and http.get("/health").status_code == 200
+    assert http.delete("/v1/adapters/lm-eval-lora").status_code == 200
