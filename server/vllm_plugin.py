@@ -688,6 +688,7 @@ class Hook:
     cls: str
     method: str
     wrap: Callable
+    args: tuple[str, ...] = ("self",)  # the leading parameters the wrapper passes on by name or position
     required: bool = True
 
     @property
@@ -697,11 +698,15 @@ class Hook:
 
 _V1_RUNNER = "vllm.v1.worker.gpu_model_runner"  # vllm/v1/worker/gpu_model_runner.py; the CPU runner subclasses it
 HOOKS: tuple[Hook, ...] = (
-    Hook(_V1_RUNNER, "GPUModelRunner", "__init__", _wrap_runner_init),  # CUDA-graph policy before load_model
-    Hook(_V1_RUNNER, "GPUModelRunner", "execute_model", _wrap_execute_model),  # the step's runner, for routing
+    Hook(_V1_RUNNER, "GPUModelRunner", "__init__", _wrap_runner_init,  # CUDA-graph policy before load_model
+         ("self", "vllm_config")),
+    Hook(_V1_RUNNER, "GPUModelRunner", "execute_model", _wrap_execute_model,  # the step's runner, for routing
+         ("self", "scheduler_output")),
     Hook(_V1_RUNNER, "GPUModelRunner", "initialize_attn_backend", _wrap_initialize_attn_backend),  # patch the KV writes
-    Hook(_V1_RUNNER, "GPUModelRunner", "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs),
-    Hook("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", _wrap_process_inputs),  # admission
+    Hook(_V1_RUNNER, "GPUModelRunner", "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs,
+         ("self", "hidden_states", "num_scheduled_tokens")),
+    Hook("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", _wrap_process_inputs,  # admission
+         ("self", "request_id", "prompt", "params")),
 )
 # whole-module patches, optional: the V2 runners (refused: routing reads the V1 runner) and the CPU LoRA ops
 MODULE_PATCHES: dict[str, Callable[[ModuleType], None]] = {

@@ -84,8 +84,10 @@ def _check(server, http: httpx.Client, route: str, body: dict) -> None:
     r = http.post(route, json=body, timeout=300)
     assert r.status_code < 500, f"{r.status_code} for {body}: {r.text[:500]}\n{server.tail()}"
     if r.status_code >= 400:
-        message = r.json().get("error", {}).get("message") or r.json().get("detail")
-        assert message, f"{r.status_code} without a message for {body}: {r.text[:300]}"
+        error = r.json().get("error", {})
+        message, param = error.get("message") or "", error.get("param") or ""
+        named = param or next((k for k in (*body, "prompt", "messages", "model") if k in message), None)
+        assert named, f"{r.status_code} naming no field for {body}: {r.text[:300]}"
     assert server.proc.poll() is None and http.get("/health").status_code == 200, server.tail()
 
 
