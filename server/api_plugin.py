@@ -55,9 +55,16 @@ def move_capability_fields(body: dict) -> dict:
     return body
 
 
-def check_bounds(body: dict, limits: Limits) -> None:
-    """The work one request may ask for, beyond vLLM's own checks (ValueError naming the field)."""
+def check_bounds(body: dict, limits: Limits, vocab_size: int | None = None) -> None:
+    """The work one request may ask for, beyond vLLM's own checks, and two refusals of vLLM's that
+    name no field (ValueError naming the field)."""
     prompt = body.get("prompt")
+    if vocab_size and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    if body.get("messages") == []:
+        raise ValueError("messages: at least one message is needed")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > limits.max_prompts:
         raise ValueError(f"prompt: {len(prompt)} prompts in one request; at most {limits.max_prompts} (SPD_MAX_PROMPTS)")
     n = body.get("n")
@@ -107,7 +114,7 @@ class OpenAIGuard:
         try:
             body = json.loads(raw)
             if isinstance(body, dict):
-                check_bounds(body, self.limits)
+                check_bounds(body, self.limits, spd.vocab_size if spd is not None else None)
                 named = model_names.apply(body, {spd.model_id, *spd.adapters()}) if spd is not None else body
                 if named is not body or any(k in body for k in FIELDS):
                     body = move_capability_fields(named)

@@ -147,6 +147,7 @@ class SPDServer:
         self.model_id = names[0] if isinstance(names, list) else names
         self.model_info = models.info(self.model_path)
         self.max_model_len = engine_client.model_config.max_model_len
+        self.vocab_size = engine_client.model_config.get_vocab_size()
         self.tokenizer = engine_client.get_tokenizer()  # the served one: loading a second copy costs start time
         self.store = Store(settings.store_dir)
         self.lock = threading.RLock()  # serialises store changes (import, delete) with admission checks
