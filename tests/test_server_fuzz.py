@@ -91,21 +91,14 @@ def _check(server, http: httpx.Client, route: str, body: dict) -> None:
     assert server.proc.poll() is None and http.get("/health").status_code == 200, server.tail()
 
 
-def test_no_completion_request_kills_the_engine_and_each_refusal_is_a_4xx_with_a_reason(server, http):
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_no_request_kills_the_engine_and_each_refusal_is_a_4xx_naming_the_field(server, http, route):
+    bodies = _completion(server.lora) if route == "/v1/completions" else _chat(server.lora)
+
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(_completion(server.lora))
+    @given(bodies)
     def one(body):
-        _check(server, http, "/v1/completions", body)
-
-    one()
-
-
-def test_no_chat_request_kills_the_engine_and_each_refusal_is_a_4xx_with_a_reason(server, http):
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(_chat(server.lora))
-    def one(body):
-        _check(server, http, "/v1/chat/completions", body)
+        _check(server, http, route, body)
 
     one()
