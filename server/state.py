@@ -168,6 +168,8 @@ class SPDServer:
         """At start: serve the adapters of the adapters file (loaded when the server last stopped,
         or by another API-server process of this server), each under the id it was loaded with;
         then follow the file while the server runs."""
+        if self.lora_enabled and any(e["id"] is None for e in self._read_adapters().values()):
+            self._write_adapters(self._give_ids)
         await self.sync_adapters(validate=True)
         while True:
             await asyncio.sleep(1.0)
@@ -177,7 +179,8 @@ class SPDServer:
                 log.exception("spd_api: reading the adapters file failed")
 
     def _read_adapters(self) -> dict[str, dict]:
-        """The adapters file: {name: {"path": str, "id": int}} (an older {name: path} gets ids)."""
+        """The adapters file: {name: {"path": str, "id": int | None}} (an older {name: path} has no
+        ids: `_give_ids` writes them once)."""
         try:
             saved = json.loads(self.settings.adapters_file.read_text())
         except (OSError, ValueError):
@@ -187,9 +190,15 @@ class SPDServer:
             entry = {"path": entry} if isinstance(entry, str) else entry
             if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("path"), str):
                 ident = entry.get("id")
-                out[name] = {"path": entry["path"],
-                             "id": ident if isinstance(ident, int) and ident > 0 else self.jobs.next_number("lora_int_id")}
+                out[name] = {"path": entry["path"], "id": ident if isinstance(ident, int) and ident > 0 else None}
         return out
+
+    def _give_ids(self, entries: dict) -> None:
+        """Ids for entries that have none, from the shared counter: done under the file lock, so
+        every API-server process reads the same ids."""
+        for entry in entries.values():
+            if entry["id"] is None:
+                entry["id"] = self.jobs.next_number("lora_int_id")
 
     @contextlib.contextmanager
     def _adapters_file_locked(self):
@@ -224,7 +233,7 @@ class SPDServer:
             return
         async with self._adapters_lock:
             self._adapters_seen = self._adapters_stat()
-            entries = self._read_adapters()
+            entries = {n: e for n, e in self._read_adapters().items() if e["id"] is not None}
             served = self._models().lora_requests
             for name in [n for n in served if n not in entries]:
                 del served[name]

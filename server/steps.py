@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from spd_engine.atomic import write_json
-from spd_engine.data import DataError, load_examples, resolve_data
+from spd_engine.data import DataError, data_sha256, load_examples, resolve_data
 
 from .jobs import JobContext, JobStore
 from .state import SPDServer
@@ -172,16 +172,6 @@ PROVENANCE = "spd_provenance.json"  # beside an adapter's PEFT files: what it wa
 MAX_PROVENANCE_BYTES = 1 << 20
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def mode_provenance(server: SPDServer, name: str) -> dict:
     """A mode as a corpus was generated under it: its pack's digest and its calibration data's sha256."""
     from .vllm_plugin import pack_digest
@@ -200,7 +190,7 @@ def write_provenance(server: SPDServer, ctx: JobContext, adapter_dir: Path, corp
     it was generated with, the modes with their pack digests and calibration data hashes) and
     every distillation setting, the seed included."""
     record = {"job": ctx.id, "job_kind": ctx.job["kind"], "model": server.model_id,
-              "corpus_sha256": _sha256(corpus),
+              "corpus_sha256": data_sha256(corpus),
               "generation": {"capability": generation.get("capability") or [], "strength": generation.get("strength", 1.0),
                              "max_tokens": generation.get("max_tokens", 256),
                              "temperature": generation.get("temperature", 0.0), "seed": generation.get("seed")},

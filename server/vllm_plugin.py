@@ -679,17 +679,16 @@ def _refuse_v2_runners(module) -> None:
 @dataclass(frozen=True)
 class Hook:
     """A vLLM method the plugin wraps, when vLLM imports its module (the plugin imports none: a
-    module the platform does not use may load foreign kernels). `required`: without it the plugin
-    cannot keep its promise (a request naming a mode served as asked, or refused), so a vLLM that
-    lacks it makes the engine refuse to start, naming it; an optional hook is skipped where vLLM
-    has no such module."""
+    module the platform does not use may load foreign kernels). Every hook is required: without it
+    the plugin cannot keep its promise (a request naming a mode served as asked, or refused), so a
+    vLLM that lacks it makes the engine refuse to start, naming it (optional patches are
+    MODULE_PATCHES)."""
 
     module: str
     cls: str
     method: str
     wrap: Callable
     args: tuple[str, ...] = ("self",)  # the leading parameters the wrapper passes on by name or position
-    required: bool = True
 
     @property
     def name(self) -> str:
@@ -757,7 +756,7 @@ def check_required_modules() -> None:
     """Every required hook's module exists in this vLLM (its parent packages are imported, not it)."""
     import importlib.util
 
-    for module in sorted({h.module for h in HOOKS if h.required}):
+    for module in sorted({h.module for h in HOOKS}):
         try:
             found = importlib.util.find_spec(module) is not None
         except ImportError:
@@ -770,7 +769,7 @@ def check_required_modules() -> None:
 
 def check_installed(module: str) -> None:
     """At engine start: every required hook of `module` reported that it is installed."""
-    missing = [h.name for h in _hooks_of(module) if h.required and h.name not in PLUGIN.installed]
+    missing = [h.name for h in _hooks_of(module) if h.name not in PLUGIN.installed]
     if missing:
         raise RuntimeError(f"spd_kv_projection: hooks not installed: {', '.join(missing)}; refusing to start")
 
@@ -843,7 +842,7 @@ def register() -> None:
         sys.meta_path.insert(0, _PatchOnImport(modules - set(sys.modules)))
 
 
-FRONT_END_HOOK = "vllm.v1.engine.input_processor.InputProcessor.process_inputs"
+FRONT_END_HOOK = next(h.name for h in HOOKS if h.wrap is _wrap_process_inputs)
 
 
 def front_end_installed() -> bool:
