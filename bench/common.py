@@ -28,7 +28,7 @@ MODEL = "smollm2-135m"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-if str(REPO / "tests") not in sys.path:  # the test helpers a benchmark shares (masked_projection, random_lora)
+if str(REPO / "tests") not in sys.path:  # the test helpers a benchmark shares (random_lora: bench/soak.py)
     sys.path.append(str(REPO / "tests"))
 
 from spd_engine.atomic import write_json  # noqa: E402

@@ -1,11 +1,11 @@
 """Many modes: `SiteBank.apply` alone (no vLLM, no model), the grouped implementation against the
 former masked one, with 1 to 256 slots loaded at one site.
 
-The former apply (`masked_apply` in tests/masked_projection.py, the baseline) multiplies every row by the columns
-of every loaded slot and masks: a token pays for the whole bank (S slots x rank r). The grouped
-apply (spd_engine/projection.py) sorts the rows by slot once per step and projects each group with
-its own slot's basis, so a token pays for its own rank; the number of distinct slots present adds
-a fixed cost per group (two small matmuls each).
+The former apply (the masked form, now `SiteBank.apply_routed`, the capture-safe op; the baseline)
+multiplies every row by the columns of every loaded slot and masks: a token pays for the whole bank
+(S slots x rank r). The grouped apply (spd_engine/projection.py) sorts the rows by slot once per
+step and projects each group with its own slot's basis, so a token pays for its own rank; the
+number of distinct slots present adds a fixed cost per group (two small matmuls each).
 
 Setting: one site of width 192 (3 KV heads x 64, SmolLM2's), rank 96 (d/2) for every slot, 64
 requests; decode-like steps have 1 row per request (64 rows), prefill-like steps 32 (64 x 32 =
@@ -37,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Context, headline, interleave, ratios, spread, write_result  # noqa: E402
-from masked_projection import masked_apply  # noqa: E402  (tests/, on the path through common)
 from spd_engine.projection import SiteBank, SlotGroups  # noqa: E402
 
 NAME = "many_modes_projection"
@@ -87,7 +86,7 @@ def calls_for(fn, target: float) -> int:
 def measure(case: dict, reps: int, target: float) -> dict:
     bank, stack_t = make_bank(case["slots"])
     x, slot, strength = make_step(case["slots"], case["used"], case["rows_per_request"])
-    old = masked_apply(bank, x, slot, strength)
+    old = bank.apply_routed(x, slot, strength)
     new = bank.apply(x, slot, strength)
     err = float((new - old).abs().max())
     assert err < 1e-4, f"grouped and masked apply differ by {err}"
@@ -96,7 +95,7 @@ def measure(case: dict, reps: int, target: float) -> dict:
         return bank.apply(x, slot, strength)
 
     def old_fn():
-        return masked_apply(bank, x, slot, strength)
+        return bank.apply_routed(x, slot, strength)
 
     arms_fns = {"old": old_fn, "new": new_fn}
     x2 = x.reshape(len(x), -1)

@@ -15,6 +15,12 @@ per step (`SlotGroups`, reused by every site), and each group costs two matmuls 
 slot's basis only. A token's cost is therefore proportional to its own slot's rank, however many
 other modes and compositions are loaded; only the number of distinct slots in the batch adds a
 small fixed cost per group.
+
+That grouping reads the slots on the host and gives data-dependent shapes, so it cannot be captured
+in a CUDA graph or compiled whole (torch.compile fullgraph). `project_routed` is the capture-safe
+form: tensors only, fixed shapes, every row times every column of W masked to its own slot's
+columns (a token pays for the whole bank's rank, not its own), reading the step's route from
+persistent `RouteBuffers` that each step overwrites in place.
 """
 from __future__ import annotations
 
@@ -260,3 +266,49 @@ class SiteBank:
         else:
             out.index_copy_(0, plan.index(x2.device), ys)
         return out.reshape(shape)
+
+    def apply_routed(self, x: torch.Tensor, slot: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        """`project_routed` with this bank: `apply`'s result in the capture-safe masked form."""
+        return project_routed(x, self.W, self.col_slot, self.covers, slot, strength)
+
+
+def project_routed(x: torch.Tensor, W: torch.Tensor, col_slot: torch.Tensor, covers: torch.Tensor,
+                   slot: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """`SiteBank.apply` (within float rounding) with no host reads, no data-dependent shapes and no
+    Python branch on values, so it can be captured in a CUDA graph or compiled with fullgraph=True.
+    Rows with NO_MODE, a slot not covering the site or strength 0 come out as x (x + 0 * (px - x));
+    a slot out of range is left unchanged too (a captured op cannot raise; `apply` does). The
+    `.to()`s are no-ops when W, col_slot and covers already live on x's device, as they must for a
+    CUDA graph (a host-to-device copy cannot be captured)."""
+    x2 = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    W = W.to(device=x2.device, dtype=x2.dtype)
+    covers = covers.to(x2.device)
+    n_slots = covers.shape[0]
+    on = (slot >= 0) & (slot < n_slots) & covers[slot.clamp(0, n_slots - 1)]
+    alpha = torch.where(on, strength.to(x2.dtype), torch.zeros((), dtype=x2.dtype, device=x2.device))
+    keep = (col_slot.to(x2.device)[None, :] == slot[:, None]).to(x2.dtype)  # (N, R): each row's own columns
+    px = ((x2 @ W) * keep) @ W.T
+    return (x2 + alpha[:, None] * (px - x2)).reshape(x.shape)
+
+
+class RouteBuffers:
+    """The per-token route (slot, strength) of a step in persistent tensors, allocated once on a
+    device: a captured graph reads these very tensors, so each step writes its route into them in
+    place (as vLLM's LoRA punica wrapper does with its token-to-adapter index buffers). Rows past
+    the step's tokens get NO_MODE / 0, so padding rows of a captured batch are left unchanged."""
+
+    def __init__(self, max_tokens: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.slot = torch.full((max_tokens,), NO_MODE, dtype=torch.long, device=device)
+        self.strength = torch.zeros(max_tokens, dtype=dtype, device=device)
+
+    def write(self, slot: torch.Tensor, strength: torch.Tensor) -> None:
+        """Copy this step's (n,) slots and strengths into the first n rows (a blocking copy from the
+        host: the caller may reuse its tensors at once)."""
+        n = slot.shape[0]
+        if n > self.slot.shape[0] or strength.shape != slot.shape:
+            raise ValueError(f"a route of {n} tokens ({tuple(strength.shape)} strengths) does not fit "
+                             f"buffers of {self.slot.shape[0]}")
+        self.slot[:n].copy_(slot)
+        self.slot[n:].fill_(NO_MODE)
+        self.strength[:n].copy_(strength)
+        self.strength[n:].zero_()

@@ -1,9 +1,9 @@
 """The grouped `SiteBank.apply`: each row projected with its own slot's basis only, equal to the
-reference `project()` per row and to the former masked form (every loaded slot's columns, masked)."""
+reference `project()` per row and to the masked form `SiteBank.apply_routed` (every loaded slot's
+columns, masked: the capture-safe op, tests/test_projection_capture.py)."""
 import pytest
 import torch
 
-from masked_projection import masked_apply
 from spd_engine.bank import ProjectionBank
 from spd_engine.projection import NO_MODE, SiteBank, SlotGroups, orthonormal_union, project
 
@@ -43,7 +43,7 @@ def test_mixed_batch_with_compositions_strengths_no_mode_and_skipped_sites_equal
     want = _per_row(slot_bases, x, slot, strength)
     assert out.dtype == dtype
     assert torch.allclose(out, want, atol=TOL[dtype], rtol=0)
-    assert torch.allclose(out, masked_apply(bank, x, slot, strength), atol=TOL[dtype], rtol=0)
+    assert torch.allclose(out, bank.apply_routed(x, slot, strength), atol=TOL[dtype], rtol=0)
     untouched = (slot == NO_MODE) | (slot == 4)
     assert untouched.any() and torch.equal(out[untouched], x[untouched])  # bit for bit
     zero = strength == 0
@@ -78,7 +78,7 @@ def test_equals_the_masked_form_on_random_banks_and_batches(seed, dtype):
     slot = torch.randint(-1, n_slots, (n,), generator=g)
     strength = torch.rand(n, generator=g, dtype=dtype)
     out = bank.apply(x, slot, strength)
-    assert torch.allclose(out, masked_apply(bank, x, slot, strength), atol=TOL[dtype] * 10, rtol=0)
+    assert torch.allclose(out, bank.apply_routed(x, slot, strength), atol=TOL[dtype] * 10, rtol=0)
     assert torch.allclose(out, _per_row(slot_bases, x, slot, strength), atol=TOL[dtype] * 10, rtol=0)
 
 
@@ -123,7 +123,7 @@ def test_head_shaped_rows_and_the_old_call_form_with_explicit_groups():
     explicit = bank.apply(x, slot, strength, groups=SlotGroups(slot))
     assert implicit.shape == x.shape
     assert torch.equal(implicit, explicit)
-    assert torch.allclose(implicit, masked_apply(bank, x, slot, strength), atol=1e-6)
+    assert torch.allclose(implicit, bank.apply_routed(x, slot, strength), atol=1e-6)
     assert torch.equal(implicit[3], x[3]) and torch.equal(implicit[4], x[4])
     with pytest.raises(ValueError):
         bank.apply(x, slot, strength, groups=SlotGroups(slot[:4]))
@@ -137,8 +137,8 @@ def test_groups_are_rebuilt_when_the_slots_change_in_place():
     first = bank.apply(x, slot, strength)
     slot[:] = torch.tensor([1, NO_MODE, 0, 1])
     second = bank.apply(x, slot, strength)
-    assert torch.allclose(first, masked_apply(bank, x, torch.tensor([0, 0, 1, 1]), strength), atol=1e-6)
-    assert torch.allclose(second, masked_apply(bank, x, slot, strength), atol=1e-6)
+    assert torch.allclose(first, bank.apply_routed(x, torch.tensor([0, 0, 1, 1]), strength), atol=1e-6)
+    assert torch.allclose(second, bank.apply_routed(x, slot, strength), atol=1e-6)
     assert torch.equal(second[1], x[1])
 
 
@@ -190,7 +190,7 @@ def test_gradients_flow_through_the_grouped_apply():
     slot, strength = torch.tensor([0, 1, NO_MODE, 1, 0]), torch.full((5,), 0.5)
     bank.apply(x, slot, strength).sum().backward()
     y = x.detach().clone().requires_grad_(True)
-    masked_apply(bank, y, slot, strength).sum().backward()
+    bank.apply_routed(y, slot, strength).sum().backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-6)
 
 
