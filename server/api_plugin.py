@@ -19,11 +19,16 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
+
+from prometheus_client import Counter
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from spd_engine.paths import store_dir
+from spd_engine.auto import AUTO_MODE, take_reports
 from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG, parse_extra_args
 
 from . import model_names
@@ -119,7 +124,9 @@ class OpenAIGuard:
                 if named is not body or any(k in body for k in FIELDS):
                     body = move_capability_fields(named)
                     raw = json.dumps(body).encode()
-                send = _with_headers(send, applied_headers(body))
+                applied = applied_headers(body)
+                send = _with_auto_decisions(send, applied) if (CAPABILITY_HEADER, AUTO) in applied \
+                    else _with_headers(send, applied)
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
         except ValueError as e:
@@ -158,6 +165,41 @@ def applied_headers(body: dict) -> list[tuple[bytes, bytes]]:
     if not cap:
         strength = 0.0
     return [(CAPABILITY_HEADER, ",".join(cap).encode()), (STRENGTH_HEADER, repr(strength).encode())]
+
+
+AUTO = AUTO_MODE.encode()
+AUTO_CHOICES = Counter("spd_auto_choices", "capability auto: the mode chosen per request (none: no mode)",
+                       ["capability"])
+
+
+def _with_auto_decisions(send: Send, applied: list[tuple[bytes, bytes]]) -> Send:
+    """`send` for a capability-auto request: the response headers wait for the first body chunk
+    (the engine has chosen by then: it decides in the prefill step, before the first token), then
+    say the chosen mode (`x-spd-capability`; empty for none; `;` between prompts) and count it."""
+    start: dict = {}
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if start:
+            headers = [h for h in applied if h[0] != CAPABILITY_HEADER]
+            found = _RESPONSE_ID.search(message.get("body", b"")[:1024]) if start.get("status") == 200 else None
+            if found:
+                chosen = [d["capability"] for d in take_reports(store_dir(), found.group(1).decode())]
+                for cap in chosen:
+                    AUTO_CHOICES.labels(capability="+".join(cap) or "none").inc()
+                headers.append((CAPABILITY_HEADER, ";".join(",".join(c) for c in chosen).encode()))
+                if not any(chosen):  # no mode applied: strength 0, as for a request without one
+                    headers = [(STRENGTH_HEADER, b"0.0") if h[0] == STRENGTH_HEADER else h for h in headers]
+            await send({**start, "headers": [*start.get("headers", []), *headers]})
+            start.clear()
+        await send(message)
+
+    return sending
+
+
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._~%-]{1,200})"')
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -28,8 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from spd_engine.paths import check_name
-from spd_engine.subspace import MAX_MANIFEST_BYTES, PackError, Store, load, parse_manifest, publish, staging
+from spd_engine.subspace import MAX_MANIFEST_BYTES, check_mode_name, PackError, Store, load, parse_manifest, publish, staging
 
 MEMBERS = ("manifest.json", "bases.safetensors")
 _CHUNK = 1024**2
@@ -186,7 +185,7 @@ def _install(store: Store, tar: tarfile.TarFile, model_info, rename: str | None,
         missing = [m for m in MEMBERS if m not in files]
         if missing:
             raise ArchiveError(f"archive lacks {name}/{missing[0]}")
-        name = check_name(rename or name, "subspace name")
+        name = check_mode_name(rename or name)
         if (store.root / name).exists():
             raise FileExistsError(f"a subspace named {name!r} already exists")
         pack_dir = tmp / name

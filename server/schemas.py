@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from spd_engine.subspace import check_mode_name
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule as spd_engine.paths.check_name
@@ -57,6 +59,11 @@ class CalibrationParams(_Strict):
 
 class SubspaceCreate(CalibrationParams):
     name: str = Name
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        return check_mode_name(v)
     kind: TaskKind
     calibration: DataSpec
 

@@ -95,6 +95,7 @@ packs project the heads the rank holds; layer-granularity packs are refused with
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.abc
 import json
@@ -104,21 +105,23 @@ import re
 import shutil
 import sys
 import threading
+from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from spd_engine.auto import AUTO_MODE, AutoConfig, Decision, Decisions, choose, report, site_energy
 from spd_engine.bank import Capability, ProjectionBank
 from spd_engine.models import ModelInfo, info
 from spd_engine.paths import store_dir
 from spd_engine.projection import NO_MODE, SiteBank
 from spd_engine.subspace import Site, Store
 from spd_engine.subspace import load as load_pack
-from spd_engine.vllm_requests import CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
+from spd_engine.vllm_requests import AUTO_KEY_ARG, CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
 
 from . import vllm_lora_fixes as lora_fixes
 
@@ -151,6 +154,8 @@ class PluginState:
         self.front = FrontEnd()
         self.installed: set[str] = set()  # the HOOKS installed in this process (Hook.name)
         self.fixes: list[str] = []  # the vLLM bugs found by their probes and fixed in this process (vllm_lora_fixes)
+        self.decisions = Decisions()  # the worker's capability-auto decisions
+        self.auto_config = AutoConfig.from_env()
 
 
 
@@ -285,15 +290,29 @@ def worker_modes(runner) -> WorkerModes:
 # ------------------------------------------------------------------ per-step routing
 
 @dataclass(frozen=True)
+class Pending:
+    """A `capability: "auto"` request of this step whose mode is not chosen yet: its rows, its
+    strength, its candidate modes and its decision key (see spd_engine.auto)."""
+
+    request_id: str
+    rows: tuple[int, int]
+    strength: float
+    candidates: tuple[str, ...]
+    key: str | None
+
+
+@dataclass(frozen=True)
 class Route:
     """One step's projection: the bank, its site banks on the device of K, and per token its slot
-    and strength (on that device too)."""
+    and strength (on that device too). `pending` auto requests are chosen at layer `decide_at`."""
 
     bank: ProjectionBank
     sites: dict[Site, SiteBank]
     slot: torch.Tensor  # (tokens,) long, NO_MODE for tokens without a mode
     strength: torch.Tensor  # (tokens,)
     layers: frozenset[int]
+    pending: tuple[Pending, ...] = ()
+    decide_at: int = -1
 
 
 def device_sites(bank: ProjectionBank, device: torch.device, dtype: torch.dtype) -> dict[Site, SiteBank]:
@@ -335,28 +354,43 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
         return None  # warm-up without attention metadata (or micro-batching, not supported)
     PLUGIN.step.routed = True
     req_ids = runner.input_batch.req_ids
-    caps, strengths, digests = [], [], {}
-    for rid in req_ids:  # one entry per request, never per token
+    decisions = PLUGIN.decisions
+    caps, strengths, digests, auto = [], [], {}, []
+    for i, rid in enumerate(req_ids):  # one entry per request, never per token
         sp = runner.requests[rid].sampling_params
         args = sp.extra_args if sp is not None else None
         try:
             cap, strength = parse_extra_args(args)
         except ValueError:
             cap, strength = (), 0.0  # the front end validates; never fail the whole batch here
+        if cap and strength > 0:
+            digests.update(args.get(DIGESTS_ARG) or {})
+            if cap == (AUTO_MODE,):
+                decision = decisions.get(rid, args.get(AUTO_KEY_ARG))
+                if decision is None:  # its first prefill chunk: chosen at the decision layer
+                    auto.append((i, rid, args))
+                cap = decision.capability if decision is not None else ()
         caps.append(cap if strength > 0 else ())
         strengths.append(strength)
-        if cap:
-            digests.update(args.get(DIGESTS_ARG) or {})
-    if not any(caps):
+    if auto and len(decisions.by_request) > 4 * len(runner.requests) + 64:
+        decisions.keep_only(set(runner.requests))
+    if not any(caps) and not auto:
         return None
-    bank, caps = worker_modes(runner).bank_for(caps, digests)
-    if not any(caps):
+    candidates = sorted({n for _, _, args in auto for n in args.get(DIGESTS_ARG) or {}})
+    bank, served = worker_modes(runner).bank_for(caps + [(n,) for n in candidates], digests)
+    caps = served[: len(req_ids)]
+    candidates = [n for n in candidates if n in bank.modes]
+    if not any(caps) and not candidates:
         return None
     qsl = md.query_start_loc
     if qsl.device.type != "cpu":
         qsl = runner.query_start_loc.cpu  # the host twin the runner filled for this step: no device sync
     qsl = qsl[: len(req_ids) + 1].to(torch.long)
     counts = qsl[1:] - qsl[:-1]
+    pending = tuple(Pending(rid, (int(qsl[i]), int(qsl[i + 1])), strengths[i],
+                            tuple(n for n in args.get(DIGESTS_ARG) or {} if n in bank.modes), args.get(AUTO_KEY_ARG))
+                    for i, rid, args in auto)
+    decide_at = min((layer for n in candidates for layer, _ in bank.modes[n].bases), default=-1)
     n_tokens = key.shape[0]
     slot = torch.full((n_tokens,), NO_MODE, dtype=torch.long)  # rows past the requests' tokens are padding
     strength = torch.zeros(n_tokens)
@@ -365,7 +399,39 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     strength[:real] = torch.tensor(strengths).repeat_interleave(counts)
     device = key.device
     PLUGIN.step.route = Route(bank, device_sites(bank, device, key.dtype), slot.to(device, non_blocking=True),
-                        strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites))
+                              strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites),
+                              pending, decide_at)
+    return PLUGIN.step.route
+
+
+def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) -> Route:
+    """Choose the mode of each pending auto request from its own rows of K and V at `layer`
+    (spd_engine.auto), before that layer is projected; the step's later layers use the new route."""
+    kinds = [(route.sites.get((layer, "k")), key), (route.sites.get((layer, "v")), value)]
+    slot, strength = route.slot.clone(), route.strength.clone()
+    for p in route.pending:
+        lo, hi = p.rows
+        captured = total = 0.0
+        for sb, x in kinds:
+            if sb is None or hi <= lo:
+                continue
+            e, t = site_energy(x[lo:hi], sb)
+            covers = sb.covers.to(e.device, torch.float32)
+            captured, total = captured + e, total + covers * t
+        shares = {}
+        if not isinstance(captured, float):
+            ratio = (captured / total.clamp(min=1e-30)).tolist()
+            shares = {n: round(ratio[route.bank.slot((n,))], 6) for n in p.candidates}
+        decision = Decision(choose(shares, PLUGIN.auto_config), shares, layer)
+        PLUGIN.decisions.put(p.request_id, p.key, decision)
+        try:
+            report(store_dir(), p.request_id, decision)
+        except (OSError, ValueError) as e:  # the response then says no mode was reported; the projection stands
+            log.warning("spd_kv_projection: cannot report the auto decision of %.80s (%s)", p.request_id, e)
+        if decision.capability:
+            slot[lo:hi] = route.bank.slot(decision.capability)
+            strength[lo:hi] = p.strength
+    PLUGIN.step.route = replace(route, slot=slot, strength=strength, pending=())
     return PLUGIN.step.route
 
 
@@ -395,6 +461,8 @@ def _wrap_kv_cache_update(orig):
         route = _route(key, layer.layer_name) if getattr(layer, "attn_type", "decoder") == "decoder" else None
         if route is not None:
             idx = layer_index(layer.layer_name)
+            if route.pending and idx == route.decide_at:
+                route = _decide(route, idx, key, value)
             if idx in route.layers:
                 k_bank, v_bank = route.sites.get((idx, "k")), route.sites.get((idx, "v"))
                 if k_bank is not None:
@@ -491,6 +559,7 @@ def check_model_layers(vllm_config) -> list[str]:
 
 MAX_COMPOSED = 8  # modes one request may compose
 MAX_TRACKED = 4096  # admitted request ids remembered per mode (for aborting them when it is deleted)
+MAX_AUTO_CANDIDATES = 64  # modes capability auto chooses among (a worker keeps 64 loaded)
 
 
 class FrontEnd:
@@ -532,7 +601,8 @@ class FrontEnd:
         with self._lock:
             return list(self._admitted.pop(name, {}))
 
-    def admit(self, params, client_salt: str | None, model: ModelInfo, request_id: str = "") -> str | None:
+    def admit(self, params, client_salt: str | None, model: ModelInfo, request_id: str = "",
+              prompt_ids: list[int] | None = None, model_parallel: int = 1) -> str | None:
         """Validate and annotate one request's SamplingParams; return its cache salt."""
         from vllm.exceptions import VLLMValidationError
 
@@ -542,6 +612,8 @@ class FrontEnd:
             raise VLLMValidationError(str(e), parameter=str(e).split()[0]) from None
         if not cap:
             return client_salt
+        if AUTO_MODE in cap:
+            return self.admit_auto(params, cap, strength, client_salt, model, request_id, prompt_ids, model_parallel)
         if len(cap) > MAX_COMPOSED:
             raise VLLMValidationError(f"{CAPABILITY_ARG} composes {len(cap)} modes; at most {MAX_COMPOSED}",
                                       parameter=CAPABILITY_ARG)
@@ -567,6 +639,39 @@ class FrontEnd:
         h = hashlib.sha256(json.dumps([client_salt, strength, sorted(digests.items())]).encode())
         return f"spd-{h.hexdigest()[:32]}"
 
+    def admit_auto(self, params, cap: Capability, strength: float, client_salt: str | None, model: ModelInfo,
+                   request_id: str, prompt_ids: list[int] | None, model_parallel: int) -> str | None:
+        """`capability: "auto"`: every valid pack of the served model is a candidate (their digests
+        recorded, as for named modes). The salt, which is also the worker's decision key, covers the
+        prompt's tokens: the decision is a function of them, so equal prompts share prefix-cache
+        blocks and a prompt never reads blocks written under another prompt's decision."""
+        from vllm.exceptions import VLLMValidationError
+
+        if len(cap) > 1:
+            raise VLLMValidationError(f"{CAPABILITY_ARG} auto chooses one mode itself; it cannot be composed",
+                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
+        if model_parallel > 1:  # each rank (stage) would measure its own heads (layers) and could choose otherwise
+            raise VLLMValidationError(f"{CAPABILITY_ARG} auto is not supported under tensor or pipeline parallelism",
+                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
+        store = Store(store_dir())
+        digests = {}
+        for name in store.names():
+            with contextlib.suppress(KeyError, ValueError):  # an invalid pack is never a candidate
+                digests[name] = self.digest(store, name, model)
+        if not digests:
+            raise VLLMValidationError(f"{CAPABILITY_ARG} auto: the store holds no mode for this model",
+                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
+        if len(digests) > MAX_AUTO_CANDIDATES:
+            raise VLLMValidationError(f"{CAPABILITY_ARG} auto chooses among at most {MAX_AUTO_CANDIDATES} modes; the "
+                                      f"store holds {len(digests)}", parameter=CAPABILITY_ARG, value=AUTO_MODE)
+        if strength == 0:
+            return client_salt
+        h = hashlib.sha256(json.dumps([AUTO_MODE, client_salt, strength, sorted(digests.items())]).encode())
+        h.update(array("q", prompt_ids).tobytes() if prompt_ids is not None else request_id.encode())
+        key = f"spd-{h.hexdigest()[:32]}"
+        params.extra_args = {**params.extra_args, DIGESTS_ARG: digests, AUTO_KEY_ARG: key}
+        return key
+
 
 def _wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
@@ -578,7 +683,9 @@ def _wrap_process_inputs(orig):
             model = getattr(self, "_spd_model_info", None)
             if model is None:
                 model = self._spd_model_info = info(Path(self.vllm_config.model_config.model))
-            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model, request_id)
+            parallel = self.vllm_config.parallel_config
+            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model, request_id, request.prompt_token_ids,
+                                                    parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
         return request
 
     process_inputs.__spd_patched__ = True

@@ -101,8 +101,9 @@ def cmd_model_pull(args) -> None:
 def cmd_calibrate(args) -> None:
     from .calibrate import CalibrationConfig, calibrate
     from .data import data_sha256, resolve_data
+    from .subspace import check_mode_name
 
-    paths.check_name(args.name, "subspace name")
+    check_mode_name(args.name)
     store = _store(args)
     if args.name in store.names() and not args.overwrite:
         raise SystemExit(f"error: subspace {args.name!r} already exists in {store.root} (use --overwrite)")

@@ -50,6 +50,14 @@ _MAX_LAYERS, _MAX_KV_HEADS, _MAX_HEAD_DIM, _MAX_WIDTH = 1024, 1024, 4096, 65536
 log = logging.getLogger(__name__)
 
 Site = tuple[int, str]  # (layer, kind)
+AUTO_MODE = "auto"  # `capability: "auto"` (spd_engine.auto): the server chooses; never a mode's own name
+
+
+def check_mode_name(name: str) -> str:
+    check_name(name, "subspace name")
+    if name == AUTO_MODE:
+        raise ValueError(f"invalid subspace name {name!r}: reserved for capability auto (the server chooses the mode)")
+    return name
 
 
 class PackError(ValueError):
@@ -103,7 +111,7 @@ class Manifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_name(v, "subspace name")
+        return check_mode_name(v)
 
     @property
     def groups(self) -> int:
@@ -233,7 +241,7 @@ def staging(root: Path, prefix: str) -> Iterator[Path]:
 
 
 def new_manifest(name: str, model: ModelInfo, **fields) -> Manifest:
-    check_name(name, "subspace name")
+    check_mode_name(name)
     ref = ModelRef(identity=model.identity, source=str(model.path), n_layers=model.n_layers,
                    n_kv_heads=model.n_kv_heads, head_dim=model.head_dim)
     return Manifest(name=name, model=ref, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

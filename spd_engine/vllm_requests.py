@@ -11,6 +11,7 @@ from .bank import Capability, capability_key
 CAPABILITY_ARG = "capability"
 STRENGTH_ARG = "capability_strength"
 DIGESTS_ARG = "spd_digests"  # set by the plugin's front end: {mode name: pack digest}
+AUTO_KEY_ARG = "spd_auto_key"  # set by the front end for capability auto: the decision's key (spd_engine.auto)
 
 
 def parse_extra_args(extra_args: dict[str, Any] | None) -> tuple[Capability, float]:
