@@ -74,7 +74,7 @@ def span_nll(logits: torch.Tensor, ids: torch.Tensor, spans: list[list[int]]) ->
     gradient of their sum gives every example its own gradient rows."""
     out = []
     for b, pos in enumerate(spans):
-        p = torch.tensor(pos)
+        p = torch.tensor(pos, device=logits.device)
         logp = torch.log_softmax(logits[b, p - 1].float(), dim=-1)
         out.append(-logp.gather(1, ids[b, p][:, None]).mean())
     return torch.stack(out)
@@ -86,6 +86,8 @@ def site_rows(model, ids: torch.Tensor, mask: torch.Tensor, spans: list[list[int
     `activation-pca`), (n_valid_tokens, n_kv_heads * head_dim)."""
     layers = {layer for layer, _ in sites}
     seen: dict[Site, torch.Tensor] = {}
+    device = next(model.parameters()).device  # the batch goes where the model is (a GPU or the CPU)
+    ids, mask = ids.to(device), mask.to(device)
 
     def site_fn(layer: int, k: torch.Tensor, v: torch.Tensor):
         if layer not in layers:
@@ -145,8 +147,8 @@ def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], 
         for ids, mask, spans in batches(tok, kind, examples, cfg.batch_size):
             for s, r in site_rows(model, ids, mask, spans, sites, cfg.method).items():
                 g = r.double().reshape(r.shape[0], groups, width).transpose(0, 1)  # (G, n, w)
-                grams[s] += g.transpose(1, 2) @ g
-                sums[s] += g.sum(1)
+                grams[s] += (g.transpose(1, 2) @ g).cpu()  # computed on the model's device, summed on the host
+                sums[s] += g.sum(1).cpu()
             n_rows += int(mask.sum())
             if progress:
                 progress(len(spans))

@@ -84,6 +84,7 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=total)
     order = list(range(len(data)))
+    device = next(peft_model.parameters()).device  # each batch goes where the model is
     losses, step, started = [], 0, time.perf_counter()
     trained_tokens = 0  # supervised (completion) tokens seen by the optimiser, over all steps
     while step < total:
@@ -97,7 +98,7 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
             ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
             labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             loss.backward()
             opt.step()
             sched.step()

@@ -184,6 +184,8 @@ class HFBackend(Backend):
             bank = self.bank  # this batch keeps this bank even if modes change meanwhile
         slot = torch.tensor([bank.slot(r.capability) for r in reqs])
         strength = torch.tensor([r.strength for r in reqs], dtype=torch.float32)
+        device = next(self.model.parameters()).device  # the prompts go where the model is
+        input_ids, attention = input_ids.to(device), attention.to(device)
         cache = SiteCache(self.model.config, projector(bank, slot, strength))
         kwargs = {}
         if isinstance(self.model, PeftModel):
