@@ -1,0 +1,217 @@
+"""The library on a device, without vLLM: calibration, projection equal to the CPU's, the
+capture-safe projection captured and replayed with new routes, hooked / unhooked generation with
+the transformers backend, and a few distillation steps. Imports torch, transformers, peft and the
+spd_engine modules built on them only (no vLLM: it runs where vLLM is not installed or would not
+load), and prints one JSON object.
+
+    python bench/gpu_check.py --device cuda [--out F]          # one H200: well under 8 minutes
+    python bench/gpu_check.py --device cpu --quick [--out F]   # this CPU: about a minute
+
+On a GPU the capture-safe op (`project_routed` over `RouteBuffers`) is captured in a CUDA graph; on
+the CPU, which has no CUDA graphs, it is compiled with torch.compile(fullgraph=True) instead: both
+need one graph of tensor ops with no host reads, and both are fed new routes by writing into the
+same buffers in place ("capture" in the JSON says which).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from spd_engine.atomic import write_json  # noqa: E402
+from spd_engine.backend import GenerationRequest  # noqa: E402
+from spd_engine.bank import ProjectionBank  # noqa: E402
+from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
+from spd_engine.data import load_examples, resolve_data  # noqa: E402
+from spd_engine.distill import DistillConfig, distill, training_ids  # noqa: E402
+from spd_engine.formatting import prompt_ids  # noqa: E402
+from spd_engine.hf_backend import HFBackend  # noqa: E402
+from spd_engine.projection import NO_MODE, RouteBuffers, SiteBank, project_routed  # noqa: E402
+from spd_engine.subspace import Subspace  # noqa: E402
+from spd_engine.tasks import Example, user_message  # noqa: E402
+
+TOL = 1e-4  # float32 on both sides (TF32 is off by default in torch): differences are rounding only
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """fn() and its seconds, the device's queued work included."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+def routes(n: int, n_slots: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` random routes of n tokens (host tensors): slots in NO_MODE..n_slots-1, strengths in
+    [0, 1] with some exactly 0 and 1, so every kind of row occurs in each."""
+    g = torch.Generator().manual_seed(seed)
+    out = [(torch.randint(NO_MODE, n_slots, (n,), generator=g), torch.rand(n, generator=g)) for _ in range(count)]
+    for _, strength in out:
+        strength[::5], strength[1::7] = 1.0, 0.0
+    return out
+
+
+def on(bank: SiteBank, device: str) -> SiteBank:
+    return SiteBank(bank.W.to(device), bank.col_slot.to(device), bank.covers.to(device))
+
+
+def calibration(be: HFBackend, examples: list[Example], device: str) -> tuple[Subspace, dict]:
+    """Gradient calibration (the paper's layers, rank d/2) with the model on the device."""
+    pack, seconds = timed(lambda: calibrate(be.model, be.tokenizer, be.model_info, "math", examples, "gc-math",
+                                            CalibrationConfig(batch_size=4)), device)
+    return pack, {"examples": len(examples), "seconds": round(seconds, 2),
+                  "rows": pack.manifest.calibration.n_rows, "ranks": pack.manifest.ranks}
+
+
+def projection(bank: ProjectionBank, device: str, n: int = 256) -> dict:
+    """`SiteBank.apply` (the grouped form) on the device against the CPU, at every site, for a
+    mixed route: every slot, NO_MODE rows, strengths 0..1, a slot that skips some sites."""
+    (slot, strength), = routes(n, len(bank.slots), 1)
+    diffs, g = {}, torch.Generator().manual_seed(0)
+    for site, sb in bank.sites.items():
+        x = torch.randn(n, sb.W.shape[0], generator=g)
+        want = sb.apply(x, slot, strength)
+        got = on(sb, device).apply(x.to(device), slot.to(device), strength.to(device)).cpu()
+        diffs[f"L{site[0]}.{site[1]}"] = float((got - want).abs().max())
+    worst = max(diffs.values())
+    return {"rows": n, "slots": [list(c) for c in bank.slots], "max_abs_diff": diffs, "ok": worst < TOL}
+
+
+def captured(sb: SiteBank, device: str, n: int = 64, count: int = 4) -> dict:
+    """The capture-safe op captured once (static x and RouteBuffers), then replayed with new x and
+    new routes copied into those same tensors, against eager `SiteBank.apply` on the device."""
+    sb = on(sb, device)
+    buf, x = RouteBuffers(n, device), torch.zeros(n, sb.W.shape[0], device=device)
+
+    def op() -> torch.Tensor:
+        return project_routed(x, sb.W, sb.col_slot, sb.covers, buf.slot, buf.strength)
+
+    if device == "cuda":
+        kind = "cuda-graph"
+        side = torch.cuda.Stream()  # warm up off the capture stream, as torch.cuda.graph requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            op()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = op()
+
+        def step() -> torch.Tensor:
+            graph.replay()  # reads x and the buffers as they are now
+            return static_out.clone()
+    else:
+        kind = "torch.compile"
+        compiled = torch.compile(op, fullgraph=True, dynamic=False)  # inductor, one static graph
+        compiled()  # the one compilation (every row NO_MODE)
+
+        def step() -> torch.Tensor:
+            with torch._dynamo.config.patch(error_on_recompile=True):  # a new route must not recompile
+                return compiled()
+    diffs, outs = [], []
+    g = torch.Generator().manual_seed(1)
+    for slot, strength in routes(n, len(sb.covers), count, seed=1):
+        x.copy_(torch.randn(n, sb.W.shape[0], generator=g))
+        buf.write(slot, strength)
+        out = step()
+        outs.append(out.cpu())
+        diffs.append(float((out - sb.apply(x, slot.to(device), strength.to(device))).abs().max()))
+    differ = all(float((a - b).abs().max()) > 1e-3 for a, b in zip(outs, outs[1:]))  # each route really is new
+    return {"capture": kind, "rows": n, "routes": count, "max_abs_diff": diffs, "routes_differ": differ,
+            "ok": differ and max(diffs) < TOL}
+
+
+def generation(be: HFBackend, prompts: list[list[int]], tokens: int, reps: int, mode: str) -> dict:
+    """Greedy tokens/s with every row in `mode` / without, arms interleaved (drift hits both)."""
+    def arm(cap: tuple[str, ...], n: int = tokens) -> float:
+        reqs = [GenerationRequest(p, capability=cap, max_tokens=n, ignore_eos=True) for p in prompts]
+        t = time.perf_counter()
+        outs = be.generate(reqs)  # returns host lists: the device has finished
+        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+
+    arm((mode,), 2), arm((), 2)  # warm-up: kernels, allocator, the bank's first use
+    tok_s: dict[str, list[float]] = {"unhooked": [], "hooked": []}
+    for _ in range(reps):
+        tok_s["unhooked"].append(round(arm(()), 1))
+        tok_s["hooked"].append(round(arm((mode,)), 1))
+    ratio = statistics.median(h / u for h, u in zip(tok_s["hooked"], tok_s["unhooked"]))
+    return {"batch": len(prompts), "max_tokens": tokens, "reps": reps, "tok_s": tok_s,
+            "hooked_over_unhooked": round(ratio, 3)}
+
+
+def mean_loss(model: torch.nn.Module, data: list[tuple[list[int], list[int]]]) -> float:
+    """Completion-token loss per example, averaged (eval mode: no dropout)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return sum(float(model(input_ids=torch.tensor([i], device=device), labels=torch.tensor([lab], device=device)).loss)
+                   for i, lab in data) / len(data)
+
+
+def distillation(be: HFBackend, examples: list[Example], steps: int, device: str) -> dict:
+    """A few LoRA steps on the gold answers (lr 1e-3, not the paper's 1e-5, so a few steps move the
+    loss). Last: peft injects the LoRA layers into the backend's model in place."""
+    rows = [{"prompt": user_message("math", ex), "completion": ex.answer, "finish_reason": "stop"} for ex in examples]
+    cfg = DistillConfig(steps=steps, batch_size=4, lr=1e-3)
+    data = training_ids(be.tokenizer, rows, cfg.max_length)
+    before = mean_loss(be.model, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, seconds = timed(lambda: distill(be.model, be.tokenizer, rows, Path(tmp) / "adapter", cfg), device)
+    after = mean_loss(be.model, data)
+    return {"examples": len(data), "steps": steps, "lr": cfg.lr, "loss_before": round(before, 4),
+            "loss_after": round(after, 4), "seconds": round(seconds, 2), "ok": after < before}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--model", default="smollm2-135m", help="the bundled model (default) or a local HF directory")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check)")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here (use --device cpu)")
+    size: Callable[[int, int], int] = lambda quick, full: quick if args.quick else full  # noqa: E731
+    started = time.perf_counter()
+    be = HFBackend(args.model, batch_size=size(2, 8), device=args.device)
+    gsm = load_examples(resolve_data("gsm8k"), "math")
+    pack, calib = calibration(be, gsm[: size(4, 8)], args.device)
+    # a second mode on the last layer only, and their composition: slots that skip a site
+    last = be.model_info.n_layers - 1
+    rand = calibrate(None, be.tokenizer, be.model_info, "math", [], "gc-rand",
+                     CalibrationConfig(method="random", rank=16, layers=[last]))
+    bank = ProjectionBank({pack.name: pack, rand.name: rand}, slots=[(pack.name, rand.name)])
+    be.add_subspace(pack)
+    result = {
+        "device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "quick": args.quick, "model": args.model, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "calibration": calib,
+        "projection": projection(bank, args.device),
+        "captured": captured(bank.sites[(last, "k")], args.device),
+        "generation": generation(be, [prompt_ids(be.tokenizer, "math", ex) for ex in gsm[20 : 20 + size(2, 8)]],
+                                 size(8, 64), size(1, 3), pack.name),
+        "distillation": distillation(be, gsm[: size(4, 8)], size(3, 10), args.device),
+    }
+    result["capture"] = result["captured"]["capture"]
+    result["vllm_imported"] = sys.modules.get("vllm") is not None  # the check is that it never is
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        write_json(args.out, result)
+    ok = result["projection"]["ok"] and result["captured"]["ok"] and not result["vllm_imported"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
