@@ -15,7 +15,7 @@ from run import ORDER  # noqa: E402
 NUMBER = {"projection_overhead": 1, "mixed_modes": 2, "cost_growth": 3, "hooked_generation": 4, "calibration": 5,
           "corpus_job": 6, "server_overhead": 7, "hot_paths": 8, "server_defaults": 9, "server_start": 10,
           "many_modes": 11, "many_modes_projection": 12, "soak": 13,
-          "cpu_defaults": 14, "cpu_preload": 15, "cpu_compiled": 16}
+          "cpu_defaults": 14, "cpu_preload": 15, "cpu_compiled": 16, "auto_routing": 17}
 BY_NUMBER = sorted(ORDER, key=lambda n: NUMBER.get(n, 99))
 
 

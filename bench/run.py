@@ -26,7 +26,7 @@ from procs import Resources  # noqa: E402
 # run order: the transformers-only and microbenchmarks first, then those sharing vLLM engines, then
 # the servers (start-up timed first, with nothing else running; vLLM's compiled server last)
 ORDER = ["hooked_generation", "calibration", "many_modes_projection", "projection_overhead", "mixed_modes",
-         "cost_growth", "many_modes", "server_start", "corpus_job", "server_overhead", "hot_paths", "soak", "server_defaults",
+         "cost_growth", "many_modes", "server_start", "corpus_job", "server_overhead", "hot_paths", "soak", "auto_routing", "server_defaults",
          "cpu_defaults", "cpu_preload", "cpu_compiled"]
 
 

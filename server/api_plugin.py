@@ -231,7 +231,8 @@ def _listing_modes(send: Send, spd) -> Send:
             return
         body = b"".join(chunks)
         if start.get("status") == 200:
-            body = json.dumps(model_names.listed(json.loads(body), spd.capabilities())).encode()
+            modes = spd.capabilities()
+            body = json.dumps(model_names.listed(json.loads(body), [*modes, AUTO_MODE] if modes else [])).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body, "more_body": False})

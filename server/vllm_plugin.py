@@ -407,7 +407,8 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
 def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) -> Route:
     """Choose the mode of each pending auto request from its own rows of K and V at `layer`
     (spd_engine.auto), before that layer is projected; the step's later layers use the new route."""
-    kinds = [(route.sites.get((layer, "k")), key), (route.sites.get((layer, "v")), value)]
+    cfg = PLUGIN.auto_config
+    kinds = [(route.sites.get((layer, kind)), x) for kind, x in (("k", key), ("v", value)) if kind in cfg.kinds]
     slot, strength = route.slot.clone(), route.strength.clone()
     for p in route.pending:
         lo, hi = p.rows
@@ -415,14 +416,14 @@ def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) ->
         for sb, x in kinds:
             if sb is None or hi <= lo:
                 continue
-            e, t = site_energy(x[lo:hi], sb)
+            e, t = site_energy(x[lo:hi], sb, cfg.centered)
             covers = sb.covers.to(e.device, torch.float32)
             captured, total = captured + e, total + covers * t
         shares = {}
         if not isinstance(captured, float):
             ratio = (captured / total.clamp(min=1e-30)).tolist()
             shares = {n: round(ratio[route.bank.slot((n,))], 6) for n in p.candidates}
-        decision = Decision(choose(shares, PLUGIN.auto_config), shares, layer)
+        decision = Decision(choose(shares, cfg), shares, layer)
         PLUGIN.decisions.put(p.request_id, p.key, decision)
         try:
             report(store_dir(), p.request_id, decision)

@@ -1,0 +1,113 @@
+"""17. `capability: "auto"`: which mode the server picks for held-out prompts of three domains, and
+what picking costs.
+
+`spd serve` (its defaults) with three modes calibrated through the API on real data (rank 16,
+the first items of each set): GSM8K (math), BIG-bench date_understanding (multiple choice),
+HumanEval (code). Held-out prompts (the items after the calibration ones, through the chat
+template) are sent with `capability: "auto"`; the response's `x-spd-capability` header says what
+was applied: the confusion table (domain x chosen mode). Cost: the same prompts, made unique per
+repetition (a numbered first line, so neither arm serves them from the prefix cache), at
+concurrency 32, each with `capability: "auto"` against each naming the mode auto chose for it;
+tokens/s, interleaved.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from common import MODEL, Context, Goal, headline, interleave, ratios
+from procs import spd_server
+
+from spd_engine.data import load_examples, resolve_data
+from spd_engine.tasks import user_message
+
+NAME = "auto_routing"
+TITLE = "capability auto: the mode chosen per domain (confusion table) and tokens/s against naming the mode"
+GOAL = Goal(">=", 0.95)
+USES: set[str] = set()
+DOMAINS = {"math": ("gsm8k", "math"), "mcq": ("bigbench/date_understanding", "mcq"), "code": ("humaneval", "code")}
+RANK = 16
+
+
+def _calibrate(http: httpx.Client, n: int) -> float:
+    t0 = time.perf_counter()
+    jobs = []
+    for name, (dataset, kind) in DOMAINS.items():
+        r = http.post("/v1/subspaces", json={"name": name, "kind": kind, "rank": RANK,
+                                             "calibration": {"dataset": dataset, "limit": n}})
+        r.raise_for_status()
+        jobs.append(r.json()["id"])
+    for job in jobs:
+        while (state := http.get(f"/v1/jobs/{job}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(2)
+        if state["state"] != "succeeded":
+            raise RuntimeError(f"calibration {job}: {state}")
+    return time.perf_counter() - t0
+
+
+def _held_out(n_cal: int, n: int) -> dict[str, list[str]]:
+    out = {}
+    for name, (dataset, kind) in DOMAINS.items():
+        examples = load_examples(resolve_data(dataset) if dataset != "humaneval" else dataset, kind)
+        out[name] = [user_message(kind, ex) for ex in examples[n_cal:n_cal + n]]
+    return out
+
+
+def _chat(http: httpx.Client, content: str, capability: str | None, max_tokens: int) -> tuple[str, int]:
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": True, "capability": capability})
+    r.raise_for_status()
+    return r.headers["x-spd-capability"], r.json()["usage"]["completion_tokens"]
+
+
+def run(ctx: Context) -> dict:
+    n_cal, n_held = ctx.size(4, 32), ctx.size(2, 30)
+    requests, tokens, reps = ctx.size(8, 64), ctx.size(4, 32), ctx.size(1, 3)
+    srv = spd_server(ctx.resources.logdir, name="auto")
+    try:
+        http = httpx.Client(base_url=srv.url, timeout=900,
+                            limits=httpx.Limits(max_connections=40, max_keepalive_connections=40))
+        calibration_s = _calibrate(http, n_cal)
+        prompts = _held_out(n_cal, n_held)
+        chosen = {(d, c): _chat(http, c, "auto", 1)[0] for d, cs in prompts.items() for c in cs}
+        confusion = {d: dict(Counter(chosen[(d, c)] or "none" for c in cs)) for d, cs in prompts.items()}
+        correct = sum(confusion[d].get(d, 0) for d in DOMAINS) / len(chosen)
+
+        items = [(c, chosen[(d, c)]) for d, cs in prompts.items() for c in cs]
+        load = [items[i % len(items)] for i in range(requests)]
+        pool = ThreadPoolExecutor(32)
+
+        def arm(auto: bool):
+            def once(rep: int) -> float:
+                t0 = time.perf_counter()
+                got = list(pool.map(lambda ic: _chat(http, f"Request {rep}.{ic[0]}.{int(auto)}\n{ic[1][0]}",
+                                                     "auto" if auto else ic[1][1] or None, tokens)[1],
+                                    enumerate(load)))
+                return sum(got) / (time.perf_counter() - t0)
+            return once
+
+        tok_s = interleave({"auto": arm(True), "named": arm(False)}, reps)
+        pool.shutdown()
+        r = ratios(tok_s["auto"], tok_s["named"])
+        return {
+            "settings": {"server": srv.describe(), "modes": {d: {"dataset": ds, "kind": k, "rank": RANK,
+                                                                "calibration_items": n_cal}
+                                                            for d, (ds, k) in DOMAINS.items()},
+                         "held_out_per_domain": n_held, "cost": {"requests": requests, "concurrency": 32,
+                                                                 "max_tokens": tokens, "ignore_eos": True,
+                                                                 "reps": reps, "greedy": True}},
+            "calibration_seconds": round(calibration_s, 1),
+            "confusion": confusion,
+            "chosen_correctly": correct,
+            "chance": 1 / len(DOMAINS),
+            "tok_s": tok_s,
+            "auto_over_named": r,
+            "headline": [headline(f"auto / the mode it chose named, concurrency 32, {tokens} tokens", r, GOAL),
+                         headline("held-out prompts given their own domain's mode",
+                                  {"median": correct, "min": correct, "max": correct}, None, unit="fraction")],
+        }
+    finally:
+        srv.close()
