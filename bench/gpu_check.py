@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     result["capture"] = result["captured"]["capture"]
     result["vllm_imported"] = sys.modules.get("vllm") is not None  # the check is that it never is
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the timings
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
