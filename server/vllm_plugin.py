@@ -366,9 +366,12 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
         if cap and strength > 0:
             digests.update(args.get(DIGESTS_ARG) or {})
             if cap == (AUTO_MODE,):
+                seen = rid in decisions.by_request
                 decision = decisions.get(rid, args.get(AUTO_KEY_ARG))
                 if decision is None:  # its first prefill chunk: chosen at the decision layer
                     auto.append((i, rid, args))
+                elif not seen:  # an equal prompt's decision (its K/V may come from the prefix cache)
+                    _report(rid, decision)
                 cap = decision.capability if decision is not None else ()
         caps.append(cap if strength > 0 else ())
         strengths.append(strength)
@@ -404,6 +407,13 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     return PLUGIN.step.route
 
 
+def _report(request_id: str, decision: Decision) -> None:
+    try:
+        report(store_dir(), request_id, decision)
+    except (OSError, ValueError) as e:  # the response then says no mode was reported; the projection stands
+        log.warning("spd_kv_projection: cannot report the auto decision of %.80s (%s)", request_id, e)
+
+
 def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) -> Route:
     """Choose the mode of each pending auto request from its own rows of K and V at `layer`
     (spd_engine.auto), before that layer is projected; the step's later layers use the new route."""
@@ -425,10 +435,7 @@ def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) ->
             shares = {n: round(ratio[route.bank.slot((n,))], 6) for n in p.candidates}
         decision = Decision(choose(shares, cfg), shares, layer)
         PLUGIN.decisions.put(p.request_id, p.key, decision)
-        try:
-            report(store_dir(), p.request_id, decision)
-        except (OSError, ValueError) as e:  # the response then says no mode was reported; the projection stands
-            log.warning("spd_kv_projection: cannot report the auto decision of %.80s (%s)", p.request_id, e)
+        _report(p.request_id, decision)
         if decision.capability:
             slot[lo:hi] = route.bank.slot(decision.capability)
             strength[lo:hi] = p.strength
