@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_harness import Server
+from server.harness import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

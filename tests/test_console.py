@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import CALIBRATION, REPO, Server, wait_job
+from server.harness import CALIBRATION, REPO, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -152,7 +152,7 @@ def test_32_concurrent_requests_over_three_modes_and_none_each_equal_the_request
 
 
 def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, modes):
-    from random_lora import write_random_lora
+    from server.harness import write_random_lora
     from spd_engine import models
 
     write_random_lora(models.resolve(MODEL), server.data / "adapters" / "noisy")
@@ -393,7 +393,7 @@ def _lm_eval(server, tmp_path, model: str, items: int = 60) -> tuple[tuple[float
 
 def test_lm_eval_scores_a_multiple_choice_task_under_a_mode_named_as_a_model_and_with_an_adapter(
         server, http, modes, tmp_path_factory, monkeypatch):
-    from random_lora import write_random_lora
+    from server.harness import write_random_lora
 
     from spd_engine import models
 

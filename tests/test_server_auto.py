@@ -7,7 +7,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from server_harness import MODEL, Server, wait_job
+from server.harness import MODEL, Server, wait_job
 
 from spd_engine.data import load_examples, resolve_data
 from spd_engine.tasks import user_message

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from server.__main__ import BF16_FLAGS, SMALL_MACHINE_CPUS, cpu_flags
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -29,7 +29,7 @@ def server(request, tmp_path_factory):
         assert r.status_code == 202, r.text
         assert wait_job(http, r.json()["id"])["state"] == "succeeded"
         if lora:
-            from random_lora import write_random_lora
+            from server.harness import write_random_lora
             from spd_engine import models
 
             write_random_lora(models.resolve(MODEL), s.data / "adapters" / ADAPTER)

@@ -8,7 +8,7 @@ import time
 
 import openai
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 LORA = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "16"]
@@ -138,7 +138,7 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
             dist = http.post("/v1/jobs", json={"kind": "distill", "params": {"corpus_job": ev["id"]}})
             assert dist.status_code == 409 and dist.json()["error"]["param"] == "params.corpus_job"
             # an adapter needs LoRA, which this server was started without: 409 naming the flag
-            from random_lora import write_random_lora
+            from server.harness import write_random_lora
             from spd_engine import models
 
             write_random_lora(models.resolve(MODEL), server.data / "adapters" / "a1")

