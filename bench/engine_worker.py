@@ -128,7 +128,7 @@ class Worker:
                 "columns_per_site": {f"{layer}{kind}": int(sb.W.shape[1]) for (layer, kind), sb in m.bank.sites.items()}}
 
     def use_worker_modes(self, key: str) -> dict:
-        """Switch the worker's loaded-mode set (`WorkerModes`) to the one kept under `key` (a new,
+        """Switch the worker's loaded-mode set (`ModeCache`) to the one kept under `key` (a new,
         empty one the first time), keeping the current one under its own key: two states of one
         engine (e.g. 64 modes loaded vs one) measured alternately with the same model, KV cache
         and scheduler."""
@@ -136,11 +136,8 @@ class Worker:
 
         if self.arm != "plugin" or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             raise RuntimeError("use_worker_modes needs the plugin arm with its worker in this process")
-        with vllm_plugin.PLUGIN.lock:
-            self.stash[self.current_modes] = vllm_plugin.PLUGIN.modes
-            vllm_plugin.PLUGIN.modes = self.stash.get(key)
-            vllm_plugin.PLUGIN.device_bank = None
-            self.current_modes = key
+        self.stash[self.current_modes] = vllm_plugin.PLUGIN.use_modes(self.stash.get(key))
+        self.current_modes = key
         return self.worker_modes()
 
     # -------------------------------------------------------------- generation

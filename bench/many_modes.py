@@ -12,12 +12,12 @@ every arm anyway); exactly `max_tokens` tokens per request (ignore_eos), greedy;
 whole batch, prefill included, per wall-clock second and per CPU-second of the engine process.
 Arms interleaved, one ratio per repetition.
 
-"Loaded": the worker keeps at most 64 modes (`WorkerModes(max_modes=64)`, least recently used
+"Loaded": the worker keeps at most 64 modes (`ModeCache(max_modes=64)`, least recently used
 evicted first), so "256 modes loaded" means 256 packs in the store, each admitted and loaded by the
 worker once before the measurement (4 batches of 64 distinct modes), after which the worker holds
 the 64 most recently used: its bank has 64 slots (64 x 96 columns per site) while the measured
 batch uses one of them. The baseline is the same engine with a fresh worker mode set that has
-loaded only that one mode (`use_worker_modes` swaps the plugin's `WorkerModes` between the two
+loaded only that one mode (`use_worker_modes` swaps the plugin's `ModeCache` between the two
 states: same process, model, KV cache and scheduler).
 
 A composition of 4 modes is one slot whose basis spans the union of the 4 bases: four random rank-96

@@ -307,13 +307,14 @@ class SPDEndpoints:
             return
         from .settings import Settings
         from .state import SPDServer
-        from .vllm_plugin import front_end_installed
+        from .vllm_plugin import front_end
 
-        if not front_end_installed():  # capability fields would reach the engine unvalidated and unprojected
+        admission = front_end()
+        if admission is None:  # capability fields would reach the engine unvalidated and unprojected
             raise RuntimeError("spd_api needs the spd_kv_projection plugin in this process: name both in "
                                "VLLM_PLUGINS (spd serve does)")
 
-        state.spd = SPDServer(engine_client, state, args, Settings.from_env())
+        state.spd = SPDServer(engine_client, state, args, Settings.from_env(), admission)
         state.spd_adapters = asyncio.get_running_loop().create_task(state.spd.follow_adapters())  # kept: not collected
 
 

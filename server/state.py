@@ -13,33 +13,14 @@ import threading
 from pathlib import Path
 
 from spd_engine import models
+from spd_engine.admission import Admission
 from spd_engine.atomic import write_json
 from spd_engine.backend import Backend, Completion, GenerationRequest, Progress
 from spd_engine.paths import child
-from spd_engine.subspace import PackError, Store, Subspace
+from spd_engine.subspace import Store, Subspace
 from spd_engine.vllm_requests import completion_of, sampling_params, tokens_prompt
 
 from .settings import Settings
-from .vllm_plugin import RETAINED, pack_digest
-
-
-def prune_retained(store: Store) -> None:
-    """Drop the retained bases (see `server.vllm_plugin.retain`) of packs no longer in the store:
-    at start no request admitted earlier is left."""
-    import shutil
-
-    root = store.root / RETAINED
-    if not root.is_dir():
-        return
-    keep = set()
-    for name in store.names():
-        try:
-            keep.add(pack_digest(store.path(name)))
-        except OSError:
-            continue
-    for d in root.iterdir():
-        if d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 log = logging.getLogger("spd.server")
 
@@ -128,7 +109,7 @@ class AdapterError(Exception):
 class SPDServer:
     """The resource API's state, one per vLLM API server process (`app.state.spd`)."""
 
-    def __init__(self, engine_client, app_state, args, settings: Settings):
+    def __init__(self, engine_client, app_state, args, settings: Settings, admission: Admission):
         from .jobs import JobStore, Worker
         from . import steps
 
@@ -150,6 +131,7 @@ class SPDServer:
         self.vocab_size = engine_client.model_config.get_vocab_size()
         self.tokenizer = engine_client.get_tokenizer()  # the served one: loading a second copy costs start time
         self.store = Store(settings.store_dir)
+        self.admission = admission  # the engine plugin's front end in this process: what it admits is served
         self.lock = threading.RLock()  # serialises store changes (import, delete) with admission checks
         for d in (settings.data_dir, settings.adapters_dir, settings.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -161,7 +143,7 @@ class SPDServer:
         self._adapters_seen: tuple | None = None  # the adapters file's stat when this process last read it
         if self.lora_enabled:
             self._models().lora_id_counter = SharedLoRAIds(self.jobs)
-        prune_retained(self.store)
+        self.store.prune_retained()
         log.info("spd_api: store %s, data %s, modes %s", settings.store_dir, settings.data_dir, self.capabilities())
 
     async def follow_adapters(self) -> None:
@@ -254,26 +236,15 @@ class SPDServer:
     async def abort_admitted(self, name: str) -> None:
         """Abort the requests admitted in a mode that was just deleted (they fail with an abort;
         any that already finished are ignored)."""
-        from .vllm_plugin import PLUGIN
-
-        ids = PLUGIN.front.take_admitted(name)
+        ids = self.admission.take_admitted(name)
         if ids:
             await self.engine.abort(ids)
 
     # ------------------------------------------------------------ modes (the store is what is served)
 
     def capabilities(self) -> list[str]:
-        """The store's packs that are valid for the served model."""
-        from .vllm_plugin import PLUGIN
-
-        out = []
-        for name in self.store.names():
-            try:
-                PLUGIN.front.digest(self.store, name, self.model_info)  # validated once per content
-            except (PackError, KeyError, ValueError):
-                continue
-            out.append(name)
-        return out
+        """The store's packs that are valid for the served model (validated once per content)."""
+        return list(self.admission.servable(self.model_info))
 
     def add_mode(self, name: str) -> None:
         """Check a pack just written to the store: it is served from the next request on."""

@@ -174,11 +174,9 @@ MAX_PROVENANCE_BYTES = 1 << 20
 
 def mode_provenance(server: SPDServer, name: str) -> dict:
     """A mode as a corpus was generated under it: its pack's digest and its calibration data's sha256."""
-    from .vllm_plugin import pack_digest
-
     try:
         pack = server.store.load(name, server.model_info)
-        return {"name": name, "digest": pack_digest(server.store.path(name)),
+        return {"name": name, "digest": server.store.digest(name),
                 "calibration_sha256": pack.manifest.calibration.data_sha256, "method": pack.manifest.method}
     except (KeyError, ValueError, OSError):
         return {"name": name, "digest": None, "calibration_sha256": None, "method": None}  # deleted since

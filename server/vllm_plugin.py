@@ -33,7 +33,7 @@ once per process (idempotent):
   run vLLM without this plugin (`VLLM_PLUGINS` set to a list that leaves out
   `spd_kv_projection`);
 - admits requests in the front end (`InputProcessor.process_inputs`, in the process that
-  receives requests: the API server, or the `LLM` process): see `FrontEnd`.
+  receives requests: the API server, or the `LLM` process): see `spd_engine.admission`.
 
 With no mode in a step (or no mode loaded) nothing is computed and vLLM's own write runs as is.
 
@@ -95,17 +95,12 @@ packs project the heads the rank holds; layer-granularity packs are refused with
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.abc
-import json
 import logging
 import os
 import re
-import shutil
 import sys
 import threading
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,14 +109,14 @@ from typing import Any
 
 import torch
 
+from spd_engine.admission import Admission, AdmissionError
 from spd_engine.auto import AUTO_MODE, AutoConfig, Decision, Decisions, choose, report, site_energy
-from spd_engine.bank import Capability, ProjectionBank
-from spd_engine.models import ModelInfo, info
+from spd_engine.bank import ModeCache, ProjectionBank
+from spd_engine.models import info
 from spd_engine.paths import store_dir
 from spd_engine.projection import NO_MODE, SiteBank
 from spd_engine.subspace import Site, Store
-from spd_engine.subspace import load as load_pack
-from spd_engine.vllm_requests import AUTO_KEY_ARG, CAPABILITY_ARG, DIGESTS_ARG, parse_extra_args
+from spd_engine.vllm_requests import AUTO_KEY_ARG, DIGESTS_ARG, parse_extra_args
 
 from . import vllm_lora_fixes as lora_fixes
 
@@ -140,27 +135,49 @@ class _Step(threading.local):
 
 class PluginState:
     """Everything the plugin keeps in one process: whether it is registered, the patched impls,
-    the worker's modes and their device copy, the current step (per thread), the front end's
-    admission cache."""
+    the worker's mode cache, the current step (per thread), the front end's admission. Only this
+    module changes it; `use_modes` is the one way in from outside (a benchmark measuring two mode
+    sets of one engine)."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.registered = False
         self.patched: dict[str, type] = {}  # impl class name -> the class whose do_kv_cache_update carries the patch
-        self.modes: WorkerModes | None = None
-        # the current bank's site banks on one device and dtype: (bank, device, dtype, sites)
-        self.device_bank: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
+        self.modes: ModeCache | None = None
         self.step = _Step()
-        self.front = FrontEnd()
+        self._admission: Admission | None = None
         self.installed: set[str] = set()  # the HOOKS installed in this process (Hook.name)
         self.fixes: list[str] = []  # the vLLM bugs found by their probes and fixed in this process (vllm_lora_fixes)
         self.decisions = Decisions()  # the worker's capability-auto decisions
         self.auto_config = AutoConfig.from_env()
 
+    @property
+    def admission(self) -> Admission:
+        """The front end's admission over the store `SPD_STORE_DIR` names (read when first needed)."""
+        with self.lock:
+            root = store_dir()
+            if self._admission is None or self._admission.store.root != root:
+                self._admission = Admission(Store(root, clean=False))
+            return self._admission
 
+    def worker_modes(self, runner) -> ModeCache:
+        """This worker's mode cache, created on first use from the runner's model and TP rank."""
+        with self.lock:
+            if self.modes is None:
+                from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
+                cfg = runner.vllm_config.model_config
+                heads = kv_heads_of_rank(cfg.get_total_num_kv_heads(), get_tensor_model_parallel_rank(),
+                                         get_tensor_model_parallel_world_size())
+                self.modes = ModeCache(info(Path(cfg.model)), heads, store_dir())
+            return self.modes
 
-# ------------------------------------------------------------------ worker-side modes
+    def use_modes(self, modes: ModeCache | None) -> ModeCache | None:
+        """Swap this worker's mode cache (None: a new one at the next step); returns the previous."""
+        with self.lock:
+            previous, self.modes = self.modes, modes
+            return previous
+
 
 def kv_heads_of_rank(total_kv_heads: int, tp_rank: int, tp_size: int) -> list[int] | None:
     """The global KV heads a tensor-parallel rank holds (None: all of them), as vLLM shards
@@ -171,120 +188,6 @@ def kv_heads_of_rank(total_kv_heads: int, tp_rank: int, tp_size: int) -> list[in
     replicas = max(1, tp_size // total_kv_heads)
     start = (tp_rank // replicas) * local
     return list(range(start, start + local))
-
-
-def pack_digest(path: Path) -> str:
-    """The content identity of a pack directory (manifest and bases): what a request is admitted
-    with, what its cache salt is made of, and what the worker checks it projects with."""
-    h = hashlib.sha256()
-    for member in ("manifest.json", "bases.safetensors"):
-        with open(path / member, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:32]
-
-
-RETAINED = ".by-digest"  # <store>/.by-digest/<digest>/: the admitted bases, kept when the pack is deleted
-PACK_FILES = ("manifest.json", "bases.safetensors")
-
-
-def retain(store_root: Path, pack_dir: Path, digest: str) -> Path:
-    """A copy of an admitted pack addressed by its digest (hard links: packs are only ever
-    replaced by rename, never written in place), so a request admitted before its mode was
-    deleted or replaced still projects with the bases it was admitted with."""
-    target = store_root / RETAINED / digest
-    if not (target / PACK_FILES[1]).is_file():
-        tmp = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for member in PACK_FILES:
-            dst = tmp / member
-            if not dst.exists():
-                try:
-                    os.link(pack_dir / member, dst)
-                except OSError:
-                    shutil.copyfile(pack_dir / member, dst)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process retained it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-class WorkerModes:
-    """One worker's loaded modes, each with the digest it was loaded with. The bank is immutable
-    and swapped by reference: a step keeps the bank it started with. A request names each mode's
-    digest (set by the front end when it admitted the request); a mode whose digest changed in
-    the store (deleted and re-imported under the same name) is reloaded. Modes and compositions
-    beyond the caps are evicted least recently used first (never one the current step needs)."""
-
-    def __init__(self, model: ModelInfo, heads: list[int] | None, root: Path, max_modes: int = 64,
-                 max_compositions: int = 32):
-        self.model, self.root, self.max_modes, self.max_compositions = model, root, max_modes, max_compositions
-        self.bank = ProjectionBank(heads=heads)
-        self.digests: dict[str, str] = {}
-        self._used: dict[Capability, None] = {}  # recency order, oldest first
-        self._lock = threading.Lock()
-
-    def bank_for(self, caps: list[Capability], digests: dict[str, str]) -> tuple[ProjectionBank, list[Capability]]:
-        """The bank for one step's capabilities and the capabilities it serves: a mode that cannot
-        be loaded with the digest its request was admitted with is logged and not served."""
-        with self._lock:
-            bank = self.bank
-            for name in sorted({n for c in caps for n in c}):
-                want = digests.get(name)
-                if name in bank.modes and (want is None or self.digests[name] == want):
-                    continue
-                store = Store(self.root, clean=False)
-                try:
-                    path = store.path(name)
-                    if want is not None and (not path.is_dir() or pack_digest(path) != want):
-                        path = self.root / RETAINED / want  # deleted or replaced since its request was admitted
-                    pack = load_pack(path, self.model)
-                    got = pack_digest(path)
-                    if want is not None and got != want:
-                        raise ValueError(f"the bases admitted (digest {want}) are gone")
-                    bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
-                except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError (e.g. a layer pack under TP)
-                    log.error("capability %r cannot be loaded from %s (%s); not projected", name, self.root, e)
-                    if name in bank.modes:
-                        bank = bank.without_mode(name)
-                    continue
-                self.digests[name] = got
-            served = [c if all(n in bank.modes for n in c) else () for c in caps]
-            for c in served:
-                if c:
-                    self._used.pop(c, None)
-                    self._used[c] = None
-                    bank = bank.with_capability(c)
-            self.bank = self._evict(bank, set(served))
-            return self.bank, served
-
-    def _evict(self, bank: ProjectionBank, keep: set[Capability]) -> ProjectionBank:
-        combos = [c for c in self._used if len(c) > 1 and c in bank.index and c not in keep]
-        for c in combos[: max(0, len(bank.slots) - len(bank.modes) - self.max_compositions)]:
-            bank = ProjectionBank(bank.modes, [s for s in bank.slots if s != c], bank.heads)
-            del self._used[c]
-        needed = {n for c in keep for n in c}
-        for c in [c for c in self._used if len(c) == 1 and c[0] not in needed]:
-            if len(bank.modes) <= self.max_modes:
-                break
-            bank = bank.without_mode(c[0])
-            self.digests.pop(c[0], None)
-            del self._used[c]
-        return bank
-
-
-def worker_modes(runner) -> WorkerModes:
-    """This worker's modes, created on first use from the runner's model and TP rank."""
-    with PLUGIN.lock:
-        if PLUGIN.modes is None:
-            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-            cfg = runner.vllm_config.model_config
-            heads = kv_heads_of_rank(cfg.get_total_num_kv_heads(), get_tensor_model_parallel_rank(),
-                                     get_tensor_model_parallel_world_size())
-            PLUGIN.modes = WorkerModes(info(Path(cfg.model)), heads, store_dir())
-        return PLUGIN.modes
 
 
 # ------------------------------------------------------------------ per-step routing
@@ -313,19 +216,6 @@ class Route:
     layers: frozenset[int]
     pending: tuple[Pending, ...] = ()
     decide_at: int = -1
-
-
-def device_sites(bank: ProjectionBank, device: torch.device, dtype: torch.dtype) -> dict[Site, SiteBank]:
-    """The bank's site banks with W in `dtype` and every tensor on `device`: built once per bank
-    (and device/dtype), then reused by every layer and step, so `SiteBank.apply`'s own `.to()`
-    calls are no-ops. On the CPU in float32 these are the bank's own tensors (no copy)."""
-    cached = PLUGIN.device_bank
-    if cached is not None and cached[0] is bank and cached[1] == device and cached[2] == dtype:
-        return cached[3]
-    sites = {site: SiteBank(sb.W.to(device=device, dtype=dtype), sb.col_slot.to(device), sb.covers.to(device))
-             for site, sb in bank.sites.items()}
-    PLUGIN.device_bank = (bank, device, dtype, sites)
-    return sites
 
 
 def _step_metadata(layer_name: str):
@@ -380,7 +270,8 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     if not any(caps) and not auto:
         return None
     candidates = sorted({n for _, _, args in auto for n in args.get(DIGESTS_ARG) or {}})
-    bank, served = worker_modes(runner).bank_for(caps + [(n,) for n in candidates], digests)
+    modes = PLUGIN.worker_modes(runner)
+    bank, served = modes.bank_for(caps + [(n,) for n in candidates], digests)
     caps = served[: len(req_ids)]
     candidates = [n for n in candidates if n in bank.modes]
     if not any(caps) and not candidates:
@@ -401,7 +292,7 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     slot[:real] = torch.tensor([bank.slot(c) for c in caps]).repeat_interleave(counts)
     strength[:real] = torch.tensor(strengths).repeat_interleave(counts)
     device = key.device
-    PLUGIN.step.route = Route(bank, device_sites(bank, device, key.dtype), slot.to(device, non_blocking=True),
+    PLUGIN.step.route = Route(bank, modes.on_device(bank, device, key.dtype), slot.to(device, non_blocking=True),
                               strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites),
                               pending, decide_at)
     return PLUGIN.step.route
@@ -565,124 +456,9 @@ def check_model_layers(vllm_config) -> list[str]:
 
 # ------------------------------------------------------------------ front end (the process that admits requests)
 
-MAX_COMPOSED = 8  # modes one request may compose
-MAX_TRACKED = 4096  # admitted request ids remembered per mode (for aborting them when it is deleted)
-MAX_AUTO_CANDIDATES = 64  # modes capability auto chooses among (a worker keeps 64 loaded)
-
-
-class FrontEnd:
-    """Admits requests that name a mode: checks the names and strength against the store (an
-    HTTP 400 naming the field, before scheduling), records each pack's digest in the request's
-    extra_args (the worker projects with exactly those bases), and sets the request's prefix-cache
-    salt from the digests, the strength and any client salt, so KV blocks computed under one mode
-    (or other bases under the same name) are never served to another. Runs in vLLM's
-    `InputProcessor.process_inputs`, so the OpenAI server, `LLM.generate` and every other entry
-    point get it, whatever the client sent as `cache_salt`."""
-
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple, str]] = {}  # name -> (stat signature, digest) of a valid pack
-        self._admitted: dict[str, dict[str, None]] = {}  # name -> ids of requests admitted in it (recent first out)
-        self._lock = threading.Lock()
-
-    def digest(self, store: Store, name: str, model: ModelInfo) -> str:
-        """A valid pack's digest, validated once per content (PackError, KeyError otherwise)."""
-        path = store.path(name)
-        try:
-            sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns)
-                        for st in (os.stat(path / m) for m in ("manifest.json", "bases.safetensors")))
-        except OSError:
-            raise KeyError(name) from None
-        with self._lock:
-            hit = self._known.get(name)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-        store.load(name, model)  # full validation against the served model
-        digest = pack_digest(path)
-        retain(store.root, path, digest)
-        with self._lock:
-            self._known[name] = (sig, digest)
-        return digest
-
-    def take_admitted(self, name: str) -> list[str]:
-        """The ids of requests admitted in mode `name` (forgotten here): the server aborts those
-        still running when the mode is deleted, with a clear error."""
-        with self._lock:
-            return list(self._admitted.pop(name, {}))
-
-    def admit(self, params, client_salt: str | None, model: ModelInfo, request_id: str = "",
-              prompt_ids: list[int] | None = None, model_parallel: int = 1) -> str | None:
-        """Validate and annotate one request's SamplingParams; return its cache salt."""
-        from vllm.exceptions import VLLMValidationError
-
-        try:
-            cap, strength = parse_extra_args(params.extra_args)
-        except ValueError as e:
-            raise VLLMValidationError(str(e), parameter=str(e).split()[0]) from None
-        if not cap:
-            return client_salt
-        if AUTO_MODE in cap:
-            return self.admit_auto(params, cap, strength, client_salt, model, request_id, prompt_ids, model_parallel)
-        if len(cap) > MAX_COMPOSED:
-            raise VLLMValidationError(f"{CAPABILITY_ARG} composes {len(cap)} modes; at most {MAX_COMPOSED}",
-                                      parameter=CAPABILITY_ARG)
-        store = Store(store_dir())
-        digests = {}
-        for name in cap:
-            try:
-                digests[name] = self.digest(store, name, model)
-            except (KeyError, ValueError) as e:  # unknown, invalid name, or an invalid pack (PackError)
-                known = ", ".join(store.names()) or "(none)"
-                why = "unknown capability" if isinstance(e, KeyError) else f"capability cannot be served ({e}):"
-                raise VLLMValidationError(f"{why} {name!r}; available: {known}", parameter=CAPABILITY_ARG,
-                                          value=name) from None
-        params.extra_args = {**params.extra_args, DIGESTS_ARG: digests}
-        with self._lock:
-            for name in cap:
-                ids = self._admitted.setdefault(name, {})
-                ids[request_id] = None
-                if len(ids) > MAX_TRACKED:
-                    del ids[next(iter(ids))]
-        if strength == 0:
-            return client_salt  # the plain model: share its prefix cache
-        h = hashlib.sha256(json.dumps([client_salt, strength, sorted(digests.items())]).encode())
-        return f"spd-{h.hexdigest()[:32]}"
-
-    def admit_auto(self, params, cap: Capability, strength: float, client_salt: str | None, model: ModelInfo,
-                   request_id: str, prompt_ids: list[int] | None, model_parallel: int) -> str | None:
-        """`capability: "auto"`: every valid pack of the served model is a candidate (their digests
-        recorded, as for named modes). The salt, which is also the worker's decision key, covers the
-        prompt's tokens: the decision is a function of them, so equal prompts share prefix-cache
-        blocks and a prompt never reads blocks written under another prompt's decision."""
-        from vllm.exceptions import VLLMValidationError
-
-        if len(cap) > 1:
-            raise VLLMValidationError(f"{CAPABILITY_ARG} auto chooses one mode itself; it cannot be composed",
-                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
-        if model_parallel > 1:  # each rank (stage) would measure its own heads (layers) and could choose otherwise
-            raise VLLMValidationError(f"{CAPABILITY_ARG} auto is not supported under tensor or pipeline parallelism",
-                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
-        store = Store(store_dir())
-        digests = {}
-        for name in store.names():
-            with contextlib.suppress(KeyError, ValueError):  # an invalid pack is never a candidate
-                digests[name] = self.digest(store, name, model)
-        if not digests:
-            raise VLLMValidationError(f"{CAPABILITY_ARG} auto: the store holds no mode for this model",
-                                      parameter=CAPABILITY_ARG, value=AUTO_MODE)
-        if len(digests) > MAX_AUTO_CANDIDATES:
-            raise VLLMValidationError(f"{CAPABILITY_ARG} auto chooses among at most {MAX_AUTO_CANDIDATES} modes; the "
-                                      f"store holds {len(digests)}", parameter=CAPABILITY_ARG, value=AUTO_MODE)
-        if strength == 0:
-            return client_salt
-        h = hashlib.sha256(json.dumps([AUTO_MODE, client_salt, strength, sorted(digests.items())]).encode())
-        h.update(array("q", prompt_ids).tobytes() if prompt_ids is not None else request_id.encode())
-        key = f"spd-{h.hexdigest()[:32]}"
-        params.extra_args = {**params.extra_args, DIGESTS_ARG: digests, AUTO_KEY_ARG: key}
-        return key
-
-
 def _wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 
         request = orig(self, request_id, prompt, params, *args, **kwargs)
@@ -692,8 +468,12 @@ def _wrap_process_inputs(orig):
             if model is None:
                 model = self._spd_model_info = info(Path(self.vllm_config.model_config.model))
             parallel = self.vllm_config.parallel_config
-            request.cache_salt = PLUGIN.front.admit(sp, request.cache_salt, model, request_id, request.prompt_token_ids,
-                                                    parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+            try:
+                sp.extra_args, request.cache_salt = PLUGIN.admission.admit(
+                    sp.extra_args, request.cache_salt, model, request_id, request.prompt_token_ids,
+                    parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+            except AdmissionError as e:
+                raise VLLMValidationError(str(e), parameter=e.parameter, value=e.value) from None
         return request
 
     process_inputs.__spd_patched__ = True
@@ -960,9 +740,10 @@ def register() -> None:
 FRONT_END_HOOK = next(h.name for h in HOOKS if h.wrap is _wrap_process_inputs)
 
 
-def front_end_installed() -> bool:
-    """Whether this process admits requests through the plugin (validation, digests, cache salt)."""
-    return FRONT_END_HOOK in PLUGIN.installed
+def front_end() -> Admission | None:
+    """This process's admission, if requests are admitted through the plugin here (validation,
+    digests, cache salt); None if the front-end hook is not installed."""
+    return PLUGIN.admission if FRONT_END_HOOK in PLUGIN.installed else None
 
 
 def is_active() -> bool:

@@ -2,16 +2,23 @@
 
 A bank is immutable. Adding or removing a mode, or composing modes for the first time, builds a
 new bank, and the backend swaps its reference: a step already running keeps the bank it started
-with, so requests in flight are never affected.
+with, so requests in flight are never affected. `ModeCache` keeps one process's bank in step with
+the store, loading each mode with the digest its request was admitted with.
 """
 from __future__ import annotations
 
+import logging
+import threading
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from .models import ModelInfo
 from .projection import NO_MODE, SiteBank, SlotGroups, orthonormal_union
-from .subspace import Site, Subspace, site_basis
+from .subspace import Site, Store, Subspace, load, pack_digest, site_basis
+
+log = logging.getLogger("spd.bank")
 
 Capability = tuple[str, ...]  # sorted, unique mode names; () = no mode
 
@@ -74,3 +81,82 @@ class ProjectionBank:
         are the rows' `SlotGroups`, built once per step and shared by every site."""
         bank = self.sites.get(site)
         return x if bank is None else bank.apply(x, slot, strength, groups)
+
+
+class ModeCache:
+    """One worker's loaded modes, each with the digest it was loaded with. The bank is swapped by
+    reference: a step keeps the bank it started with. A request names each mode's digest (set when
+    it was admitted); a mode whose digest changed in the store (deleted and re-imported under the
+    same name) is reloaded, from the retained copy if the store no longer holds those bases. Modes
+    and compositions beyond the caps are evicted least recently used first (never one the current
+    step needs). `heads`: the KV heads this worker holds (tensor parallelism), None for all."""
+
+    def __init__(self, model: ModelInfo, heads: list[int] | None, root: Path, max_modes: int = 64,
+                 max_compositions: int = 32):
+        self.model, self.max_modes, self.max_compositions = model, max_modes, max_compositions
+        self.store = Store(root, clean=False)
+        self.bank = ProjectionBank(heads=heads)
+        self.digests: dict[str, str] = {}
+        self._used: dict[Capability, None] = {}  # recency order, oldest first
+        self._lock = threading.Lock()
+        # the current bank's site banks on one device and dtype: (bank, device, dtype, sites)
+        self._on_device: tuple[ProjectionBank, torch.device, torch.dtype, dict[Site, SiteBank]] | None = None
+
+    def bank_for(self, caps: list[Capability], digests: dict[str, str]) -> tuple[ProjectionBank, list[Capability]]:
+        """The bank for one step's capabilities and the capabilities it serves: a mode that cannot
+        be loaded with the digest its request was admitted with is logged and not served."""
+        with self._lock:
+            bank = self.bank
+            for name in sorted({n for c in caps for n in c}):
+                want = digests.get(name)
+                if name in bank.modes and (want is None or self.digests[name] == want):
+                    continue
+                try:
+                    path = self.store.path(name)
+                    if want is not None and (not path.is_dir() or pack_digest(path) != want):
+                        path = self.store.retained(want)  # deleted or replaced since its request was admitted
+                    pack = load(path, self.model)
+                    got = pack_digest(path)
+                    if want is not None and got != want:
+                        raise ValueError(f"the bases admitted (digest {want}) are gone")
+                    bank = (bank.without_mode(name) if name in bank.modes else bank).with_mode(pack)
+                except (KeyError, ValueError, OSError) as e:  # PackError is a ValueError (e.g. a layer pack under TP)
+                    log.error("capability %r cannot be loaded from %s (%s); not projected", name, self.store.root, e)
+                    if name in bank.modes:
+                        bank = bank.without_mode(name)
+                    continue
+                self.digests[name] = got
+            served = [c if all(n in bank.modes for n in c) else () for c in caps]
+            for c in served:
+                if c:
+                    self._used.pop(c, None)
+                    self._used[c] = None
+                    bank = bank.with_capability(c)
+            self.bank = self._evict(bank, set(served))
+            return self.bank, served
+
+    def _evict(self, bank: ProjectionBank, keep: set[Capability]) -> ProjectionBank:
+        combos = [c for c in self._used if len(c) > 1 and c in bank.index and c not in keep]
+        for c in combos[: max(0, len(bank.slots) - len(bank.modes) - self.max_compositions)]:
+            bank = ProjectionBank(bank.modes, [s for s in bank.slots if s != c], bank.heads)
+            del self._used[c]
+        needed = {n for c in keep for n in c}
+        for c in [c for c in self._used if len(c) == 1 and c[0] not in needed]:
+            if len(bank.modes) <= self.max_modes:
+                break
+            bank = bank.without_mode(c[0])
+            self.digests.pop(c[0], None)
+            del self._used[c]
+        return bank
+
+    def on_device(self, bank: ProjectionBank, device: torch.device, dtype: torch.dtype) -> dict[Site, SiteBank]:
+        """`bank`'s site banks with W in `dtype` and every tensor on `device`: built once per bank
+        (and device/dtype), then reused by every layer and step, so `SiteBank.apply`'s own `.to()`
+        calls are no-ops. On the CPU in float32 these are the bank's own tensors (no copy)."""
+        cached = self._on_device
+        if cached is not None and cached[0] is bank and cached[1] == device and cached[2] == dtype:
+            return cached[3]
+        sites = {site: SiteBank(sb.W.to(device=device, dtype=dtype), sb.col_slot.to(device), sb.covers.to(device))
+                 for site, sb in bank.sites.items()}
+        self._on_device = (bank, device, dtype, sites)
+        return sites

@@ -14,17 +14,24 @@ Writes are atomic and durable: a pack is staged in a hidden directory of the sto
 directory fsynced, then renamed into place and the store directory fsynced. A staging directory is
 locked (flock) while its writer runs; `Store.clean()` (also run when a Store is created) removes
 the hidden staging and trash directories that crashed writers left, never one still locked.
+
+A pack's identity is its digest (`pack_digest`): a request is admitted with the digests of its
+modes and projected with exactly those bases. `Store.retain` keeps an admitted pack's files under
+`<store>/.by-digest/<digest>/`, so a request admitted before its mode was deleted or replaced still
+finds them; `Store.prune_retained` drops those of packs no longer in the store.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import math
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -324,6 +331,20 @@ def _first_error(e: ValidationError) -> str:
     return f"field {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
 
 
+PACK_FILES = ("manifest.json", "bases.safetensors")
+RETAINED = ".by-digest"  # <store>/.by-digest/<digest>/: the admitted bases, kept when the pack is deleted
+
+
+def pack_digest(path: Path) -> str:
+    """The content identity of a pack directory (manifest and bases)."""
+    h = hashlib.sha256()
+    for member in PACK_FILES:
+        with open(path / member, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
 class Store:
     """The subspace store: a directory of packs, addressed by validated names only."""
 
@@ -390,6 +411,47 @@ class Store:
         path.rename(trash)  # atomic disappearance, then clean up
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def digest(self, name: str) -> str:
+        return pack_digest(self.path(name))
+
+    def retained(self, digest: str) -> Path:
+        """Where `retain` keeps the pack with this digest."""
+        return child(self.root / RETAINED, digest, "pack digest")
+
+    def retain(self, name: str, digest: str) -> Path:
+        """A copy of pack `name` (whose digest is `digest`) addressed by its digest: hard links,
+        since packs are only ever replaced by rename, never written in place."""
+        target = self.retained(digest)
+        if not (target / PACK_FILES[1]).is_file():
+            tmp = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for member in PACK_FILES:
+                dst = tmp / member
+                if not dst.exists():
+                    try:
+                        os.link(self.path(name) / member, dst)
+                    except OSError:
+                        shutil.copyfile(self.path(name) / member, dst)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process retained it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def prune_retained(self) -> None:
+        """Drop the retained copies of packs no longer in the store (at start, when no request
+        admitted earlier is left)."""
+        root = self.root / RETAINED
+        if not root.is_dir():
+            return
+        keep = set()
+        for name in self.names():
+            with contextlib.suppress(OSError):
+                keep.add(self.digest(name))
+        for d in root.iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def principal_angles(a: Subspace, b: Subspace) -> dict[str, list[float]]:

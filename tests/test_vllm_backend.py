@@ -223,7 +223,7 @@ def test_kv_heads_of_each_tensor_parallel_rank_follow_vllms_sharding():
 
 def test_under_tensor_parallelism_head_packs_project_the_ranks_heads_and_layer_packs_are_refused(
         hf_backend, packs, tmp_path):
-    from server.vllm_plugin import WorkerModes
+    from spd_engine.bank import ModeCache
     from spd_engine.projection import project
     from spd_engine.subspace import Store
 
@@ -233,7 +233,7 @@ def test_under_tensor_parallelism_head_packs_project_the_ranks_heads_and_layer_p
                      CalibrationConfig(rank=8, method="random", granularity="head", layers=[15]))
     for p in (head, packs[B]):
         Store(tmp_path).save(p)
-    rank1 = WorkerModes(be.model_info, [1], tmp_path)  # this rank holds KV head 1 only
+    rank1 = ModeCache(be.model_info, [1], tmp_path)  # this rank holds KV head 1 only
     rank1.bank_for([("v-head",)], {})
     x = torch.randn(5, 1, be.model_info.head_dim)
     got = rank1.bank.apply((15, "k"), x, torch.zeros(5, dtype=torch.long), torch.ones(5))
@@ -243,14 +243,11 @@ def test_under_tensor_parallelism_head_packs_project_the_ranks_heads_and_layer_p
     assert rank1.bank_for([(B,)], {})[1] == [()]  # a worker never projects a layer pack under TP
 
 
-def test_the_front_end_validates_requests_and_salts_by_pack_content(monkeypatch, tmp_path, packs, hf_backend):
+def test_the_front_end_validates_requests_and_salts_by_pack_content(tmp_path, packs, hf_backend):
     import copy
     import shutil
 
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
-
-    from server.vllm_plugin import FrontEnd
+    from spd_engine.admission import Admission, AdmissionError
     from spd_engine.subspace import Store
     from spd_engine.vllm_requests import parse_extra_args
 
@@ -258,24 +255,24 @@ def test_the_front_end_validates_requests_and_salts_by_pack_content(monkeypatch,
     assert parse_extra_args({"capability": "b", "capability_strength": 0.5}) == (("b",), 0.5)
     assert parse_extra_args({"capability": ["b", "a", "b"]}) == (("a", "b"), 1.0)
     Store(tmp_path).save(packs[A])
-    monkeypatch.setenv("SPD_STORE_DIR", str(tmp_path))
-    front, model = FrontEnd(), hf_backend.model_info
-    sp = SamplingParams(extra_args={"capability": A})
-    salt = front.admit(sp, None, model)
-    assert salt.startswith("spd-") and sp.extra_args["spd_digests"][A]
-    assert front.admit(SamplingParams(extra_args={"capability": A}), "client", model) != salt
-    assert front.admit(SamplingParams(extra_args={"capability": A, "capability_strength": 0}), "c", model) == "c"
-    with pytest.raises(VLLMValidationError, match=f"unknown capability 'zzz'.*{A}"):
-        front.admit(SamplingParams(extra_args={"capability": ["zzz", A]}), None, model)
-    with pytest.raises(VLLMValidationError, match=r"capability_strength must be a number in \[0, 1\]"):
-        front.admit(SamplingParams(extra_args={"capability": A, "capability_strength": 2}), None, model)
+    front, model = Admission(Store(tmp_path)), hf_backend.model_info
+    args, salt = front.admit({"capability": A}, None, model)
+    assert salt.startswith("spd-") and args["spd_digests"][A]
+    assert front.admit({"capability": A}, "client", model)[1] != salt
+    assert front.admit({"capability": A, "capability_strength": 0}, "c", model)[1] == "c"
+    with pytest.raises(AdmissionError, match=f"unknown capability 'zzz'.*{A}") as e:
+        front.admit({"capability": ["zzz", A]}, None, model)
+    assert (e.value.parameter, e.value.value) == ("capability", "zzz")
+    with pytest.raises(AdmissionError, match=r"capability_strength must be a number in \[0, 1\]"):
+        front.admit({"capability": A, "capability_strength": 2}, None, model)
     # the same name with other bases (deleted and re-imported): another salt, another digest
     shutil.rmtree(tmp_path / A)
     other = copy.copy(packs[B])  # B's bases under A's name
     other.manifest = other.manifest.model_copy(update={"name": A})
     Store(tmp_path).save(other)
-    sp2 = SamplingParams(extra_args={"capability": A})
-    assert front.admit(sp2, None, model) != salt and sp2.extra_args["spd_digests"][A] != sp.extra_args["spd_digests"][A]
+    args2, salt2 = front.admit({"capability": A}, None, model)
+    assert salt2 != salt and args2["spd_digests"][A] != args["spd_digests"][A]
+    assert (tmp_path / ".by-digest" / args["spd_digests"][A] / "bases.safetensors").is_file()  # the first, retained
 
 
 def test_in_bfloat16_a_projected_row_changes_only_itself_and_strength_zero_is_no_mode(vllm_be, bundled_path):

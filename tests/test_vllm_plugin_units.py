@@ -64,7 +64,8 @@ def step(monkeypatch):
     bases = [torch.linalg.qr(torch.randn(w, 3))[0], torch.linalg.qr(torch.randn(w, 2))[0]]
     bank = SimpleNamespace(sites={(0, "k"): SiteBank.build(bases), (0, "v"): SiteBank.build([None, bases[1]])},
                            slot=lambda c: {(): -1, ("a",): 0, ("b",): 1}[c])
-    monkeypatch.setattr(vllm_plugin, "worker_modes", lambda runner: SimpleNamespace(bank_for=lambda caps, digests: (bank, caps)))
+    cache = SimpleNamespace(bank_for=lambda caps, digests: (bank, caps), on_device=lambda bank, device, dtype: bank.sites)
+    monkeypatch.setattr(vllm_plugin.PLUGIN, "worker_modes", lambda runner: cache)
     qsl = [0, 2, 5, 6]
     md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32))
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
@@ -119,17 +120,20 @@ def test_device_metadata_is_routed_from_the_runners_host_copy_and_the_route_live
     assert route.slot.tolist() == [0, 0, -1, -1, -1, 1, -1]
 
 
-def test_bank_tensors_move_to_the_device_once_per_bank():
+def test_bank_tensors_move_to_the_device_once_per_bank(tmp_path):
+    from spd_engine.bank import ModeCache
+
     w = torch.linalg.qr(torch.randn(8, 3))[0]
     bank = SimpleNamespace(sites={(0, "k"): SiteBank.build([w])})
-    on_cpu = vllm_plugin.device_sites(bank, torch.device("cpu"), torch.float32)
+    cache = ModeCache(None, None, tmp_path)
+    on_cpu = cache.on_device(bank, torch.device("cpu"), torch.float32)
     assert on_cpu[(0, "k")].W is bank.sites[(0, "k")].W  # CPU float32: no copy at all
-    meta = vllm_plugin.device_sites(bank, torch.device("meta"), torch.float16)
+    meta = cache.on_device(bank, torch.device("meta"), torch.float16)
     assert meta[(0, "k")].W.device.type == "meta" and meta[(0, "k")].W.dtype == torch.float16
     assert meta[(0, "k")].col_slot.device.type == "meta" and meta[(0, "k")].covers.device.type == "meta"
-    assert vllm_plugin.device_sites(bank, torch.device("meta"), torch.float16) is meta  # cached
+    assert cache.on_device(bank, torch.device("meta"), torch.float16) is meta  # cached
     other = SimpleNamespace(sites=bank.sites)
-    assert vllm_plugin.device_sites(other, torch.device("meta"), torch.float16) is not meta  # a new bank: rebuilt
+    assert cache.on_device(other, torch.device("meta"), torch.float16) is not meta  # a new bank: rebuilt
 
 
 def _cc(cudagraph_mode, splitting_ops, mode=None, **passes):
