@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 from .bank import Capability
 from .models import ModelInfo
@@ -46,14 +46,6 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
-@dataclass(frozen=True)
-class Delta:
-    """One piece of a streamed completion: the text produced since the previous piece; the last
-    piece also carries the whole completion."""
-    text: str
-    completion: Completion | None = None
-
-
 Progress = Callable[[int], None]  # called with the number of requests just finished
 
 
@@ -65,24 +57,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest], progress: Progress | None = None) -> list[Completion]:
         """Complete every request; requests may mix capabilities, strengths and adapters."""
-
-    def stream(self, request: GenerationRequest) -> Iterator[Delta]:
-        """Complete one request, yielding its text as it is produced. This default generates the whole
-        completion first (one piece); backends that can stream token by token override it. Closing the
-        iterator early cancels the request."""
-        (c,) = self.generate([request])
-        yield Delta(c.text, c)
-
-    @property
-    def streams_incrementally(self) -> bool:
-        """True when `stream` yields text as it is produced (it is overridden)."""
-        return type(self).stream is not Backend.stream
-
-    @property
-    def batches_continuously(self) -> bool:
-        """True when concurrent `generate` calls join one continuous batch in the engine, so callers
-        need not gather requests into one call first (vLLM); False when each call is its own batch."""
-        return False
 
     @abc.abstractmethod
     def add_subspace(self, pack: Subspace) -> None:
