@@ -50,10 +50,29 @@ def run_in_server_like_process(program: str) -> tuple[int, dict]:
     return proc.returncode, (json.loads(proc.stdout) if proc.returncode == 0 else {"stderr": proc.stderr})
 
 
-def test_isolation_names_a_known_mode_and_is_not_none_where_bubblewrap_is_installed() -> None:
-    assert isolation() in ("bwrap", "unshare", "bwrap-userns", "none")
-    if shutil.which("bwrap") and os.geteuid() == 0:
-        assert isolation() == "bwrap"
+def test_the_first_working_isolation_is_chosen_and_a_named_one_that_does_not_work_is_refused(monkeypatch) -> None:
+    works: set[str] = set()
+    monkeypatch.setattr(sandbox, "_probe", lambda mode: None if mode in works else f"{mode} is broken")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert sandbox._choose("auto") == "none"  # nothing works: no isolation, with a warning
+    works.add("unshare")
+    assert sandbox._choose("auto") == "unshare"
+    works.add("bwrap")
+    assert sandbox._choose("auto") == "bwrap"  # bubblewrap first
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeError, match="SPD_SANDBOX=bwrap but it does not work here"):
+        sandbox._choose("bwrap")  # without root, bwrap means bwrap-userns, which does not work here
+    with pytest.raises(RuntimeError, match="use auto, bwrap, unshare or none"):
+        sandbox._choose("docker")
+    assert sandbox._choose("none") == "none"
+
+
+def test_where_bubblewrap_is_installed_the_sandbox_isolates() -> None:
+    """`make setup` installs bubblewrap, so here an isolating mode must work: the attack tests
+    below skip only where no isolation tool is installed, never because the probe broke."""
+    if not shutil.which("bwrap"):
+        pytest.skip("bubblewrap is not installed (make setup installs it)")
+    assert isolation() in ("bwrap", "bwrap-userns") if os.geteuid() else isolation() == "bwrap"
 
 
 def test_the_harness_passes_a_benign_program() -> None:
