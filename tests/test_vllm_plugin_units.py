@@ -1,6 +1,8 @@
 """The vLLM plugin's pieces without an engine: which backends it patches, how the patched KV write
 routes tokens (devices, nesting), the CUDA-graph policy, and the start-up refusal of backends
-whose KV write cannot be patched. Fast: no model is loaded."""
+whose KV write cannot be patched. Fast: no model is loaded. The state the plugin reads is built
+from the installed vLLM's own classes (InputBatch, CachedRequestState, CpuGpuBuffer,
+CompilationConfig, Attention), so a rename there fails here rather than passing against a fake."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -47,11 +49,25 @@ def test_patch_impl_wraps_the_standard_kv_write_where_it_is_defined_once(registe
     assert vllm_plugin.is_active()
 
 
-class _Runner:
-    def __init__(self, req_ids, extra, qsl):
-        self.input_batch = SimpleNamespace(req_ids=req_ids)
-        self.requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=e)) for r, e in zip(req_ids, extra)}
-        self.query_start_loc = SimpleNamespace(cpu=torch.tensor(qsl, dtype=torch.int32))
+def _runner(extra, qsl):
+    """The runner state the routing reads, made of vLLM's own classes (a rename there fails here):
+    `input_batch` (InputBatch), `requests` (CachedRequestState by id), `query_start_loc` (CpuGpuBuffer)."""
+    from vllm import SamplingParams
+    from vllm.v1.utils import CpuGpuBuffer
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+    batch = InputBatch(max_num_reqs=8, max_model_len=64, max_num_batched_tokens=64, device=torch.device("cpu"),
+                       vocab_size=100, block_sizes=[16], max_num_blocks_per_req=[4])
+    requests = {}
+    for i, e in enumerate(extra):
+        r = CachedRequestState(req_id=f"r{i}", prompt_token_ids=[1, 2, 3], mm_features=[],
+                               sampling_params=SamplingParams(extra_args=e), generator=None, block_ids=([0],),
+                               num_computed_tokens=0, output_token_ids=[])
+        requests[r.req_id] = r
+        batch.add_request(r)
+    query_start_loc = CpuGpuBuffer(len(qsl), dtype=torch.int32, device=torch.device("cpu"))
+    query_start_loc.cpu[:] = torch.tensor(qsl, dtype=torch.int32)
+    return SimpleNamespace(input_batch=batch, requests=requests, query_start_loc=query_start_loc)
 
 
 @pytest.fixture
@@ -70,8 +86,7 @@ def step(monkeypatch):
     md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32))
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
     monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(attn_metadata={"model.layers.0.attn": md}))
-    runner = _Runner(["r0", "r1", "r2"], [{"capability": "a"}, None, {"capability": "b", "capability_strength": 0.5}],
-                     qsl)
+    runner = _runner([{"capability": "a"}, None, {"capability": "b", "capability_strength": 0.5}], qsl)
     seen = []
 
     def orig(self, layer, key, value, kv_cache, slot_mapping):
@@ -136,12 +151,11 @@ def test_bank_tensors_move_to_the_device_once_per_bank(tmp_path):
     assert cache.on_device(other, torch.device("meta"), torch.float16) is not meta  # a new bank: rebuilt
 
 
-def _cc(cudagraph_mode, splitting_ops, mode=None, **passes):
-    from vllm.config import CompilationMode
+def _cc(cudagraph_mode, splitting_ops, mode=None):
+    from vllm.config import CompilationConfig, CompilationMode
 
-    return SimpleNamespace(cudagraph_mode=cudagraph_mode, splitting_ops=splitting_ops,
-                           mode=CompilationMode.VLLM_COMPILE if mode is None else mode,
-                           pass_config=SimpleNamespace(fuse_rope_kvcache=False, fuse_qk_norm_rope_kvcache=False, **passes))
+    return CompilationConfig(mode=CompilationMode.VLLM_COMPILE if mode is None else mode,
+                             cudagraph_mode=cudagraph_mode, splitting_ops=splitting_ops)
 
 
 def test_cuda_graph_modes_that_would_capture_the_kv_write_are_lowered(monkeypatch):
@@ -166,7 +180,7 @@ def test_cuda_graph_modes_that_would_capture_the_kv_write_are_lowered(monkeypatc
 
     monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH")
     cfg = SimpleNamespace(compilation_config=_cc(CUDAGraphMode.FULL_AND_PIECEWISE, split))
-    cfg.compilation_config.pass_config.fuse_rope_kvcache = True
+    cfg.compilation_config.pass_config.fuse_rope_kvcache = True  # as on ROCm (vLLM turns it off elsewhere)
     with pytest.raises(RuntimeError, match="FULL_AND_PIECEWISE"):
         vllm_plugin.check_cudagraph_mode(cfg)
     vllm_plugin.enforce_cudagraph_policy(cfg)
@@ -208,7 +222,11 @@ def test_start_up_patches_layers_impls_and_refuses_backends_whose_kv_write_canno
     late_backend = type("LateBackend", (), {"forward_includes_kv_cache_update": False})
 
     def config(**layers):
-        return SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=layers))
+        from vllm.config import CompilationConfig
+
+        cc = CompilationConfig()
+        cc.static_forward_context.update(layers)
+        return SimpleNamespace(compilation_config=cc)
 
     cpu_impl = object.__new__(__import__("vllm.v1.attention.backends.cpu_attn", fromlist=["x"]).CPUAttentionBackendImpl)
     used = vllm_plugin.check_model_layers(config(
