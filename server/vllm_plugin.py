@@ -678,8 +678,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name not in self.modules:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+        for finder in sys.meta_path:  # the finders that really load it (never another of ours: endless recursion)
+            if isinstance(finder, _PatchOnImport) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None and spec.loader is not None:
@@ -734,6 +734,7 @@ def register() -> None:
         modules = {h.module for h in HOOKS} | set(MODULE_PATCHES)
         for module in sorted(modules & set(sys.modules)):
             _apply(sys.modules[module])
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchOnImport)]
         sys.meta_path.insert(0, _PatchOnImport(modules - set(sys.modules)))
 
 

