@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import math
 import shutil
 import tarfile
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import Field, ValidationError
 
+from spd_engine.config import CalibrationConfig, ConfigError
 from spd_engine.data import DataError
 from spd_engine.subspace import PackError
 
@@ -22,7 +24,7 @@ from . import steps
 from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, documented, not_found
 from .jobs import FINAL
-from .schemas import NAME_PATTERN, AdapterLoad, JobCreate, SubspaceCreate
+from .schemas import NAME_PATTERN, AdapterLoad, Inputs, JobCreate, SubspaceCreate, job_record
 from .state import AdapterError, SPDServer
 
 router = APIRouter()
@@ -202,21 +204,28 @@ async def _upload(request: Request, field: str) -> tuple[bytes, str | None]:
 _FORM_LISTS = {"layers": int, "kinds": str}
 
 
+def _form_schema() -> dict:
+    """The multipart form of POST /v1/subspaces: SubspaceCreate's fields, lists as comma-separated text."""
+    fields = SubspaceCreate.model_json_schema()["properties"]
+    kinds = fields["kinds"]["items"]["enum"]
+    props = {"file": {"type": "string", "format": "binary", "description": "calibration JSONL (project schema)"},
+             **{k: v for k, v in fields.items() if k not in ("calibration", *_FORM_LISTS)},
+             "layers": {"type": "string", "pattern": r"^[0-9]{1,4}(,[0-9]{1,4})*$", "description": "e.g. 15,29"},
+             "kinds": {"type": "string", "enum": [",".join(p) for n in range(1, len(kinds) + 1)
+                                                  for p in itertools.permutations(kinds, n)]},
+             "limit": {"type": "integer", "minimum": 1}}
+    for v in props.values():  # a form field is text or absent: no null branch
+        if "anyOf" in v:
+            v.update(next(b for b in v.pop("anyOf") if b.get("type") != "null"))
+        v.pop("default", None)
+    return {"type": "object", "required": ["name", "kind", "file"], "additionalProperties": False, "properties": props}
+
+
 @router.post("/v1/subspaces", responses=documented(400, 404, 409, 413, 422, 429), tags=["subspaces"], status_code=202,
              summary="Upload a calibration set: starts a calibrate job whose pack is served when it succeeds",
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": SubspaceCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
-                 "multipart/form-data": {"schema": {"type": "object", "required": ["name", "kind", "file"],
-                                                    "additionalProperties": False, "properties": {
-                     "file": {"type": "string", "format": "binary", "description": "calibration JSONL (project schema)"},
-                     "name": {"type": "string", "pattern": NAME_PATTERN},
-                     "kind": {"type": "string", "enum": ["math", "mcq", "code", "custom"]},
-                     "layers": {"type": "string", "pattern": r"^[0-9]{1,4}(,[0-9]{1,4})*$", "description": "e.g. 15,29"},
-                     "kinds": {"type": "string", "enum": ["k", "v", "k,v", "v,k"]},
-                     "granularity": {"type": "string", "enum": ["layer", "head"]},
-                     "method": {"type": "string", "enum": ["gradient", "random", "activation-pca"]},
-                     "rank": {"type": "integer", "minimum": 1}, "energy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                     "limit": {"type": "integer", "minimum": 1}}}}}}})
+                 "multipart/form-data": {"schema": _form_schema()}}}})
 async def create_subspace(request: Request):
     st = _st(request)
     await _read_capped(request)
@@ -244,29 +253,20 @@ async def create_subspace(request: Request):
             data = await request.json()
         except ValueError:
             raise APIError(422, "request body is not valid JSON", "body") from None
-    body = _validate(SubspaceCreate, data)
-    job = submit(st, "calibrate", body.model_dump())
-    return job
+    return submit(st, "calibrate", _validate(SubspaceCreate, data))
 
 
 # ---------------------------------------------------------------- jobs
 
 
-def _check_calibration(st, p: dict, prefix: str = "") -> None:
-    info = st.model_info
-    if p["name"] in st.store.names():
-        raise APIError(409, f"a subspace named {p['name']!r} already exists", f"{prefix}name")
-    bad = [x for x in (p.get("layers") or []) if not 0 <= x < info.n_layers]
-    if bad:
-        raise APIError(422, f"field '{prefix}layers': {bad} do not exist; the model has layers 0..{info.n_layers - 1}",
-                       f"{prefix}layers")
-    width = info.head_dim if p.get("granularity") == "head" else info.kv_width
-    if p.get("rank") is not None and p["rank"] > width:
-        raise APIError(422, f"field '{prefix}rank': {p['rank']} exceeds the group width {width}", f"{prefix}rank")
-    if p.get("rank") is not None and p.get("energy") is not None:
-        raise APIError(422, f"field '{prefix}energy': give rank or energy, not both", f"{prefix}energy")
-    if p.get("method") == "random" and p.get("energy") is not None:
-        raise APIError(422, f"field '{prefix}energy': a random subspace needs a fixed rank", f"{prefix}energy")
+def _check_calibration(st, name: str, cfg: CalibrationConfig, prefix: str = "") -> None:
+    """The settings against the served model: the same check calibration itself makes."""
+    if name in st.store.names():
+        raise APIError(409, f"a subspace named {name!r} already exists", f"{prefix}name")
+    try:
+        cfg.check_model(st.model_info)
+    except ConfigError as e:
+        raise APIError(422, f"field '{prefix}{e.field}': {e}", f"{prefix}{e.field}") from None
 
 
 def _check_modes(st, names: list[str], param: str) -> None:
@@ -276,8 +276,9 @@ def _check_modes(st, names: list[str], param: str) -> None:
             raise not_found("capability", n, known, param)
 
 
-def submit(st, kind: str, params: dict) -> dict:
-    """Validate a job's parameters and inputs, then queue it (202). Nothing is queued on error."""
+def submit(st, kind: str, params) -> dict:
+    """Check a job's validated parameters (a request model of `schemas`) against the server and
+    prepare its inputs, then queue it (202). Nothing is queued on error."""
     if st.jobs.counts().get("queued", 0) >= st.settings.max_queued_jobs:
         raise APIError(429, f"{st.settings.max_queued_jobs} jobs are queued already (SPD_MAX_QUEUED_JOBS); "
                             "retry when some have run", "kind", headers={"retry-after": "30"})
@@ -286,48 +287,50 @@ def submit(st, kind: str, params: dict) -> dict:
             shutil.rmtree(st.settings.jobs_dir / old, ignore_errors=True)
     job_id = st.jobs.new_id()
     jd = st.settings.jobs_dir / job_id
-    inputs: dict = {}
+    inputs = Inputs()
+    task_kind = params.kind if kind == "calibrate" else getattr(params, "task_kind", None)
+
+    def prepare(role: str) -> None:
+        setattr(inputs, role, steps.prepare_data(getattr(params, role), task_kind, jd, role, st.settings.allow_client_code))
+
     try:
         if kind == "calibrate":
-            _check_calibration(st, params)
-            inputs["calibration"] = steps.prepare_data(params["calibration"], params["kind"], jd, "calibration", st.settings.allow_client_code)
+            _check_calibration(st, params.name, params)
+            prepare("calibration")
         elif kind == "generate":
-            _check_modes(st, params["capability"], "params.capability")
-            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
-            steps.check_lengths(st, jd, inputs["prompts"], params["task_kind"], params["max_tokens"], "prompts")
+            _check_modes(st, params.capability, "params.capability")
+            prepare("prompts")
+            steps.check_lengths(st, jd, inputs.prompts, task_kind, params.max_tokens, "prompts")
         elif kind == "distill":
-            src = st.jobs.get(params["corpus_job"])
+            src = st.jobs.get(params.corpus_job)
             if src is None:
-                raise APIError(404, f"unknown job {params['corpus_job']!r}", "params.corpus_job")
+                raise APIError(404, f"unknown job {params.corpus_job!r}", "params.corpus_job")
             if src["kind"] not in ("generate", "pipeline") or src["state"] != "succeeded":
-                raise APIError(409, f"job {params['corpus_job']!r} is a {src['state']} {src['kind']} job, not a "
+                raise APIError(409, f"job {params.corpus_job!r} is a {src['state']} {src['kind']} job, not a "
                                "succeeded generate job", "params.corpus_job")
-            if params.get("adapter_name"):
-                _check_adapter_name(st, params["adapter_name"], "params.adapter_name")
+            if params.adapter_name:
+                _check_adapter_name(st, params.adapter_name, "params.adapter_name")
         elif kind == "evaluate":
-            _check_modes(st, params["capability"], "params.capability")
-            if params.get("adapter") and params["adapter"] not in st.adapters():
-                raise not_found("adapter", params["adapter"], st.adapters(), "params.adapter")
-            inputs["data"] = steps.prepare_data(params["data"], params["task_kind"], jd, "data", st.settings.allow_client_code)
-            steps.check_lengths(st, jd, inputs["data"], params["task_kind"], params["max_tokens"], "data")
+            _check_modes(st, params.capability, "params.capability")
+            if params.adapter and params.adapter not in st.adapters():
+                raise not_found("adapter", params.adapter, st.adapters(), "params.adapter")
+            prepare("data")
+            steps.check_lengths(st, jd, inputs.data, task_kind, params.max_tokens, "data")
         elif kind == "pipeline":
-            _check_calibration(st, {"name": params["name"], **params["calibration_params"]}, "params.")
-            _check_adapter_name(st, params.get("adapter_name"), "params.adapter_name")  # a pipeline always loads one
-            inputs["calibration"] = steps.prepare_data(params["calibration"], params["task_kind"], jd, "calibration", st.settings.allow_client_code)
-            inputs["prompts"] = steps.prepare_data(params["prompts"], params["task_kind"], jd, "prompts", st.settings.allow_client_code)
-            steps.check_lengths(st, jd, inputs["prompts"], params["task_kind"], params["max_tokens"], "prompts")
-            if params.get("eval_data"):
-                inputs["eval_data"] = steps.prepare_data(params["eval_data"], params["task_kind"], jd, "eval_data", st.settings.allow_client_code)
+            _check_calibration(st, params.name, params.calibration_params, "params.")
+            _check_adapter_name(st, params.adapter_name, "params.adapter_name")  # a pipeline always loads one
+            prepare("calibration")
+            prepare("prompts")
+            steps.check_lengths(st, jd, inputs.prompts, task_kind, params.max_tokens, "prompts")
+            if params.eval_data is not None:
+                prepare("eval_data")
     except DataError as e:
         shutil.rmtree(jd, ignore_errors=True)
         raise APIError(422, str(e), str(e).split(":")[0]) from None
     except BaseException:
         shutil.rmtree(jd, ignore_errors=True)
         raise
-    for role in ("calibration", "prompts", "data", "eval_data"):  # inline data lives in the job dir, not the DB
-        if isinstance(params.get(role), dict):
-            params[role] = {k: v for k, v in params[role].items() if k not in ("data", "examples")}
-    job = st.jobs.create(job_id, kind, {**params, "_inputs": inputs})
+    job = st.jobs.create(job_id, kind, job_record(params, inputs))  # the parameters, serialised once
     st.worker.notify()
     return job
 
@@ -344,7 +347,7 @@ def _check_adapter_name(st, name: str | None, param: str) -> None:
 
 @router.post("/v1/jobs", responses=documented(400, 404, 409, 422, 429), tags=["jobs"], status_code=202, summary="Queue a calibrate, generate, distill, evaluate or pipeline job")
 async def create_job(body: Annotated[JobCreate, Field(discriminator="kind")], request: Request):
-    return submit(_st(request), body.kind, body.params.model_dump())
+    return submit(_st(request), body.kind, body.params)
 
 
 def _job(st, job_id: str) -> dict:

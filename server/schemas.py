@@ -2,16 +2,16 @@
 schema. The OpenAI routes and their models are vLLM's own."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spd_engine.config import (CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, PipelineConfig)
+from spd_engine.paths import NAME_PATTERN
 from spd_engine.subspace import check_mode_name
+from spd_engine.tasks import Kind as TaskKind
 
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule as spd_engine.paths.check_name
 Name = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
-ModeName = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 
 
 def _exactly_one(*fields: str) -> dict:
@@ -24,10 +24,6 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------- subspaces, adapters, jobs
-
-GranularityT = Literal["layer", "head"]
-TaskKind = Literal["math", "mcq", "code", "custom"]
-
 
 class DataSpec(_Strict):
     """Examples for a job: inline JSONL in the project schema, a list of rows, or a shared data set."""
@@ -48,29 +44,23 @@ class DataSpec(_Strict):
         return self
 
 
-class CalibrationParams(_Strict):
-    layers: list[int] | None = Field(default=None, min_length=1, description="default: middle and last layer")
-    kinds: list[Literal["k", "v"]] = Field(default=["k", "v"], min_length=1)
-    granularity: GranularityT = "layer"
-    method: Literal["gradient", "random", "activation-pca"] = "gradient"
-    rank: int | None = Field(default=None, ge=1)
-    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+CalibrationParams = CalibrationConfig  # the OpenAPI schema names it CalibrationConfig
 
 
 class SubspaceCreate(CalibrationParams):
     name: str = Name
+    kind: TaskKind
+    calibration: DataSpec
 
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
         return check_mode_name(v)
-    kind: TaskKind
-    calibration: DataSpec
 
 
 class AdapterLoad(_Strict):
     name: str = Name
-    directory: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    directory: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN,
                                   description="a directory inside the server's adapters dir")
     job_id: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN,
                                description="a succeeded distill or pipeline job")
@@ -89,56 +79,30 @@ class CalibrateJob(_Strict):
     params: SubspaceCreate
 
 
-class GenerateParams(_Strict):
+class GenerateParams(GenerationConfig):
     task_kind: TaskKind
     prompts: DataSpec
-    capability: list[ModeName] = Field(default_factory=list, max_length=8)
-    strength: float = Field(default=1.0, ge=0.0, le=1.0)
-    max_tokens: int = Field(default=256, ge=1, le=4096)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)  # bounds exact in JSON (a float) too
 
 
-class DistillParams(_Strict):
+class DistillParams(DistillConfig):
     corpus_job: str = Field(max_length=64, pattern=NAME_PATTERN, description="a succeeded generate (or pipeline) job")
-    adapter_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    adapter_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN,
                                      description="hot-load the adapter under this name when done")
-    epochs: int = Field(default=5, ge=1, le=100)
-    lr: float = Field(default=1e-5, gt=0.0)
-    lora_rank: int = Field(default=8, ge=1, le=256)
-    lora_alpha: float = Field(default=8.0, gt=0.0)
-    batch_size: int = Field(default=4, ge=1, le=256)
-    max_length: int = Field(default=1024, ge=2)
-    seed: int = 42
 
 
-class EvaluateParams(_Strict):
+class EvaluateParams(EvaluationConfig):
     task_kind: TaskKind
     data: DataSpec
-    capability: list[ModeName] = Field(default_factory=list, max_length=8)
-    strength: float = Field(default=1.0, ge=0.0, le=1.0)
-    adapter: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN)
-    max_tokens: int = Field(default=256, ge=1, le=4096)
+    adapter: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN, description="a loaded adapter")
 
 
-class PipelineParams(_Strict):
+class PipelineParams(PipelineConfig):
     name: str = Name
     task_kind: TaskKind
     calibration: DataSpec
     prompts: DataSpec
     eval_data: DataSpec | None = None
-    calibration_params: CalibrationParams = Field(default_factory=CalibrationParams)
-    strength: float = Field(default=1.0, ge=0.0, le=1.0)
-    max_tokens: int = Field(default=256, ge=1)
-    epochs: int = Field(default=5, ge=1, le=100)
-    lr: float = Field(default=1e-5, gt=0.0)
-    lora_rank: int = Field(default=8, ge=1, le=256)
-    adapter_name: str | None = Field(default=None, min_length=1, max_length=64,
-                                     pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    controls: list[Literal["self-distill"]] = Field(
-        default_factory=list, max_length=1,
-        description="control arms run beside spd: 'self-distill' is the same pipeline without the projection "
-                    "(generation unprojected, the same distillation settings and seed), loaded as ADAPTER-self-distill")
+    adapter_name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
 
 
 class GenerateJob(_Strict):
@@ -164,17 +128,91 @@ class PipelineJob(_Strict):
 JobCreate = Union[CalibrateJob, GenerateJob, DistillJob, EvaluateJob, PipelineJob]
 
 
-class Job(BaseModel):
-    id: str
-    kind: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    progress: float
-    done: int
-    total: int
-    params: dict
-    result: dict | None
-    error: str | None
-    created: float
-    started: float | None
-    finished: float | None
-    artifact: str | None
+# ---------------------------------------------------------------- job records (what the worker reads)
+
+
+class Source(BaseModel):
+    """A job's data as submission prepared it: a file in the job dir or a shared data set."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str | None = None
+    dataset: str | None = None
+    limit: int | None = None
+    n: int = 0
+
+
+class Inputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    calibration: Source | None = None
+    prompts: Source | None = None
+    data: Source | None = None
+    eval_data: Source | None = None
+
+
+DATA_ROLES = tuple(Inputs.model_fields)
+
+
+class StoredData(BaseModel):
+    """A DataSpec as a job record keeps it: inline rows live in the job dir (`Inputs`), not in the record."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str | None = None
+    limit: int | None = None
+
+
+class _Record(BaseModel):
+    inputs: Inputs = Field(default_factory=Inputs, alias="_inputs")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CalibrateRecord(_Record, SubspaceCreate):
+    calibration: StoredData
+
+
+class GenerateRecord(_Record, GenerateParams):
+    prompts: StoredData
+
+
+class DistillRecord(_Record, DistillParams):
+    pass
+
+
+class EvaluateRecord(_Record, EvaluateParams):
+    data: StoredData
+
+
+class PipelineRecord(_Record, PipelineParams):
+    calibration: StoredData
+    prompts: StoredData
+    eval_data: StoredData | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before_lora_alpha(cls, data):
+        """A pipeline stored before `lora_alpha` was a setting trained with alpha = lora_rank."""
+        if isinstance(data, dict) and "lora_alpha" not in data:
+            data = {**data, "lora_alpha": float(data.get("lora_rank", PipelineConfig.model_fields["lora_rank"].default))}
+        return data
+
+
+RECORDS: dict[str, type[_Record]] = {"calibrate": CalibrateRecord, "generate": GenerateRecord, "distill": DistillRecord,
+                                     "evaluate": EvaluateRecord, "pipeline": PipelineRecord}
+
+
+def job_record(params: BaseModel, inputs: Inputs) -> dict:
+    """A validated request's parameters as the job store keeps them (the one serialisation):
+    inline data left out (it is in the job dir), the prepared inputs added."""
+    inline = {role: {"data", "examples"} for role in DATA_ROLES if role in type(params).model_fields}
+    return {**params.model_dump(mode="json", exclude=inline), "_inputs": inputs.model_dump(mode="json", exclude_none=True)}
+
+
+def load_record(job: dict) -> _Record:
+    """A stored job's parameters as its typed record (validated: no restated defaults); a record this
+    version cannot read is a clear error, the job's, not the server's."""
+    try:
+        return RECORDS[job["kind"]].model_validate(job["params"])
+    except (KeyError, ValidationError) as e:
+        why = (f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']}" if isinstance(e, ValidationError)
+               else f"unknown job kind {job['kind']!r}")
+        raise ValueError(f"job {job['id']}: its stored parameters do not load in this version ({why}); "
+                         "submit it again") from None

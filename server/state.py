@@ -21,6 +21,7 @@ from spd_engine.subspace import Store, Subspace
 from spd_engine.vllm_requests import completion_of, sampling_params, tokens_prompt
 
 from .settings import Settings
+from .steps import start_job_system
 
 log = logging.getLogger("spd.server")
 
@@ -110,9 +111,6 @@ class SPDServer:
     """The resource API's state, one per vLLM API server process (`app.state.spd`)."""
 
     def __init__(self, engine_client, app_state, args, settings: Settings, admission: Admission):
-        from .jobs import JobStore, Worker
-        from . import steps
-
         self.engine, self.app_state, self.settings = engine_client, app_state, settings
         self.stopping = False  # vLLM is shutting the engine down (SIGTERM/SIGINT): its end is not a death
         shutdown = engine_client.shutdown
@@ -136,9 +134,7 @@ class SPDServer:
         for d in (settings.data_dir, settings.adapters_dir, settings.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.backend = EngineClientBackend(self)
-        self.jobs = JobStore(settings.db_path)
-        self.worker = Worker(self.jobs, settings.jobs_dir, steps.make_runners(self, self.jobs), settings.jobs_lock)
-        self.worker.start()
+        self.jobs, self.worker = start_job_system(self)  # the steps see this server as their `JobHost`
         self._adapters_lock = asyncio.Lock()  # this process's adapter changes and syncs, one at a time
         self._adapters_seen: tuple | None = None  # the adapters file's stat when this process last read it
         if self.lora_enabled:

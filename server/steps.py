@@ -13,45 +13,78 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Awaitable, Protocol
 
 from spd_engine.atomic import write_json
+from spd_engine.backend import Backend
+from spd_engine.config import CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, narrow
 from spd_engine.data import DataError, data_sha256, load_examples, resolve_data
+from spd_engine.models import ModelInfo
+from spd_engine.subspace import Store
 
-from .jobs import JobContext, JobStore
-from .state import SPDServer
+from .jobs import JobContext, JobStore, Worker
+from .schemas import DataSpec, GenerateRecord, PipelineRecord, Source, load_record
+from .settings import Settings
 
 INPUTS = "inputs"
+
+
+class JobHost(Protocol):
+    """What the job steps use of the server they run in (`server.state.SPDServer` is one)."""
+
+    settings: Settings
+    store: Store
+    backend: Backend
+    model_info: ModelInfo
+    model_path: Path
+    model_id: str
+    max_model_len: int
+    tokenizer: Any
+
+    def add_mode(self, name: str) -> None: ...
+
+    def load_adapter(self, name: str, path: Path) -> Awaitable[None]: ...
+
+    def call(self, coro: Awaitable) -> Any: ...
+
+
+def start_job_system(host: JobHost) -> tuple[JobStore, Worker]:
+    """The job store and its worker (started) for a server; one job system per data dir."""
+    jobs = JobStore(host.settings.db_path)
+    worker = Worker(jobs, host.settings.jobs_dir, make_runners(host, jobs), host.settings.jobs_lock)
+    worker.start()
+    return jobs, worker
 
 
 # ---------------------------------------------------------------- inputs (validated at submission)
 
 
-def prepare_data(spec: dict, kind: str, job_dir: Path, role: str, allow_code: bool = False) -> dict:
+def prepare_data(spec: DataSpec, kind: str, job_dir: Path, role: str, allow_code: bool = False) -> Source:
     """Write an inline data spec into the job dir and validate it; a DataError names `role:line`.
     Inline rows with their own unit tests are refused unless the operator allows client code
     (SPD_ALLOW_CLIENT_CODE): scoring them runs that code on the server."""
-    if spec.get("dataset"):  # exactly one source: DataSpec checked it
-        source = {"dataset": spec["dataset"], "limit": spec.get("limit")}
+    if spec.dataset:  # exactly one source: DataSpec checked it
+        source = Source(dataset=spec.dataset, limit=spec.limit)
     else:
-        text = spec["data"] if spec.get("data") is not None else "\n".join(json.dumps(e) for e in spec["examples"])
+        text = spec.data if spec.data is not None else "\n".join(json.dumps(e) for e in spec.examples or [])
         path = job_dir / INPUTS / f"{role}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        source = {"file": f"{INPUTS}/{role}.jsonl", "limit": spec.get("limit")}
+        source = Source(file=f"{INPUTS}/{role}.jsonl", limit=spec.limit)
     try:
-        examples = load_examples(source_path(job_dir, source), kind, limit=source["limit"])
+        examples = load_examples(source_path(job_dir, source), kind, limit=source.limit)
     except DataError as e:
         raise DataError(str(e).replace(str(job_dir / INPUTS / f"{role}.jsonl"), role)) from None
     if not examples:
         raise DataError(f"{role}: no examples")
-    if not spec.get("dataset") and not allow_code and any(ex.tests for ex in examples):
+    if not spec.dataset and not allow_code and any(ex.tests for ex in examples):
         raise DataError(f"{role}: rows with 'tests' run client code on the server, which this server does not allow "
                         "(the operator can turn it on with SPD_ALLOW_CLIENT_CODE=1; use dataset 'humaneval' otherwise)")
-    source["n"] = len(examples)
+    source.n = len(examples)
     return source
 
 
-def check_lengths(server: SPDServer, job_dir: Path, source: dict, kind: str, max_tokens: int, role: str) -> None:
+def check_lengths(server: JobHost, job_dir: Path, source: Source, kind: str, max_tokens: int, role: str) -> None:
     """A job's prompts are held to the served context like requests: prompt + max_tokens must fit."""
     from spd_engine.formatting import prompt_ids
 
@@ -63,15 +96,14 @@ def check_lengths(server: SPDServer, job_dir: Path, source: dict, kind: str, max
                             f"exceeds the served context of {limit} tokens")
 
 
-def source_path(job_dir: Path, source: dict):
-    if "dataset" in source:
-        ds = source["dataset"]
-        return ds if ds == "humaneval" else resolve_data(ds)
-    return job_dir / source["file"]
+def source_path(job_dir: Path, source: Source):
+    if source.dataset:
+        return source.dataset if source.dataset == "humaneval" else resolve_data(source.dataset)
+    return job_dir / source.file
 
 
-def examples_of(job_dir: Path, source: dict, kind: str):
-    return load_examples(source_path(job_dir, source), kind, limit=source.get("limit"))
+def examples_of(job_dir: Path, source: Source, kind: str):
+    return load_examples(source_path(job_dir, source), kind, limit=source.limit)
 
 
 # ---------------------------------------------------------------- subprocess steps
@@ -116,27 +148,29 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
     return result
 
 
-def calibrate(server: SPDServer, ctx: JobContext, p: dict, source: dict) -> dict:
-    if p["name"] in server.store.names():
-        raise ValueError(f"a subspace named {p['name']!r} already exists")
-    cfg = {k: p.get(k) for k in ("layers", "kinds", "granularity", "method", "rank", "energy")}
+def calibrate(server: JobHost, ctx: JobContext, name: str, kind: str, cfg: CalibrationConfig, source: Source) -> dict:
+    if name in server.store.names():
+        raise ValueError(f"a subspace named {name!r} already exists")
     spec = {"task": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
-            "data": str(source_path(ctx.dir, source)), "limit": source.get("limit"), "kind": p["kind"],
-            "name": p["name"], "cfg": cfg, "data_label": f"job {ctx.id} ({source.get('dataset') or 'upload'})"}
+            "data": str(source_path(ctx.dir, source)), "limit": source.limit, "kind": kind, "name": name,
+            "cfg": narrow(cfg, CalibrationConfig).model_dump(mode="json"),
+            "data_label": f"job {ctx.id} ({source.dataset or 'upload'})"}
     result = run_subprocess(ctx, spec, "calibrate")
-    server.add_mode(p["name"])  # hot: the next request can use it
+    server.add_mode(name)  # hot: the next request can use it
     return result
 
 
-def distill(server: SPDServer, ctx: JobContext, corpus: Path, out: Path, cfg: dict) -> dict:
-    spec = {"task": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out), "cfg": cfg}
+def distill(server: JobHost, ctx: JobContext, corpus: Path, out: Path, cfg: DistillConfig) -> dict:
+    spec = {"task": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out),
+            "cfg": cfg.model_dump(mode="json")}
     return run_subprocess(ctx, spec, "distill")
 
 
 # ---------------------------------------------------------------- in-process steps
 
 
-def generate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "corpus.jsonl") -> dict:
+def generate(server: JobHost, ctx: JobContext, kind: str, source: Source, gen: GenerationConfig,
+             out_name: str = "corpus.jsonl") -> dict:
     from spd_engine.corpus import generate_corpus
 
     examples = examples_of(ctx.dir, source, kind)
@@ -147,23 +181,22 @@ def generate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dic
         return {"written": 0, "skipped": len(examples), "total": len(examples), "path": out_name}
     partial = ctx.dir / f".{out_name}.partial"  # hidden and resumable; published by rename
     chunk = getattr(server.backend, "batch_size", 16)
-    res = generate_corpus(server.backend, kind, examples, partial, capability=tuple(sorted(set(p.get("capability", [])))),
-                          strength=p.get("strength", 1.0), max_tokens=p.get("max_tokens", 256),
-                          temperature=p.get("temperature", 0.0), seed=p.get("seed"), chunk=chunk, progress=ctx.advance)
+    res = generate_corpus(server.backend, kind, examples, partial, capability=tuple(sorted(set(gen.capability))),
+                          strength=gen.strength, max_tokens=gen.max_tokens, temperature=gen.temperature,
+                          top_p=gen.top_p, seed=gen.seed, chunk=chunk, progress=ctx.advance)
     os.replace(partial, final)
     return {**res, "path": out_name}
 
 
-def evaluate(server: SPDServer, ctx: JobContext, kind: str, source: dict, p: dict, out_name: str = "report.json") -> dict:
+def evaluate(server: JobHost, ctx: JobContext, kind: str, source: Source, ev: EvaluationConfig, adapter: str | None,
+             out_name: str = "report.json") -> dict:
     from spd_engine.evaluate import accuracy
 
     examples = examples_of(ctx.dir, source, kind)
     ctx.set_total(len(examples))
-    res = accuracy(server.backend, kind, examples, capability=tuple(sorted(set(p.get("capability", [])))),
-                   strength=p.get("strength", 1.0), adapter=p.get("adapter"), max_tokens=p.get("max_tokens", 256),
-                   progress=ctx.advance)
-    report = {**res.summary(), "kind": kind, "capability": p.get("capability", []), "adapter": p.get("adapter"),
-              "items": res.items}
+    res = accuracy(server.backend, kind, examples, capability=tuple(sorted(set(ev.capability))), strength=ev.strength,
+                   adapter=adapter, max_tokens=ev.max_tokens, progress=ctx.advance)
+    report = {**res.summary(), "kind": kind, "capability": ev.capability, "adapter": adapter, "items": res.items}
     write_json(ctx.dir / out_name, report)
     return res.summary()
 
@@ -172,7 +205,7 @@ PROVENANCE = "spd_provenance.json"  # beside an adapter's PEFT files: what it wa
 MAX_PROVENANCE_BYTES = 1 << 20
 
 
-def mode_provenance(server: SPDServer, name: str) -> dict:
+def mode_provenance(server: JobHost, name: str) -> dict:
     """A mode as a corpus was generated under it: its pack's digest and its calibration data's sha256."""
     try:
         pack = server.store.load(name, server.model_info)
@@ -182,18 +215,16 @@ def mode_provenance(server: SPDServer, name: str) -> dict:
         return {"name": name, "digest": None, "calibration_sha256": None, "method": None}  # deleted since
 
 
-def write_provenance(server: SPDServer, ctx: JobContext, adapter_dir: Path, corpus: Path, generation: dict,
-                     distill_cfg: dict) -> dict:
+def write_provenance(server: JobHost, ctx: JobContext, adapter_dir: Path, corpus: Path, generation: GenerationConfig,
+                     distill_cfg: DistillConfig) -> dict:
     """Record, in the adapter's directory, the job that made it, the corpus (sha256 and the settings
     it was generated with, the modes with their pack digests and calibration data hashes) and
     every distillation setting, the seed included."""
     record = {"job": ctx.id, "job_kind": ctx.job["kind"], "model": server.model_id,
               "corpus_sha256": data_sha256(corpus),
-              "generation": {"capability": generation.get("capability") or [], "strength": generation.get("strength", 1.0),
-                             "max_tokens": generation.get("max_tokens", 256),
-                             "temperature": generation.get("temperature", 0.0), "seed": generation.get("seed")},
-              "modes": [mode_provenance(server, n) for n in generation.get("capability") or []],
-              "distill": dict(distill_cfg)}
+              "generation": generation.model_dump(mode="json"),
+              "modes": [mode_provenance(server, n) for n in generation.capability],
+              "distill": distill_cfg.model_dump(mode="json")}
     write_json(adapter_dir / PROVENANCE, record)
     return record
 
@@ -228,58 +259,66 @@ def compare_arms(job_dir: Path, reports: dict[str, str]) -> dict:
 # ---------------------------------------------------------------- the runners, one per job kind
 
 
-def make_runners(server: SPDServer, store: JobStore):
+def corpus_generation(job: dict) -> GenerationConfig:
+    """The settings a succeeded generate or pipeline job made its corpus with (a pipeline's spd arm)."""
+    rec = load_record(job)
+    if isinstance(rec, PipelineRecord):
+        return rec.generation([rec.name])
+    if isinstance(rec, GenerateRecord):
+        return narrow(rec, GenerationConfig)
+    raise ValueError(f"job {job['id']!r} is a {job['kind']} job: it made no corpus")
+
+
+def make_runners(server: JobHost, store: JobStore):
     def run_calibrate(ctx: JobContext):
-        p = ctx.job["params"]
-        return calibrate(server, ctx, p, p["_inputs"]["calibration"]), None
+        p = load_record(ctx.job)
+        return calibrate(server, ctx, p.name, p.kind, p, p.inputs.calibration), None
 
     def run_generate(ctx: JobContext):
-        p = ctx.job["params"]
-        return generate(server, ctx, p["task_kind"], p["_inputs"]["prompts"], p), "corpus.jsonl"
+        p = load_record(ctx.job)
+        return generate(server, ctx, p.task_kind, p.inputs.prompts, narrow(p, GenerationConfig)), "corpus.jsonl"
 
     def run_distill(ctx: JobContext):
-        p = ctx.job["params"]
-        src = store.get(p["corpus_job"])
-        corpus = server.settings.jobs_dir / p["corpus_job"] / "corpus.jsonl"
+        p = load_record(ctx.job)
+        src = store.get(p.corpus_job)
+        corpus = server.settings.jobs_dir / p.corpus_job / "corpus.jsonl"
         if src is None or src["state"] != "succeeded" or not corpus.is_file():
-            raise ValueError(f"job {p['corpus_job']!r} has no finished corpus")
-        cfg = {k: p[k] for k in ("epochs", "lr", "lora_rank", "lora_alpha", "batch_size", "max_length", "seed")}
+            raise ValueError(f"job {p.corpus_job!r} has no finished corpus")
+        made = corpus_generation(src)
+        cfg = narrow(p, DistillConfig)
         result = distill(server, ctx, corpus, ctx.dir / "adapter", cfg)
-        made = src["params"] if src["kind"] == "generate" else {**src["params"], "capability": [src["params"]["name"]]}
         write_provenance(server, ctx, ctx.dir / "adapter", corpus, made, cfg)
-        if p.get("adapter_name"):
-            server.call(server.load_adapter(p["adapter_name"], ctx.dir / "adapter"))
-            result["adapter_loaded"] = p["adapter_name"]
+        if p.adapter_name:
+            server.call(server.load_adapter(p.adapter_name, ctx.dir / "adapter"))
+            result["adapter_loaded"] = p.adapter_name
         return result, "adapter"
 
     def run_evaluate(ctx: JobContext):
-        p = ctx.job["params"]
-        return evaluate(server, ctx, p["task_kind"], p["_inputs"]["data"], p), "report.json"
+        p = load_record(ctx.job)
+        return evaluate(server, ctx, p.task_kind, p.inputs.data, narrow(p, EvaluationConfig), p.adapter), "report.json"
 
     def run_pipeline(ctx: JobContext):
-        p = ctx.job["params"]
-        kind, ins, result = p["task_kind"], p["_inputs"], {}
-        cal = {"name": p["name"], "kind": kind, **p.get("calibration_params", {})}
-        result["calibrate"] = calibrate(server, ctx, cal, ins["calibration"])
-        cfg = {"epochs": p["epochs"], "lr": p["lr"], "lora_rank": p["lora_rank"], "lora_alpha": float(p["lora_rank"]),
-               "batch_size": 4, "max_length": 1024, "seed": 42}
-        adapter = p.get("adapter_name") or f"{p['name']}-{ctx.id[-6:]}"
+        p = load_record(ctx.job)
+        kind, ins, result = p.task_kind, p.inputs, {}
+        result["calibrate"] = calibrate(server, ctx, p.name, kind, p.calibration_params, ins.calibration)
+        cfg = narrow(p, DistillConfig)
+        adapter = p.adapter_name or f"{p.name}-{ctx.id[-6:]}"
         # the spd arm, then each control arm: (arm, its generation's capability, corpus, adapter dir, adapter name)
-        arms = [("spd", [p["name"]], "corpus.jsonl", "adapter", adapter)]
-        if "self-distill" in p.get("controls", []):
+        arms = [("spd", [p.name], "corpus.jsonl", "adapter", adapter)]
+        if "self-distill" in p.controls:
             arms.append(("self-distill", [], "corpus_self-distill.jsonl", "adapter_self-distill", f"{adapter}-self-distill"))
         for arm, capability, corpus, out, name in arms:
-            gen = {"capability": capability, "strength": p["strength"], "max_tokens": p["max_tokens"]}
+            gen = p.generation(capability)
             key = "" if arm == "spd" else f"_{arm}"
-            result[f"generate{key}"] = generate(server, ctx, kind, ins["prompts"], gen, corpus)
+            result[f"generate{key}"] = generate(server, ctx, kind, ins.prompts, gen, corpus)
             result[f"distill{key}"] = distill(server, ctx, ctx.dir / corpus, ctx.dir / out, cfg)
             write_provenance(server, ctx, ctx.dir / out, ctx.dir / corpus, gen, cfg)
             server.call(server.load_adapter(name, ctx.dir / out))
         result["adapter_loaded"] = adapter
-        ev = ins.get("eval_data") or ins["calibration"]  # scored data needs gold answers
+        ev = ins.eval_data or ins.calibration  # scored data needs gold answers
         reports = {"base": (None, "report_base.json"), **{arm: (name, "report.json" if arm == "spd" else
                                                                 f"report_{arm}.json") for arm, *_, name in arms}}
-        result["evaluate"] = {arm: evaluate(server, ctx, kind, ev, {"max_tokens": p["max_tokens"], "adapter": name}, report)
+        result["evaluate"] = {arm: evaluate(server, ctx, kind, ev, p.evaluation(), name, report)
                               for arm, (name, report) in reports.items()}
         result["evaluate"]["adapter"] = result["evaluate"]["spd"]  # the name before controls existed (one release)
         if len(arms) > 1:

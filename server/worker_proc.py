@@ -34,10 +34,7 @@ def calibrate(spec: dict) -> dict:
     examples = load_examples(source, spec["kind"], limit=spec.get("limit"))
     path = models.resolve(spec["model"])
     model, tok = models.load(path)
-    c = spec["cfg"]
-    cfg = CalibrationConfig(layers=c.get("layers"), kinds=tuple(c.get("kinds", ("k", "v"))),
-                            granularity=c.get("granularity", "layer"), method=c.get("method", "gradient"),
-                            rank=c.get("rank"), energy=c.get("energy"))
+    cfg = CalibrationConfig.model_validate(spec["cfg"])  # the job's settings, as the server validated them
     total, done = len(examples), 0
     emit({"progress": [0, total]})
 
@@ -65,8 +62,8 @@ def distill(spec: dict) -> dict:
     rows = read_corpus(Path(spec["corpus"]))
     if not rows:
         raise ValueError("the corpus is empty")
+    cfg = DistillConfig.model_validate(spec["cfg"])  # the job's settings, as the server validated them
     model, tok = models.load(models.resolve(spec["model"]))
-    cfg = DistillConfig(**spec["cfg"])
 
     def progress(step: int, total: int, loss: float) -> None:
         emit({"progress": [step, total], "loss": loss})

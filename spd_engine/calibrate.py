@@ -9,40 +9,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 
+from .config import CalibrationConfig, Method, default_layers  # noqa: F401 - the config is also imported from here
 from .formatting import calibration_ids
 from .hf_backend import SiteCache, rows
 from .models import ModelInfo
 from .subspace import Site, Subspace, new_manifest, site_key
 from .tasks import Example, Kind
-
-Method = Literal["gradient", "random", "activation-pca"]
-
-
-@dataclass
-class CalibrationConfig:
-    layers: list[int] | None = None  # None: the paper's middle and last layers
-    kinds: tuple[str, ...] = ("k", "v")
-    granularity: Literal["layer", "head"] = "layer"
-    method: Method = "gradient"
-    rank: int | None = None  # None: `energy` if set, else half the group width (the paper's d/2)
-    energy: float | None = None
-    batch_size: int = 4
-    seed: int = 0
-
-    def rank_rule(self) -> str:
-        if self.rank is not None:
-            return f"fixed:{self.rank}"
-        return f"energy:{self.energy}" if self.energy is not None else "d/2"
-
-
-def default_layers(n_layers: int) -> list[int]:
-    return sorted({n_layers // 2, n_layers - 1})
-
 
 def choose_rank(eigenvalues: torch.Tensor, cfg: CalibrationConfig) -> int:
     """Eigenvalues descending. A fixed rank, the smallest rank holding `energy`, or d/2."""
@@ -123,19 +99,11 @@ def top_eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], name: str, cfg: CalibrationConfig,
               data: str = "", data_sha256: str = "", progress: Callable[[int], None] | None = None) -> Subspace:
     """Run calibration and return a validated-shape pack (not yet saved)."""
-    if cfg.method == "random" and cfg.energy is not None:
-        raise ValueError("a random subspace has no spectrum: give it a fixed rank, not an energy fraction")
-    layers = cfg.layers if cfg.layers is not None else default_layers(info.n_layers)
-    bad = [layer for layer in layers if not 0 <= layer < info.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{info.n_layers - 1}")
+    cfg = CalibrationConfig.model_validate(cfg.model_dump())  # its own rules (an attribute may have been set since)
+    layers = cfg.check_model(info)  # and the model's
     sites = [(layer, k) for layer in sorted(set(layers)) for k in cfg.kinds]
     groups = info.n_kv_heads if cfg.granularity == "head" else 1
     width = info.kv_width // groups
-    if cfg.rank is not None and not 1 <= cfg.rank <= width:
-        raise ValueError(f"rank {cfg.rank} is outside 1..{width} (the width of one {cfg.granularity} group)")
-    if cfg.energy is not None and not 0 < cfg.energy <= 1:
-        raise ValueError(f"energy {cfg.energy} must be in (0, 1]")
 
     started = time.perf_counter()
     grams = {s: torch.zeros(groups, width, width, dtype=torch.float64) for s in sites}

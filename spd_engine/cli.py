@@ -21,28 +21,11 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from . import __version__, models, paths
+from .config import CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, add_flags, from_args
 from .tasks import KINDS
 
 if TYPE_CHECKING:
     from .subspace import Store
-
-
-def _csv(value: str) -> list[str]:
-    return [v for v in (s.strip() for s in value.split(",")) if v]
-
-
-def _layers(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers must be comma-separated integers, got {value!r}") from None
-
-
-def _strength(value: str) -> float:
-    v = float(value)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"--strength must be in [0, 1], got {value}")
-    return v
 
 
 def _positive(value: str) -> int:
@@ -99,20 +82,18 @@ def cmd_model_pull(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .calibrate import CalibrationConfig, calibrate
+    from .calibrate import calibrate
     from .data import data_sha256, resolve_data
     from .subspace import check_mode_name
 
     check_mode_name(args.name)
+    cfg = from_args(CalibrationConfig, args)  # a bad combination is refused before the model loads
     store = _store(args)
     if args.name in store.names() and not args.overwrite:
         raise SystemExit(f"error: subspace {args.name!r} already exists in {store.root} (use --overwrite)")
     examples = _examples(args)
     path = models.resolve(args.model)
     model, tok = models.load(path)
-    cfg = CalibrationConfig(layers=args.layers, kinds=tuple(args.kinds), granularity=args.granularity,
-                            method=args.method, rank=args.rank, energy=args.energy, batch_size=args.batch_size,
-                            seed=args.seed)
     src = resolve_data(args.data)
     with _bar(len(examples), f"calibrating {args.name}") as bar:
         pack = calibrate(model, tok, models.info(path), args.kind, examples, args.name, cfg, data=str(src),
@@ -127,25 +108,24 @@ def cmd_calibrate(args) -> None:
 def cmd_generate(args) -> None:
     from .corpus import generate_corpus
 
-    capability = tuple(args.capability)
+    cfg = from_args(GenerationConfig, args)
+    capability = tuple(cfg.capability)
     examples = _examples(args)
     with _serving(args, capability) as backend, _bar(len(examples), "generating") as bar:
         result = generate_corpus(backend, args.kind, examples, Path(args.out), capability=capability,
-                                 strength=args.strength, max_tokens=args.max_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, chunk=max(args.batch_size, 8), progress=bar.update)
+                                 strength=cfg.strength, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, seed=cfg.seed, chunk=max(args.batch_size, 8), progress=bar.update)
     print(json.dumps(result, indent=2))
 
 
 def cmd_distill(args) -> None:
     from .corpus import read_corpus
-    from .distill import DistillConfig, distill
+    from .distill import distill
 
+    cfg = from_args(DistillConfig, args)
     rows = read_corpus(Path(args.corpus))
     if not rows:
         raise SystemExit(f"error: corpus {args.corpus} is empty or missing")
-    cfg = DistillConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=tuple(args.target_modules), lr=args.lr, weight_decay=args.weight_decay,
-                        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     model, tok = models.load(models.resolve(args.model))
     bar = tqdm(desc="distilling", unit="step", file=sys.stderr, disable=None)
 
@@ -162,7 +142,8 @@ def cmd_distill(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import accuracy, span_nll_eval
 
-    capability = tuple(args.capability)
+    cfg = from_args(EvaluationConfig, args)
+    capability = tuple(cfg.capability)
     examples = _examples(args)
     with _serving(args, capability) as backend, _bar(len(examples), f"evaluating {args.metric}") as bar:
         adapter = None
@@ -170,13 +151,13 @@ def cmd_eval(args) -> None:
             backend.load_adapter("cli-adapter", args.adapter)
             adapter = "cli-adapter"
         if args.metric == "accuracy":
-            res = accuracy(backend, args.kind, examples, capability=capability, strength=args.strength,
-                           adapter=adapter, max_tokens=args.max_tokens, progress=bar.update)
+            res = accuracy(backend, args.kind, examples, capability=capability, strength=cfg.strength,
+                           adapter=adapter, max_tokens=cfg.max_tokens, progress=bar.update)
         else:
-            res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=args.strength,
+            res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=cfg.strength,
                                 adapter=adapter, batch_size=args.batch_size, progress=bar.update)
     summary = {**res.summary(), "data": args.data, "kind": args.kind, "capability": list(capability),
-               "strength": args.strength if capability else 0.0, "adapter": args.adapter}
+               "strength": cfg.strength if capability else 0.0, "adapter": args.adapter}
     print(json.dumps(summary, indent=2))
     if args.out:
         from .atomic import write_json
@@ -230,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"spd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, data=True):
+    def common(sp, data=True, batch=True):
         sp.add_argument("--model", default=models.DEFAULT_MODEL,
                         help=f"a local HF model directory, or a bundled model ({models.DEFAULT_MODEL})")
         sp.add_argument("--store", help="subspace store directory (default $SPD_STORE_DIR or ./subspaces)")
@@ -239,7 +220,8 @@ def parser() -> argparse.ArgumentParser:
                             "task.json), 'gsm8k', 'bigbench/<task>' or 'humaneval'")
             sp.add_argument("--kind", required=True, choices=KINDS, help="task kind: which tokens decide correctness")
             sp.add_argument("--limit", type=_positive, help="use only the first N examples")
-        sp.add_argument("--batch-size", type=_positive, default=8)
+        if batch:
+            sp.add_argument("--batch-size", type=_positive, default=8, help="prompts the backend runs at once")
 
     m = sub.add_parser("model", help="the bundled default model")
     m.add_argument("action", choices=["pull"])
@@ -247,29 +229,16 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_model_pull)
 
     c = sub.add_parser("calibrate", help="calibration set -> capability subspace pack")
-    common(c)
+    common(c, batch=False)
     c.add_argument("--name", required=True, help="the capability (mode) name")
-    c.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: middle and last)")
-    c.add_argument("--kinds", type=_csv, default=["k", "v"], help="k, v or k,v")
-    c.add_argument("--granularity", choices=["layer", "head"], default="layer")
-    c.add_argument("--method", choices=["gradient", "random", "activation-pca"], default="gradient",
-                   help="gradient (SPD) or an ablation")
-    r = c.add_mutually_exclusive_group()
-    r.add_argument("--rank", type=_positive, help="fixed rank per group (default: d/2)")
-    r.add_argument("--energy", type=float, help="smallest rank holding this fraction of the spectrum's energy")
-    c.add_argument("--seed", type=int, default=0)
+    add_flags(c, CalibrationConfig)
     c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(func=cmd_calibrate, batch_size=4)
+    c.set_defaults(func=cmd_calibrate)
 
     g = sub.add_parser("generate", help="hooked corpus generation (JSONL, resumable)")
     common(g)
     g.add_argument("--out", required=True)
-    g.add_argument("--capability", type=_csv, default=[], help="mode name(s), comma-separated to compose")
-    g.add_argument("--strength", type=_strength, default=1.0)
-    g.add_argument("--max-tokens", type=_positive, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    add_flags(g, GenerationConfig)
     g.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     g.set_defaults(func=cmd_generate)
 
@@ -277,25 +246,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=models.DEFAULT_MODEL)
     d.add_argument("--corpus", required=True)
     d.add_argument("--out", required=True, help="adapter directory to create")
-    d.add_argument("--lora-rank", type=_positive, default=8)
-    d.add_argument("--lora-alpha", type=float, default=8.0)
-    d.add_argument("--lora-dropout", type=float, default=0.05)
-    d.add_argument("--target-modules", type=_csv, default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    d.add_argument("--lr", type=float, default=1e-5)
-    d.add_argument("--weight-decay", type=float, default=0.01)
-    d.add_argument("--epochs", type=_positive, default=5)
-    d.add_argument("--batch-size", type=_positive, default=4)
-    d.add_argument("--max-length", type=_positive, default=1024)
-    d.add_argument("--seed", type=int, default=42)
+    add_flags(d, DistillConfig)
     d.set_defaults(func=cmd_distill)
 
     e = sub.add_parser("eval", help="evaluate a model (+ adapter, + capability) on a data set")
     common(e)
     e.add_argument("--adapter", help="a PEFT adapter directory")
-    e.add_argument("--capability", type=_csv, default=[])
-    e.add_argument("--strength", type=_strength, default=1.0)
+    add_flags(e, EvaluationConfig)
     e.add_argument("--metric", choices=["accuracy", "span-nll"], default="accuracy")
-    e.add_argument("--max-tokens", type=_positive, default=256)
     e.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     e.add_argument("--out", help="write the result with per-item detail as JSON")
     e.set_defaults(func=cmd_eval)

@@ -8,40 +8,13 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .config import DistillConfig
 from .formatting import answer_ids, text_prompt_ids
-
-
-@dataclass
-class DistillConfig:
-    """The paper's settings unless overridden."""
-
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    epochs: int = 5
-    batch_size: int = 4
-    max_length: int = 1024
-    seed: int = 42
-    # a fixed number of optimiser steps instead of `epochs` (cycling through the corpus, reshuffled
-    # each pass): the same training budget for corpora of different sizes
-    steps: int | None = None
-
-    def check(self) -> None:
-        if self.lora_rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ValueError("lora_rank, epochs and batch_size must be >= 1 and max_length >= 2")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError("steps must be >= 1 (or None: train for `epochs`)")
-        if not 0 <= self.lora_dropout < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lora_dropout must be in [0, 1), lr > 0, weight_decay >= 0")
 
 
 def training_ids(tok, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -113,7 +86,7 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
               "mean_last_epoch_loss": sum(last) / len(last),
               "corpus_tokens": sum(label != -100 for _, lab in data for label in lab),
               "trained_tokens": trained_tokens, "epochs_seen": round(total / steps_per_epoch, 2),
-              "seconds": round(time.perf_counter() - started, 2), "config": asdict(cfg)}
+              "seconds": round(time.perf_counter() - started, 2), "config": cfg.model_dump(mode="json")}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from . import models
 from .atomic import write_json
 from .calibrate import CalibrationConfig, calibrate
+from .config import CalibrationShape, LoraTraining, MaxTokens, Strength, narrow
 from .corpus import generate_corpus, read_corpus
 from .data import data_sha256, load_examples, resolve_data
 from .distill import DistillConfig, distill
@@ -76,7 +77,7 @@ class DomainConfig(_Strict):
     calibration: int = Field(gt=0)
     generation: int = Field(gt=0)
     evaluation: int = Field(gt=0)
-    max_tokens: int = Field(default=192, gt=0)  # generation and free-generation evaluation
+    max_tokens: MaxTokens  # generation and free-generation evaluation
     metrics: list[Metric] | None = None  # this domain's evaluation set; None: the experiment's
 
     @field_validator("name")
@@ -85,14 +86,12 @@ class DomainConfig(_Strict):
         return check_name(v, "domain name")
 
 
-class CalibrationSection(_Strict):
-    layers: list[int] | None = None
-    kinds: list[Literal["k", "v"]] = ["k", "v"]
-    rank: int = Field(default=16, gt=0)  # every mode condition runs at this rank
+class CalibrationSection(CalibrationShape):
+    """`[calibration]`: the calibration settings every mode condition shares (its method is the
+    condition's), at `rank` (None: d/2), plus a rank sweep."""
+
     ranks: list[int] | None = None  # rank sweep: the `sweep` conditions also run at each of these
     sweep: list[Literal["hooks-only", "spd", "spd-random", "spd-pca"]] | None = None  # None: every mode condition
-    granularity: Literal["layer", "head"] = "layer"
-    batch_size: int = Field(default=4, gt=0)
 
     @field_validator("ranks")
     @classmethod
@@ -102,16 +101,8 @@ class CalibrationSection(_Strict):
         return v
 
 
-class DistillSection(_Strict):
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.05
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    epochs: int = 5
-    steps: int | None = Field(default=None, gt=0)  # equal budget: this many optimiser steps for every condition
-    batch_size: int = 4
-    max_length: int = 1024
+class DistillSection(LoraTraining):
+    """`[distill]`: the LoRA and optimiser settings of every trained condition (its seed is the arm's)."""
 
 
 class ExperimentConfig(_Strict):
@@ -120,7 +111,7 @@ class ExperimentConfig(_Strict):
     seed: int = 42  # splits and generation
     seeds: list[int] | None = None  # training seeds (each trained condition once per seed); None: [seed]
     estimated_minutes: int | None = None  # what the config was sized for, on a 2-core CPU
-    strength: float = Field(default=1.0, ge=0, le=1)
+    strength: Strength
     batch_size: int = Field(default=8, gt=0)
     metrics: list[Metric] = ["accuracy", "span-nll"]
     conditions: list[Literal["base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca"]] = list(CONDITIONS)
@@ -352,9 +343,8 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
         def do_calibrate(where: Path) -> dict:
             pack = calibrate(backend.model, backend.tokenizer, backend.model_info, d.kind,
                              splits[d.name]["calibration"], name,
-                             CalibrationConfig(layers=c.layers, kinds=tuple(c.kinds), granularity=c.granularity,
-                                               method=method, rank=arm.rank, batch_size=c.batch_size,
-                                               seed=seed if seed is not None else cfg.seed))
+                             CalibrationConfig(**narrow(c, CalibrationShape).model_dump(exclude={"rank"}), method=method,
+                                               rank=arm.rank, seed=seed if seed is not None else cfg.seed))
             Store(where).save(pack, overwrite=True)
             return {"pack": name}
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch, never match + "$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a client-chosen name (JSON schema, HTML form pattern)
+_NAME = re.compile(NAME_PATTERN[1:-1])  # whole string: fullmatch, never match + "$"
 
 
 def cache_dir() -> Path:
