@@ -1,21 +1,14 @@
 """6. Corpus generation through the server (`spd serve`: POST /v1/jobs kind `generate`, polled to
-completion) / vLLM's offline `LLM.generate` on the same prompts and settings: the same token-id
-prompts (the chat template, as the job builds them), greedy, the same max_tokens and stop
-strings. The job goes through vLLM's engine client inside the server (the batch it submits joins
-the server's continuous batch, up to 64 requests at a time), then writes the corpus file.
+completion) / vLLM's offline `LLM.generate` on the same token-id prompts (the chat template, as
+the job builds them), greedy, the same max_tokens and stop strings. The job's batch joins the
+server's continuous batch (up to 64 requests at a time), then it writes the corpus file.
 
-The offline arm is vLLM's `LLM` with vLLM's own process model (its engine core in a process of its
-own, as the server's), no plugin (VLLM_PLUGINS=none), and the server's engine settings
-(`common.server_engine`: `spd serve`'s flags and vLLM environment settings on this machine, and the
-OpenAI server's CPU scheduler defaults). All prompts of a repetition go to
-`LLM.generate` in one call.
-
-Each repetition uses prompts neither engine has seen (the prefix cache is warm for the shared
-system prompt only, in both engines). Ratio: offline seconds / job seconds (= the job's throughput
-/ offline throughput; the same greedy work in both arms, checked by the token counts). The job's
-time is the client's: from POST to the poll that sees it succeed (poll every 0.1 s). Also per
-CPU-second: tokens / CPU seconds of the server's processes during the job, and of the `LLM`
-process and its engine core during `LLM.generate`.
+The offline arm is vLLM's `LLM` with its own process model (engine core in a process of its own,
+as the server's), no plugin, and the server's engine settings (`common.server_engine`); all prompts
+of a repetition go to `LLM.generate` in one call. Each repetition uses prompts neither engine has
+seen (the prefix cache is warm for the shared system prompt only). Ratio: offline seconds / job
+seconds, the job's from POST to the poll (every 0.1 s) that sees it succeed; the same greedy work
+in both, checked by the token counts. Also per CPU-second of the server's / the `LLM`'s processes.
 """
 from __future__ import annotations
 
@@ -40,9 +33,8 @@ def run(ctx: Context) -> dict:
     from spd_engine.formatting import text_prompt_ids
     from spd_engine.tasks import stop_strings, user_message
 
-    res = ctx.resources
-    res.start("spd_server", "offline_engine")
-    srv, offline_engine = res.get("spd_server"), res.get("offline_engine")
+    ctx.resources.start("spd_server", "offline_engine")
+    srv, offline_engine = ctx.resources.get("spd_server"), ctx.resources.get("offline_engine")
     tok = AutoTokenizer.from_pretrained(models.resolve(MODEL))
     gsm = load_examples(resolve_data("gsm8k"), "math")
     n, max_tokens, reps = ctx.size(4, 64), ctx.size(8, 64), ctx.size(1, 3)
@@ -50,24 +42,19 @@ def run(ctx: Context) -> dict:
     client = httpx.Client(base_url=srv.url, timeout=900)
     jobs: list[dict] = []
     tokens: dict[str, list[int]] = {"job": [], "offline": []}
-    cpu_sec: dict[str, list[float]] = {"job": [], "offline": []}  # CPU seconds of the server's / LLM's processes
+    cpu_sec: dict[str, list[float]] = {"job": [], "offline": []}
 
-    def chunk(i):  # warm-up (-1) on its own prompts; rep i on fresh ones
-        start = (i + 1) * n
-        return [gsm[(start + j) % len(gsm)] for j in range(n)]
+    def chunk(i):  # the warm-up (-1) on its own prompts, repetition i on fresh ones
+        return [gsm[((i + 1) * n + j) % len(gsm)] for j in range(n)]
 
     def job(i):
-        exs = chunk(i)
         body = {"kind": "generate", "params": {"task_kind": "math", "max_tokens": max_tokens, "temperature": 0.0,
-                                               "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in exs]}}}
+                "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in chunk(i)]}}}
         c0, t0 = srv.cpu(), time.perf_counter()
         r = client.post("/v1/jobs", json=body)
         r.raise_for_status()
         jid = r.json()["id"]
-        while True:
-            j = client.get(f"/v1/jobs/{jid}").json()
-            if j["state"] in ("succeeded", "failed", "cancelled"):
-                break
+        while (j := client.get(f"/v1/jobs/{jid}").json())["state"] not in ("succeeded", "failed", "cancelled"):
             time.sleep(0.1)
         dt = time.perf_counter() - t0
         cpu_sec["job"].append(srv.cpu() - c0)
@@ -75,10 +62,9 @@ def run(ctx: Context) -> dict:
             raise RuntimeError(f"generate job {jid} {j['state']}: {j['error']}")
         art = client.get(f"/v1/jobs/{jid}/artifact")
         art.raise_for_status()
-        path = srv.root / "tmp-corpus.jsonl"
-        path.write_bytes(art.content)
-        n_tok = sum(row["n_tokens"] for row in read_corpus(path))
+        (path := srv.root / "tmp-corpus.jsonl").write_bytes(art.content)
         if i >= 0:
+            n_tok = sum(row["n_tokens"] for row in read_corpus(path))
             jobs.append({"id": jid, "client_seconds": dt, "server_seconds": j["finished"] - j["started"],
                          "queue_seconds": j["started"] - j["created"], "tokens": n_tok})
             tokens["job"].append(n_tok)
@@ -93,27 +79,21 @@ def run(ctx: Context) -> dict:
         return out["seconds"]
 
     sec = interleave({"job": job, "offline": offline}, reps)
+    client.close()
     cpu = {k: v[1:] for k, v in cpu_sec.items()}  # without the warm-up round
     r = ratios(sec["offline"], sec["job"])
-    r_cpu = ratios([t / c for t, c in zip(tokens["job"], cpu["job"])],
-                   [t / c for t, c in zip(tokens["offline"], cpu["offline"])])
-    client.close()
+    r_cpu = ratios(*([t / c for t, c in zip(tokens[k], cpu[k])] for k in ("job", "offline")))
     engine, engine_env = server_engine()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
-                     "task_kind": "math", "capability": "none (the offline arm is stock vLLM)",
-                     "server": srv.describe(),
+                     "task_kind": "math", "capability": "none (the offline arm is stock vLLM)", "server": srv.describe(),
                      "offline": {"call": "LLM.generate, all prompts of the rep in one call",
                                  "engine": {**engine, **engine_env, "VLLM_PLUGINS": "none",
                                             "process_model": "vLLM default (engine core in its own process)"},
                                  "start_seconds": offline_engine.state["start_seconds"]}},
-        "seconds": sec,
-        "cpu_seconds": cpu,
-        "jobs": jobs,
-        "tokens": tokens,
+        "seconds": sec, "cpu_seconds": cpu, "jobs": jobs, "tokens": tokens,
         "job_tok_s": spread([t / s for t, s in zip(tokens["job"], sec["job"])]),
         "offline_tok_s": spread([t / s for t, s in zip(tokens["offline"], sec["offline"])]),
-        "job_over_offline_throughput": r,
-        "job_over_offline_tokens_per_cpu_second": r_cpu,
+        "job_over_offline_throughput": r, "job_over_offline_tokens_per_cpu_second": r_cpu,
         "headline": [headline(f"job / offline LLM.generate ({n} prompts, up to {max_tokens} tokens)", r, GOAL, cpu=r_cpu)],
     }

@@ -1,21 +1,16 @@
-"""One vLLM engine in its own process, driven by the benchmark parent over stdin/stdout.
+"""One vLLM engine in its own process, driven by the benchmark parent (bench/procs.py EngineClient).
 
     python bench/engine_worker.py '{"arm": "plugin"|"stock"|"offline", "engine": {...}}'
 
-`plugin`: the library's VLLMBackend (spd_engine/vllm_backend.py: vLLM's `LLM` with the
-spd_kv_projection plugin, which vLLM loads through its entry point). A mode is a pack saved into
-the backend's store (`add_subspace`); the plugin's front end admits requests against that store,
-records the pack digests and sets each request's per-mode cache salt; the worker loads a pack when
-a request first names it. Packs here are random (`calibrate(..., method="random")`): the cost of a
-projection does not depend on its basis. `stock`: vLLM's own `LLM` with the same engine settings,
-started by the parent with `VLLM_PLUGINS=none` (vLLM then loads no plugin), and checked to hold no
+`plugin`: the library's VLLMBackend (vLLM's `LLM` with the spd_kv_projection plugin, loaded through
+its entry point); a mode is a random pack saved into its store (a projection's cost does not
+depend on its basis), which the plugin admits requests against and the worker loads at its first
+request. `stock`: vLLM's `LLM` with the same settings and `VLLM_PLUGINS=none`, checked to hold no
 trace of ours. Both run the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor
-`uni`: VLLMBackend's default) and are driven by the same loop (add_request + step), so the plugin
-is the only difference. `offline`: vLLM's `LLM` with its default process model (the engine core in
-a process of its own), no plugin, for `LLM.generate` against a server.
-
-Protocol: one JSON command per stdin line; one reply per command on stdout, a line starting with
-`@@bench ` (vLLM logs to stdout too, so every other line is noise for the parent).
+`uni`) driven by the same add_request + step loop, so the plugin is the only difference.
+`offline`: vLLM's `LLM` with its own process model and no plugin, for `LLM.generate` against a
+server. One JSON command per stdin line; each reply is a stdout line starting with `@@bench ` (vLLM
+logs to stdout too).
 """
 from __future__ import annotations
 
@@ -29,19 +24,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+from common import MODEL, group_cpu_seconds  # noqa: E402
+
 TAG = "@@bench "
 
 
 def cpu_now() -> float:
-    """CPU seconds of this worker's process group (this process and vLLM's processes it started)."""
-    from common import group_cpu_seconds
-
+    """CPU seconds of this worker's process group (this process and the vLLM processes it started)."""
     return group_cpu_seconds(os.getpgid(0))
 
 
-def reply(obj) -> None:
-    sys.stdout.write(TAG + json.dumps(obj) + "\n")
-    sys.stdout.flush()
+def engine_plugin():
+    """The engine plugin's in-process state: the one place a benchmark reaches into the plugin (to
+    read and swap the worker's loaded modes, plugin arm only)."""
+    from server import vllm_plugin
+
+    return vllm_plugin.PLUGIN
 
 
 class Worker:
@@ -49,13 +47,13 @@ class Worker:
         from spd_engine import models
         from spd_engine.data import load_examples, resolve_data
 
-        self.arm = arm
-        self.path = models.resolve("smollm2-135m")
+        self.arm, self.path = arm, models.resolve(MODEL)
         self.info = models.info(self.path)
         self.ids = 0
-        self.stash: dict[str, object] = {}  # plugin arm: the worker's mode sets, by name (see use_worker_modes)
+        self.stash: dict[str, object] = {}  # the worker's mode sets by key (use_worker_modes)
         self.current_modes = "default"
         t0 = time.perf_counter()
+        self.be = None
         if arm == "plugin":
             from spd_engine.vllm_backend import VLLMBackend
 
@@ -69,32 +67,26 @@ class Worker:
             from transformers import AutoTokenizer
             from vllm import LLM
 
-            self.be = None
             self.tok = AutoTokenizer.from_pretrained(self.path)
             if arm == "stock":
                 if "OMP_NUM_THREADS" not in os.environ:
                     torch.set_num_threads(1)  # as VLLMBackend does for the in-process worker
-                self.llm = LLM(model=str(self.path), distributed_executor_backend="uni", tensor_parallel_size=1,
-                               enable_lora=False, **engine)
-            else:  # offline: vLLM's defaults for everything not given
-                self.llm = LLM(model=str(self.path), **engine)
+                engine = {**engine, "distributed_executor_backend": "uni", "tensor_parallel_size": 1,
+                          "enable_lora": False}
+            self.llm = LLM(model=str(self.path), **engine)  # offline: vLLM's defaults for the rest
         self.start_seconds = time.perf_counter() - t0
         self.engine = self.llm.llm_engine
         self.gsm = load_examples(resolve_data("gsm8k"), "math")
 
-    def plugin_state(self) -> dict:
-        return {"arm": self.arm, "plugin_module_imported": "server.vllm_plugin" in sys.modules,
-                "plugin_active": self._plugin_active(), "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS"),
+    def state(self) -> dict:
+        sched = self.engine.vllm_config.scheduler_config
+        mod = sys.modules.get("server.vllm_plugin")
+        return {"arm": self.arm, "plugin_module_imported": mod is not None,
+                "plugin_active": bool(mod and mod.is_active()), "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS"),
                 "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
                 "store": str(self.be.store.root) if self.be else None, "start_seconds": self.start_seconds,
                 "kv_width": self.info.kv_width, "n_layers": self.info.n_layers, "model_dir": str(self.path),
-                "max_num_seqs": self.engine.vllm_config.scheduler_config.max_num_seqs,
-                "max_num_batched_tokens": self.engine.vllm_config.scheduler_config.max_num_batched_tokens}
-
-    @staticmethod
-    def _plugin_active() -> bool:
-        mod = sys.modules.get("server.vllm_plugin")
-        return bool(mod and mod.is_active())
+                "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens}
 
     # -------------------------------------------------------------- modes (plugin arm)
 
@@ -119,64 +111,56 @@ class Worker:
 
     def worker_modes(self) -> dict:
         """What the plugin's worker (in this process: executor `uni`) has loaded."""
-        from server import vllm_plugin
-
-        m = vllm_plugin.PLUGIN.modes
+        m = engine_plugin().modes
         if m is None:
             return {"loaded": 0, "slots": 0, "max_modes": None}
         return {"loaded": len(m.bank.modes), "slots": len(m.bank.slots), "max_modes": m.max_modes,
                 "columns_per_site": {f"{layer}{kind}": int(sb.W.shape[1]) for (layer, kind), sb in m.bank.sites.items()}}
 
     def use_worker_modes(self, key: str) -> dict:
-        """Switch the worker's loaded-mode set (`ModeCache`) to the one kept under `key` (a new,
-        empty one the first time), keeping the current one under its own key: two states of one
-        engine (e.g. 64 modes loaded vs one) measured alternately with the same model, KV cache
-        and scheduler."""
-        from server import vllm_plugin
-
+        """Swap the worker's loaded-mode set (`WorkerModes`) for the one kept under `key` (a new, empty
+        one the first time), keeping the current one under its own key: two states of one engine
+        (64 modes loaded vs one) measured alternately with the same model, KV cache and scheduler."""
         if self.arm != "plugin" or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             raise RuntimeError("use_worker_modes needs the plugin arm with its worker in this process")
-        self.stash[self.current_modes] = vllm_plugin.PLUGIN.use_modes(self.stash.get(key))
-        self.current_modes = key
+        plugin = engine_plugin()
+        with plugin.lock:
+            self.stash[self.current_modes] = plugin.modes
+            plugin.modes = self.stash.get(key)
+            plugin.device_bank = None
+            self.current_modes = key
         return self.worker_modes()
 
     # -------------------------------------------------------------- generation
 
     def prompts(self, offset: int, n: int, style: str = "chat") -> list[list[int]]:
-        """`chat`: the math task's prompt through the chat template (as jobs build them; every
-        prompt starts with the template's system prompt); `raw`: the bare GSM8K question, so
-        prompts share no prefix block and the prefix cache cannot favour any arm."""
+        """`chat`: the math task's prompt through the chat template (as jobs build them: a shared
+        system prompt); `raw`: the bare GSM8K question, sharing no prefix block with the others."""
         from spd_engine.formatting import prompt_ids
 
         exs = [self.gsm[(offset + i) % len(self.gsm)] for i in range(n)]
-        if style == "raw":
-            return [self.tok(e.prompt).input_ids for e in exs]
-        return [prompt_ids(self.tok, "math", e) for e in exs]
+        return [self.tok(e.prompt).input_ids if style == "raw" else prompt_ids(self.tok, "math", e) for e in exs]
 
     def run(self, batch: int, max_tokens: int, caps: list[list[str]] | None = None, offset: int = 0,
             reset_cache: bool = True, style: str = "chat", strength: float = 1.0) -> dict:
-        """`batch` requests of exactly `max_tokens` tokens (EOS ignored), caps[i] the mode(s) of
-        request i (a list: one name, several = a composition, none = no mode); tokens/s of the
-        whole batch, prefill included. The plugin's front end admits each request and salts its
-        prefix cache per mode: nothing is passed here but the mode in extra_args."""
+        """`batch` requests of exactly `max_tokens` tokens (EOS ignored), request i in the mode(s)
+        caps[i] (several: a composition; none: no mode); tokens/s of the whole batch, prefill
+        included. The plugin's front end admits and salts each request: only extra_args say the mode."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         from spd_engine.vllm_requests import extra_args_for
 
         caps = caps or [[] for _ in range(batch)]
-        prompts = self.prompts(offset, batch, style)
         if reset_cache:
             self.engine.reset_prefix_cache()  # every arm prefills its prompts
-        reqs = [(TokensPrompt(prompt_token_ids=ids),
-                 SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                extra_args=extra_args_for(tuple(sorted(cap)), strength)))
-                for ids, cap in zip(prompts, caps)]
+        reqs = [(TokensPrompt(prompt_token_ids=ids), SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra_args_for(tuple(sorted(cap)), strength)))
+            for ids, cap in zip(self.prompts(offset, batch, style), caps)]
         c0, t0 = cpu_now(), time.perf_counter()
         pending = set()
         for prompt, params in reqs:
-            rid = f"b-{self.ids}"
-            self.ids += 1
+            rid, self.ids = f"b-{self.ids}", self.ids + 1
             pending.add(rid)
             self.engine.add_request(rid, prompt, params)
         tokens = 0
@@ -185,11 +169,9 @@ class Worker:
                 if o.finished and o.request_id in pending:
                     pending.discard(o.request_id)
                     tokens += len(o.outputs[0].token_ids)
-        dt = time.perf_counter() - t0
-        cpu = cpu_now() - c0
+        dt, cpu = time.perf_counter() - t0, cpu_now() - c0
         return {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "cpu_seconds": cpu,
-                "tok_per_cpu_s": tokens / max(cpu, 1e-9),
-                "prompt_tokens": sum(len(p["prompt_token_ids"]) for p, _ in reqs)}
+                "tok_per_cpu_s": tokens / max(cpu, 1e-9), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p, _ in reqs)}
 
     def offline_generate(self, prompt_ids: list[list[int]], max_tokens: int, stop: list[str] | None,
                          temperature: float = 0.0) -> dict:
@@ -200,11 +182,9 @@ class Worker:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop or None)
         c0, t0 = cpu_now(), time.perf_counter()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        cpu = cpu_now() - c0
+        dt, cpu = time.perf_counter() - t0, cpu_now() - c0
         n = [len(o.outputs[0].token_ids) for o in outs]
-        return {"seconds": dt, "cpu_seconds": cpu, "tokens": sum(n), "n_tokens": n,
-                "texts": [o.outputs[0].text for o in outs]}
+        return {"seconds": dt, "cpu_seconds": cpu, "tokens": sum(n), "n_tokens": n, "texts": [o.outputs[0].text for o in outs]}
 
     def close(self) -> None:
         if self.be is not None:
@@ -213,20 +193,23 @@ class Worker:
             self.engine.engine_core.shutdown()
 
 
+def reply(obj) -> None:
+    sys.stdout.write(TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     if cfg["arm"] != "plugin" and os.environ.get("VLLM_PLUGINS") != "none":
         raise SystemExit("the stock and offline arms must run with VLLM_PLUGINS=none: no vLLM plugin loaded")
     w = Worker(cfg["arm"], cfg["engine"])
-    state = w.plugin_state()
+    state = w.state()
     if cfg["arm"] != "plugin" and (state["plugin_module_imported"] or state["plugin_active"]):
         raise SystemExit(f"the {cfg['arm']} arm has the plugin: {state}")
     if cfg["arm"] == "plugin" and not state["plugin_active"]:
         raise SystemExit(f"the plugin arm has no patched attention backend: {state}")
     reply({"ready": True, **state})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
+    for line in filter(str.strip, sys.stdin):
         cmd = json.loads(line)
         op = cmd.pop("op")
         if op == "quit":

@@ -1,18 +1,15 @@
-"""2. Mixed modes: one batch spread over 4 modes + requests without a mode / the same batch with
-every request in one mode, on the plugin engine (VLLMBackend; 4 modes in its store, each loaded by
-the worker before the measurement, in both arms).
+"""2. Mixed modes: one batch spread over 4 modes and no mode / the same batch all in one mode, on the
+plugin engine (4 modes in its store, each loaded by the worker before the measurement).
 
-The plugin's front end salts each request's prefix cache per mode (no salt is passed by hand), as
-served: with the chat template every prompt starts with the template's system prompt, so a batch
-in one mode can share those prefix blocks, a mixed batch only within each mode (KV computed under
-one mode is different K/V, never shared). A second pair of arms uses the bare questions (no
-template: prompts share no prefix block), which leaves only the cost of routing and projecting
-several modes in one step. (The former third arm, "mixed without per-mode salts", is gone: salts
-are the plugin's now, and turning them off is not possible, nor something to serve.)
+The plugin salts each request's prefix cache per mode, as served: with the chat template every
+prompt starts with the same system prompt, so a batch in one mode shares those prefix blocks and a
+mixed one only within each mode (K/V computed under one mode differ under another). A second pair of
+arms uses the bare questions (no shared prefix block), leaving only the cost of routing and
+projecting several modes in one step.
 """
 from __future__ import annotations
 
-from common import Context, Goal, headline, interleave, ratios
+from common import Context, Goal, by_key, headline, interleave, run_ratios
 
 NAME = "mixed_modes"
 TITLE = "vLLM: a batch over 4 modes + none / the same batch in one mode"
@@ -29,20 +26,17 @@ def run(ctx: Context) -> dict:
     for i, m in enumerate(MODES):
         plugin.call("add_mode", name=m, rank=width // 2, layers=layers, kinds=["k", "v"], seed=i)
     batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 4)
-    groups = MODES + [None]
-    mixed = [[groups[i % len(groups)]] if groups[i % len(groups)] else [] for i in range(batch)]
-    one = [[MODES[0]]] * batch
-    plugin.call("run", batch=4, max_tokens=4, caps=[[m] for m in MODES])  # warm-up: every mode loaded once
+    groups = [[m] for m in MODES] + [[]]
+    mixed, one = [groups[i % len(groups)] for i in range(batch)], [[MODES[0]]] * batch
+    plugin.call("run", batch=4, max_tokens=4, caps=[[m] for m in MODES])  # every mode loaded once
 
     def arm(caps, style):
         return lambda i: plugin.call("run", batch=batch, max_tokens=tokens, caps=caps, style=style)
 
     runs = interleave({"one_mode": arm(one, "chat"), "mixed": arm(mixed, "chat"),
                        "one_mode_raw": arm(one, "raw"), "mixed_raw": arm(mixed, "raw")}, reps, warmup=False)
-    tok_s = {k: [x["tok_s"] for x in v] for k, v in runs.items()}
-    tok_cpu = {k: [x["tok_per_cpu_s"] for x in v] for k, v in runs.items()}
-    r, r_cpu = ratios(tok_s["mixed"], tok_s["one_mode"]), ratios(tok_cpu["mixed"], tok_cpu["one_mode"])
-    r_raw, r_raw_cpu = ratios(tok_s["mixed_raw"], tok_s["one_mode_raw"]), ratios(tok_cpu["mixed_raw"], tok_cpu["one_mode_raw"])
+    r, r_cpu = run_ratios(runs["mixed"], runs["one_mode"])
+    r_raw, r_raw_cpu = run_ratios(runs["mixed_raw"], runs["one_mode_raw"])
     worker = plugin.call("worker_modes")
     for m in MODES:
         plugin.call("remove_mode", name=m)
@@ -55,13 +49,9 @@ def run(ctx: Context) -> dict:
                      "prompts": {"chat": "the math task's prompt through the chat template (shared system prompt)",
                                  "raw": "the bare GSM8K question (no shared prefix block)"},
                      "prefix_cache": "reset before every arm; per-mode salts set by the plugin's front end"},
-        "worker_modes": worker,
-        "tok_s": tok_s,
-        "tok_per_cpu_s": tok_cpu,
-        "mixed_over_one_mode": r,
-        "mixed_over_one_mode_cpu": r_cpu,
-        "mixed_over_one_mode_raw_prompts": r_raw,
-        "mixed_over_one_mode_raw_prompts_cpu": r_raw_cpu,
+        "worker_modes": worker, "tok_s": by_key(runs, "tok_s"), "tok_per_cpu_s": by_key(runs, "tok_per_cpu_s"),
+        "mixed_over_one_mode": r, "mixed_over_one_mode_cpu": r_cpu,
+        "mixed_over_one_mode_raw_prompts": r_raw, "mixed_over_one_mode_raw_prompts_cpu": r_raw_cpu,
         "headline": [headline(f"4 modes + none / one mode, batch {batch} (chat-template prompts)", r, GOAL, cpu=r_cpu),
                      headline(f"same, bare prompts with no shared prefix (routing and projection only), batch {batch}",
                               r_raw, None, cpu=r_raw_cpu)],

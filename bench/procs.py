@@ -1,22 +1,17 @@
-"""The processes a benchmark run drives: vLLM engines in worker processes, `spd serve` (vLLM's
-OpenAI server with this project's plugins) and stock vLLM's OpenAI server. Each is started on
-demand, shared by the benchmarks of one run that need it, and stopped by its own PID (its process
-group, which it leads: vLLM's server has an engine-core child) when no later benchmark needs it,
-or at the end.
+"""The processes a benchmark run drives and the load it puts on them: vLLM engines in worker
+processes (bench/engine_worker.py), `spd serve` and stock vLLM's OpenAI server (server/harness.py,
+the tests' harness). Each is started on first use, shared by the benchmarks of one run that need
+it, and stopped (its process group) when no later benchmark needs it, or at the end.
 
-Every child runs with cwd = this worktree and PYTHONPATH = this worktree first, so it imports the
-code under test (not another checkout's editable install); vLLM's spawned engine and worker
-processes inherit both.
-
-Stock arms set `VLLM_PLUGINS=none`: vLLM then loads only plugins named `none` (there is none), so
-neither `spd_kv_projection` nor `spd_api` is loaded (with `VLLM_PLUGINS` unset vLLM would load every
-installed general plugin, ours included).
+Every child runs with cwd and PYTHONPATH this worktree, so it imports the code under test (not
+another checkout's editable install); vLLM's spawned processes inherit both. Stock arms set
+`VLLM_PLUGINS=none`, a list naming no installed plugin: unset, vLLM would load ours too.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,89 +20,57 @@ import time
 from pathlib import Path
 
 import httpx
+from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, group_cpu_by_process, group_cpu_seconds,
+                    server_engine, spd_serve_vllm)
 
-from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, free_port, group_cpu_by_process,
-                    group_cpu_seconds, server_engine, spd_serve_vllm)
+from server.harness import ServerProcess, stop_group
 
 TAG = "@@bench "
-NO_PLUGINS = "none"  # a VLLM_PLUGINS list naming no installed plugin
+NO_PLUGINS = "none"
+PROBE = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
+# LoRA on (hot_paths loads an adapter), float32 and eager: the soak compares each answer with the
+# same request alone, which vLLM's bfloat16 kernels do not keep (the tests' servers run so too)
+LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32", "--enforce-eager"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of every child: this worktree first on the import path, no plugin
-    selection or store inherited from the caller."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_PLUGINS", "SPD_STORE_DIR", "SPD_SERVER_DATA", "SPD_API_KEY", "VLLM_API_KEY",
-                        "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-                        "VLLM_CPU_NUM_OF_RESERVED_CPU")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group led by `proc` (our child), then SIGKILL it if still there."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group (engine core, workers)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
+    """This worktree first on the import path; no plugin selection, store or vLLM CPU setting
+    inherited from the caller."""
+    drop = ("VLLM_PLUGINS", "SPD_STORE_DIR", "SPD_SERVER_DATA", "SPD_API_KEY", "VLLM_API_KEY",
+            "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    return {**env, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **extra}
 
 
 class EngineClient:
-    """A vLLM engine in `bench/engine_worker.py`.
+    """A vLLM engine in bench/engine_worker.py (its arms: see there), one JSON command per line."""
 
-    arm "plugin": the library's VLLMBackend (the spd_kv_projection plugin loaded by vLLM; modes are
-    packs saved into its store); "stock": vLLM's `LLM` with VLLM_PLUGINS=none; both in-process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor `uni`: VLLMBackend's default). arm "offline":
-    vLLM's `LLM` with its own process model (engine core in a process of its own), no plugin, and
-    `engine` and `env` as given (the settings of the server it is compared with)."""
-
-    def __init__(self, arm: str, logdir: Path, engine: dict | None = None, tag: str = "",
-                 env: dict[str, str] | None = None):
-        extra = {"VLLM_CPU_KVCACHE_SPACE": ENGINE_ENV["VLLM_CPU_KVCACHE_SPACE"], **(env or {})}
+    def __init__(self, arm: str, logdir: Path, engine: dict | None = None, env: dict[str, str] | None = None):
+        extra = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, **(env or {})}
         if arm in ("plugin", "stock"):
             extra["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
-        env = child_env(**extra)
         if arm != "plugin":
-            env["VLLM_PLUGINS"] = NO_PLUGINS
-        name = f"{arm}{tag}"
-        self.log = open(Path(logdir) / f"engine-{name}.log", "w")  # the worker's stderr
-        self.out = open(Path(logdir) / f"engine-{name}.stdout.log", "w")  # its stdout, but for replies
-        cfg = {"arm": arm, "engine": engine or ENGINE}
-        self.proc = subprocess.Popen([sys.executable, str(BENCH / "engine_worker.py"), json.dumps(cfg)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, cwd=str(REPO), start_new_session=True)
-        self.arm = arm
+            extra["VLLM_PLUGINS"] = NO_PLUGINS
+        self.arm, self.log = arm, open(Path(logdir) / f"engine-{arm}.log", "w")
+        self.out = open(Path(logdir) / f"engine-{arm}.stdout.log", "w")  # vLLM's stdout, but for replies
+        cfg = json.dumps({"arm": arm, "engine": engine or ENGINE})
+        self.proc = subprocess.Popen([sys.executable, str(BENCH / "engine_worker.py"), cfg], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=child_env(**extra),
+                                     cwd=str(REPO), start_new_session=True)
         self.state = self._read()
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
-            if line.startswith(TAG):
-                msg = json.loads(line[len(TAG):])
-                if msg.get("ok") is False:
-                    raise RuntimeError(f"{self.arm} engine: {msg['error']}\n{msg.get('trace', '')}")
-                return msg
-            self.out.write(line)
+            if not line.startswith(TAG):
+                self.out.write(line)
+                continue
+            msg = json.loads(line[len(TAG):])
+            if msg.get("ok") is False:
+                raise RuntimeError(f"{self.arm} engine: {msg['error']}\n{msg.get('trace', '')}")
+            return msg
         raise RuntimeError(f"the {self.arm} engine worker exited (code {self.proc.wait()}); see {self.log.name}")
-
-    def cpu(self) -> float:
-        """CPU seconds used so far by the worker and the vLLM processes it started."""
-        return group_cpu_seconds(self.proc.pid)
 
     def call(self, op: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
@@ -122,115 +85,68 @@ class EngineClient:
                 self.proc.wait(60)
         except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
             pass
-        _stop(self.proc)
+        stop_group(self.proc, grace=30)
         self.log.close()
         self.out.close()
 
 
-PROBE = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
+class BenchServer(ServerProcess):
+    """A server child, ready at its first answer (`start_seconds` from the spawn to it, polled every
+    0.25 s; `start_cpu_seconds`: its processes' CPU work until then)."""
 
-
-class ServerProcess:
-    """An OpenAI-compatible server child on 127.0.0.1:<free port>. Ready once a completion
-    answers (`start_seconds`: from the spawn to that first answer, polled every 0.25 s)."""
+    SHOWN = ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "SPD_STORE_DIR", "SPD_SERVER_DATA", "OMP_NUM_THREADS",
+             "OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
     def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, timeout: float = 900.0,
                  root: Path | None = None):
-        self.name, self.port = name, free_port()
-        self.root = root
-        self.log = open(Path(logdir) / f"server-{name}-{self.port}.log", "w")
+        super().__init__()
+        self.name, self.root, self.env_shown = name, root, {k: env[k] for k in self.SHOWN if k in env}
         self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.env_shown = {k: env[k] for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "SPD_STORE_DIR",
-                                              "SPD_SERVER_DATA", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND",
-                                              "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in env}
-        self.url = f"http://127.0.0.1:{self.port}"
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {name} exited with code {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.post(self.url + "/v1/completions", json=PROBE, timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"server {name} did not answer in {timeout:.0f} s; see {self.log.name}")
-            time.sleep(0.25)
-        self.start_seconds = time.perf_counter() - t0
-        self.start_cpu_seconds = self.cpu()  # CPU work of its processes from spawn to that first answer
+        self.launch(self.cmd, env, REPO, Path(logdir) / f"server-{name}-{self.port}.log", timeout, PROBE, 0.25)
+        self.start_cpu_seconds = self.cpu()
 
     def cpu(self) -> float:
-        """CPU seconds used so far by the server's processes (API server, engine core, worker)."""
         return group_cpu_seconds(self.proc.pid)
 
     def cpu_by_process(self) -> dict[str, float]:
-        """`cpu` by process name (`python`: the API server; VLLM::EngineCore; VLLM::Worker)."""
         return group_cpu_by_process(self.proc.pid)
 
     def describe(self) -> dict:
-        return {"command": " ".join(self.cmd[1:]), "env": self.env_shown, "start_to_first_answer_seconds":
-                round(self.start_seconds, 2), "start_to_first_answer_cpu_seconds": round(self.start_cpu_seconds, 2)}
+        return {"command": " ".join(self.cmd[1:]), "env": self.env_shown,
+                "start_to_first_answer_seconds": round(self.start_seconds, 2),
+                "start_to_first_answer_cpu_seconds": round(self.start_cpu_seconds, 2)}
 
-    def close(self) -> None:
-        _stop(self.proc)
-        self.log.close()
-
-
-def spd_serve_command(extra: list[str] | None = None) -> list[str]:
-    """`spd serve` as a user runs it (`python -m server` = `spd serve`), with its defaults."""
-    return [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])]
+    close = ServerProcess.stop
 
 
-def vllm_defaults_command() -> list[str]:
-    """vLLM's OpenAI server with its own defaults: only the model, its served name and where to listen."""
-    from spd_engine import models
-
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}"]
-
-
-def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", timeout: float = 900.0,
-               env: dict[str, str] | None = None) -> ServerProcess:
-    """`spd serve --port P EXTRA` (with its defaults for what EXTRA does not set) on a fresh store
-    and data dir; `env`: variables added to the child's environment."""
+def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", env: dict[str, str] | None = None):
+    """`spd serve --port P EXTRA` (`python -m server`, its defaults for the rest) on a fresh store."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"), **(env or {}))
     (root / "store").mkdir()
-    return ServerProcess(name, spd_serve_command(extra), env, logdir, root=root, timeout=timeout)
+    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"), **(env or {}))
+    return BenchServer(name, [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])], env, logdir, root=root)
 
 
-def vllm_server(logdir: Path, defaults: bool = False) -> ServerProcess:
-    """Stock vLLM's OpenAI server, no plugin loaded: the same flags and vLLM environment settings as
-    `spd serve`, or vLLM's own defaults (compiled engine, bfloat16 on x86, the model's max length)
-    with VLLM_CPU_KVCACHE_SPACE set (vLLM's CPU default refuses to start on this machine)."""
+def vllm_server(logdir: Path, defaults: bool = False) -> BenchServer:
+    """Stock vLLM's OpenAI server, no plugin: `spd serve`'s flags and vLLM settings, or vLLM's own
+    defaults (compiled, bfloat16 on x86, the model's max length) with VLLM_CPU_KVCACHE_SPACE set
+    (its CPU default refuses to start on this machine)."""
     if defaults:
-        cmd, env = vllm_defaults_command(), child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
+        from spd_engine import models
+
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
+               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "{port}"]
+        env = child_env(VLLM_PLUGINS=NO_PLUGINS, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB)
     else:
         cmd, cpu_env = spd_serve_vllm(["--port", "{port}"])
         env = child_env(VLLM_PLUGINS=NO_PLUGINS, **cpu_env)
-    return ServerProcess("vllm-defaults" if defaults else "vllm", cmd, env, logdir,
-                         timeout=1800.0 if defaults else 900.0)
+    return BenchServer("vllm-defaults" if defaults else "vllm", cmd, env, logdir, timeout=1800.0 if defaults else 900.0)
 
 
-def _offline_engine(logdir: Path) -> EngineClient:
-    """vLLM's offline `LLM` with `spd serve`'s engine settings on this machine (corpus_job's baseline)."""
-    engine, env = server_engine()
-    return EngineClient("offline", logdir, engine=engine, env=env)
-
-
-# the server with LoRA on (hot_paths: loading an adapter needs it), in float32 and eager: the soak
-# compares each answer with the same request alone, which vLLM's bfloat16 kernels do not guarantee
-# (the soak's record was made eager, as the tests' servers run)
-LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32", "--enforce-eager"]
-
-_FACTORIES = {
+FACTORIES = {
     "plugin_engine": lambda d: EngineClient("plugin", d),
     "stock_engine": lambda d: EngineClient("stock", d),
-    "offline_engine": _offline_engine,
+    "offline_engine": lambda d: EngineClient("offline", d, *server_engine()),  # corpus_job's baseline
     "spd_server": spd_server,
     "spd_server_lora": lambda d: spd_server(d, LORA_FLAGS, name="spd-lora"),
     "vllm_server": vllm_server,
@@ -239,8 +155,7 @@ _FACTORIES = {
 
 
 class Resources:
-    """Processes shared by the benchmarks of one run, started on first use (several at once with
-    `start`), closed when no remaining benchmark uses them (`keep_only`) or at the end."""
+    """The processes of one run, started on first use, closed when no later benchmark uses them."""
 
     def __init__(self, logdir: Path):
         self.logdir = Path(logdir)
@@ -248,17 +163,16 @@ class Resources:
         self.live: dict[str, object] = {}
 
     def start(self, *names: str) -> None:
-        """Start the missing ones concurrently (engine start-up is mostly waiting on one core)."""
-        missing = [n for n in names if n not in self.live]
+        """Start the missing ones concurrently (an engine's start is mostly waiting on one core)."""
         errors: list[BaseException] = []
 
         def boot(n: str) -> None:
             try:
-                self.live[n] = _FACTORIES[n](self.logdir)
+                self.live[n] = FACTORIES[n](self.logdir)
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
 
-        threads = [threading.Thread(target=boot, args=(n,)) for n in missing]
+        threads = [threading.Thread(target=boot, args=(n,)) for n in names if n not in self.live]
         for t in threads:
             t.start()
         for t in threads:
@@ -276,3 +190,126 @@ class Resources:
 
     def close(self) -> None:
         self.keep_only(set())
+
+
+# ---------------------------------------------------------------- load on a server
+
+
+def short_prompts() -> list[str]:
+    """The first sentence of every GSM8K question (distinct, 10-30 tokens)."""
+    from spd_engine.data import load_examples, resolve_data
+
+    firsts = (e.prompt.split(". ")[0].strip() for e in load_examples(resolve_data("gsm8k"), "math"))
+    return [s if s.endswith((".", "?")) else s + "." for s in firsts]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def latency(runs: list[dict]) -> dict[str, float]:
+    xs = [v for x in runs for v in x["latencies"]]
+    return {"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99), "mean": sum(xs) / len(xs)}
+
+
+async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """Closed-loop clients: `concurrency` of them send the prompts as greedy /v1/completions of
+    exactly `max_tokens` tokens (ignore_eos), each its next prompt once its last answered."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    latencies, tokens = [], 0
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        async def user():
+            nonlocal tokens
+            while not queue.empty():
+                body = {"model": MODEL, "prompt": queue.get_nowait(), "max_tokens": max_tokens, "temperature": 0.0,
+                        "ignore_eos": True, **(extra or {})}
+                t0 = time.perf_counter()
+                r = await client.post("/v1/completions", json=body)
+                latencies.append(time.perf_counter() - t0)
+                r.raise_for_status()
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"requests": len(prompts), "seconds": wall, "req_s": len(prompts) / wall, "tok_s": tokens / wall,
+            "tokens": tokens, "latencies": latencies}
+
+
+def measured(srv: BenchServer, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """`load` on a server, with the CPU seconds its processes used meanwhile, in all and by process."""
+    c0 = srv.cpu_by_process()
+    out = asyncio.run(load(srv.url, prompts, concurrency, max_tokens, extra))
+    c1 = srv.cpu_by_process()
+    out["cpu_seconds_by_process"] = {k: round(v - c0.get(k, 0.0), 2) for k, v in c1.items()}
+    out["cpu_seconds"] = sum(c1.values()) - sum(c0.values())
+    out["tok_per_cpu_s"] = out["tokens"] / max(out["cpu_seconds"], 1e-9)
+    return out
+
+
+def settle(servers, idle_share: float = 0.05, interval: float = 0.5, limit: float = 30.0) -> float:
+    """Wait (at most `limit` s) until the servers together use under `idle_share` of a core over
+    `interval` s; the seconds waited. A server stays busy for 1.5-2 s after a burst, which would
+    otherwise be measured against whichever server runs next."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        c0 = sum(s.cpu() for s in servers)
+        time.sleep(interval)
+        if sum(s.cpu() for s in servers) - c0 < idle_share * interval:
+            break
+    return time.perf_counter() - t0
+
+
+def rotation(items: list, k: int) -> list:
+    """Round k's order: `items` rotated by k, so no arm always runs right after another."""
+    return items[k % len(items):] + items[:k % len(items)]
+
+
+def rotated_rounds(targets: dict, servers: list, rounds: int, levels: dict[int, int], max_tokens: int) -> dict:
+    """Rounds of `measured` on every target (name: (server, extra body)) at each concurrency level
+    (concurrency: requests), the order rotating round by round, each run once all `servers` are
+    idle; each round and level its own prompts. Runs by target, then level."""
+    prompts_all = short_prompts()
+    runs = {name: {str(c): [] for c in levels} for name in targets}
+    for rnd in range(rounds):
+        for c, n in levels.items():
+            prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n)]
+            for name, (srv, extra) in rotation(list(targets.items()), rnd):
+                waited = settle(servers)
+                runs[name][str(c)].append({**measured(srv, prompts, c, max_tokens, extra), "settle_seconds": waited})
+    return runs
+
+
+def save_random_mode(store_dir: Path, name: str, seed: int = 0) -> dict:
+    """A random pack of rank d/2 at the default layers saved into a server's store (the next request
+    can name it); one already there under that name is kept (the same seed made it)."""
+    from spd_engine import models
+    from spd_engine.calibrate import CalibrationConfig, calibrate, default_layers
+    from spd_engine.subspace import Store
+
+    info = models.info(models.resolve(MODEL))
+    layers = default_layers(info.n_layers)
+    if name not in Store(store_dir).names():
+        Store(store_dir).save(calibrate(None, None, info, "math", [], name, CalibrationConfig(
+            rank=info.kv_width // 2, layers=layers, method="random", seed=seed)))
+    return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
+
+
+def mode_check(spd_url: str, vllm_url: str, prompt: str, mode: str) -> dict:
+    """The same greedy 24-token completion from spd serve without a mode, in `mode`, and from vllm
+    serve: the mode must change the text, no mode must give vLLM's."""
+    def text(url: str, extra: dict | None = None) -> str:
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                      "temperature": 0.0, **(extra or {})}, timeout=300)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    out = {"prompt": prompt, "spd": text(spd_url), "vllm": text(vllm_url), "spd_mode": text(spd_url, {"capability": mode})}
+    return {**out, "no_mode_equals_vllm": out["spd"] == out["vllm"], "mode_changes_output": out["spd_mode"] != out["spd"]}
+

@@ -8,15 +8,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
-from run import ORDER  # noqa: E402
+from common import RESULTS, SUITE  # noqa: E402
 
-# the numbering of issue 5 (1-8), then the benchmarks added since
-NUMBER = {"projection_overhead": 1, "mixed_modes": 2, "cost_growth": 3, "hooked_generation": 4, "calibration": 5,
-          "corpus_job": 6, "server_overhead": 7, "hot_paths": 8, "server_defaults": 9, "server_start": 10,
-          "many_modes": 11, "many_modes_projection": 12, "soak": 13,
-          "cpu_defaults": 14, "cpu_preload": 15, "cpu_compiled": 16, "auto_routing": 17}
-BY_NUMBER = sorted(ORDER, key=lambda n: NUMBER.get(n, 99))
+# Sweeps whose decision is made and written in the project README (Performance): their modules
+# left the suite, their JSON stays in bench/results/ and their rows in the table, marked so.
+LEFT_THE_SUITE = {"cost_growth": 3, "many_modes_projection": 12, "cpu_defaults": 14, "cpu_preload": 15,
+                  "cpu_compiled": 16}
+NUMBER = {**SUITE, **LEFT_THE_SUITE}
+BY_NUMBER = sorted(NUMBER, key=NUMBER.get)
 
 
 def _one_line(error: str) -> str:
@@ -27,7 +26,7 @@ def _one_line(error: str) -> str:
 
 def _load(out: Path) -> tuple[dict, dict]:
     results = {}
-    for name in ORDER:
+    for name in NUMBER:
         p = out / f"{name}.json"
         if p.is_file():
             results[name] = json.loads(p.read_text())
@@ -56,8 +55,11 @@ def table(results: dict, skipped: dict | None = None) -> list[str]:
     lines = ["| # | benchmark | measure | median [min, max] | from CPU time: median [min, max] | goal | met? "
              "(wall / CPU) |", "|---|---|---|---|---|---|---|"]
     for name in BY_NUMBER:
-        i = NUMBER.get(name, "")
-        r = results.get(name)
+        i, r = NUMBER[name], results.get(name)
+        if name in LEFT_THE_SUITE:
+            if r is None:
+                continue
+            name = f"{name} (left the suite)"
         if name in (skipped or {}):
             lines.append(f"| {i} | {name} | {skipped[name]} | | | | |")
             continue
@@ -97,32 +99,6 @@ def _ratios(plt, results: dict):
     ax.axvline(1.0, color="k", lw=0.8)
     ax.invert_yaxis()
     ax.set_xlabel("ratio: median, whiskers [min, max]; green goal met, red not met, gray no goal")
-    return fig
-
-
-def _cost_growth(plt, cg: dict):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, sweep in zip(axes, ("rank", "layers")):
-        rows = [r for r in cg["rows"] if r["sweep"] == sweep]
-        if sweep == "layers":  # the 2-layer point of this sweep is the rank sweep's d/2 row
-            two = [{**r, "label": f"{len(r['layers'])} layers"} for r in cg["rows"]
-                   if r["sweep"] == "rank" and r["rank"] == cg["settings"]["width_d"] // 2]
-            rows = two + rows
-        x = list(range(len(rows)))
-        meas = [100 * (1 - r["measured_ratio"]["median"]) for r in rows]
-        lo = [100 * (1 - r["measured_ratio"]["max"]) for r in rows]
-        hi = [100 * (1 - r["measured_ratio"]["min"]) for r in rows]
-        ax.errorbar(x, meas, yerr=[[m - a for m, a in zip(meas, lo)], [b - m for m, b in zip(meas, hi)]],
-                    fmt="o-", capsize=3, label="measured (median, [min, max])")
-        if all("measured_ratio_cpu" in r for r in rows):
-            ax.plot(x, [100 * (1 - r["measured_ratio_cpu"]["median"]) for r in rows], "^:",
-                    label="measured per CPU-second (median)")
-        ax.plot(x, [100 * r["predicted_overhead"] for r in rows], "s--", label="FLOP prediction")
-        ax.set_xticks(x, [r["label"] for r in rows], rotation=20, fontsize=8)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_ylabel("overhead % (1 - mode/no-mode tokens/s)")
-        ax.set_title(f"vs {sweep}")
-        ax.legend(fontsize=7)
     return fig
 
 
@@ -186,33 +162,8 @@ def _many_modes(plt, mm: dict):
     return fig
 
 
-def _cpu_defaults(plt, cd: dict):
-    """Each candidate's throughput (/ vllm serve with its defaults) against its start time, with
-    the region of issue 15's goal (>= 1.3x, a start no slower than the baseline's)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    base_start = cd["settings"]["baseline"]["start_to_first_answer_seconds"]
-    ax.fill_between([0, base_start], 1.3, 1.7, color="tab:green", alpha=0.08)
-    ax.axvline(base_start, color="k", lw=0.6, ls=":")
-    ax.plot([base_start], [1.0], "k*", ms=10, label=f"vllm serve defaults (start {base_start:.0f} s)")
-    for i, (name, c) in enumerate(cd["candidates"].items()):
-        r = c["tok_s_ratio"]
-        ax.errorbar([c["start_to_first_answer_seconds"]], [r["median"]],
-                    yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], fmt="o", capsize=3,
-                    color=f"C{i}", label=name)
-    ax.axhline(1.3, color="tab:green", lw=0.8, ls="--")
-    ax.text(2, 1.31, "goal: >= 1.3x and a start <= vLLM's", fontsize=7, color="tab:green")
-    ax.set_xlim(0, max(base_start, *(c["start_to_first_answer_seconds"] for c in cd["candidates"].values())) * 1.1)
-    ax.set_ylim(0, 1.7)
-    ax.set_xlabel("start to first answer, s")
-    ax.set_ylabel("tokens/s / vllm serve defaults\n(concurrency 32; median, [min, max])")
-    ax.set_title("spd serve CPU settings (2 cores)", fontsize=10)
-    ax.legend(fontsize=6.5, loc="lower right")
-    return fig
-
-
 # one plot per benchmark that has one (its own JSON), plus the ratio overview
-PLOTS = {"cost_growth": _cost_growth, "server_overhead": _server_overhead,
-         "projection_overhead": _projection_overhead, "many_modes": _many_modes, "cpu_defaults": _cpu_defaults}
+PLOTS = {"server_overhead": _server_overhead, "projection_overhead": _projection_overhead, "many_modes": _many_modes}
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -269,6 +220,9 @@ def render(out: Path = RESULTS) -> Path:
               "per CPU-second of the processes under test (the engine process, or a server's whole process "
               "group; for start-up: the CPU seconds to the first answer), which does not count the time other "
               "jobs held the cores of a shared machine.", ""]
+    if any(n in results for n in LEFT_THE_SUITE):
+        lines += ["Rows marked \"left the suite\" come from sweeps whose decision is made: the project README's "
+                  "Performance section says what each decided; their JSON stays here, their modules are gone.", ""]
     lines += table(results, skipped)
     shown = [n for n in BY_NUMBER if n in results]
     missed = [(n, h) for n in shown for h in results[n].get("headline", [])

@@ -5,7 +5,7 @@ run, interleaved. Writes `<out>/<name>.json` per benchmark, `<out>/run.json`, an
     python bench/run.py                    # the full suite (about an hour on 2 cores)
     python bench/run.py --quick            # every benchmark at tiny sizes, 1 rep (a smoke check);
                                            # benchmarks with QUICK = False (vLLM's compiled server) are skipped
-    python bench/run.py --only cost_growth,hooked_generation --out /tmp/b
+    python bench/run.py --only projection_overhead,hooked_generation --out /tmp/b
 """
 from __future__ import annotations
 
@@ -20,14 +20,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, Context, now, write_json, write_result  # noqa: E402
+from common import RESULTS, SUITE, Context, now, write_json, write_result  # noqa: E402
 from procs import Resources  # noqa: E402
 
-# run order: the transformers-only and microbenchmarks first, then those sharing vLLM engines, then
-# the servers (start-up timed first, with nothing else running; vLLM's compiled server last)
-ORDER = ["hooked_generation", "calibration", "many_modes_projection", "projection_overhead", "mixed_modes",
-         "cost_growth", "many_modes", "server_start", "corpus_job", "server_overhead", "hot_paths", "soak", "auto_routing", "server_defaults",
-         "cpu_defaults", "cpu_preload", "cpu_compiled"]
+ORDER = list(SUITE)
+
+
+def one(mod, ctx: Context) -> dict:
+    """Run one benchmark, write its JSON (an error's too: one failing must not lose the others)."""
+    t0 = time.perf_counter()
+    goal = str(mod.GOAL) if mod.GOAL else ""
+    try:
+        payload = mod.run(ctx)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        payload = {"error": f"{type(e).__name__}: {e}", "headline": []}
+    path = write_result(ctx, mod.NAME, mod.TITLE, goal or ("see headline" if "error" not in payload else ""), t0, payload)
+    seconds = round(time.perf_counter() - t0, 1)
+    if "error" in payload:
+        return {"ok": False, "seconds": seconds, "error": payload["error"]}
+    for h in payload.get("headline", []):
+        met = "" if h["met"] is None else ("  met" if h["met"] else "  NOT met")
+        print(f"[bench]   {h['label']}: {h['median']:.4g} [{h['min']:.4g}, {h['max']:.4g}]"
+              f"{'  goal ' + h['goal'] if h['goal'] else ''}{met}", flush=True)
+    print(f"[bench]   -> {path} ({seconds} s)", flush=True)
+    return {"ok": True, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,20 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not render README.md and plots")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or ORDER
-    unknown = [n for n in names if n not in ORDER]
-    if unknown:
+    if unknown := [n for n in names if n not in ORDER]:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {ORDER}")
     names = [n for n in ORDER if n in names]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    notes = list(args.note)
     if args.threads:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported here; inherited by children
+        notes.append(f"run with --threads {args.threads}: OMP_NUM_THREADS={args.threads} in every process")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    notes = list(args.note)
-    if args.threads:
-        notes.append(f"run with --threads {args.threads}: OMP_NUM_THREADS={args.threads} in every process")
     load = os.getloadavg()
     notes.append(f"load average at the start of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
                  f"{os.cpu_count()} cores")
@@ -69,32 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(names):
             mod = modules[name]
             print(f"[bench] {name}: {mod.TITLE}", flush=True)
-            ctx = Context(quick=args.quick, out=out, notes=notes, resources=resources)
-            t0 = time.perf_counter()
             if args.quick and not getattr(mod, "QUICK", True):
                 status[name] = {"ok": True, "seconds": 0.0, "skipped": "not run by --quick (QUICK = False: see its docstring)"}
                 print("[bench]   skipped in --quick", flush=True)
-                later = set().union(*(modules[n].USES for n in names[i + 1:])) if i + 1 < len(names) else set()
-                resources.keep_only(later)
-                continue
-            try:
-                payload = mod.run(ctx)
-                goal = str(mod.GOAL) if mod.GOAL else "see headline"
-                path = write_result(ctx, name, mod.TITLE, goal, t0, payload)
-                status[name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1)}
-                for h in payload.get("headline", []):
-                    met = "" if h["met"] is None else ("  met" if h["met"] else "  NOT met")
-                    print(f"[bench]   {h['label']}: {h['median']:.4g} [{h['min']:.4g}, {h['max']:.4g}]"
-                          f"{'  goal ' + h['goal'] if h['goal'] else ''}{met}", flush=True)
-                print(f"[bench]   -> {path} ({status[name]['seconds']} s)", flush=True)
-            except Exception as e:  # noqa: BLE001 - one failing benchmark must not lose the others
-                traceback.print_exc()
-                status[name] = {"ok": False, "seconds": round(time.perf_counter() - t0, 1),
-                                "error": f"{type(e).__name__}: {e}"}
-                write_result(ctx, name, mod.TITLE, str(mod.GOAL) if mod.GOAL else "", t0,
-                             {"error": status[name]["error"], "headline": []})
-            later = set().union(*(modules[n].USES for n in names[i + 1:])) if i + 1 < len(names) else set()
-            resources.keep_only(later)
+            else:
+                status[name] = one(mod, Context(quick=args.quick, out=out, notes=notes, resources=resources))
+            resources.keep_only(set().union(*(modules[n].USES for n in names[i + 1:])))
     finally:
         resources.close()
     wall = time.perf_counter() - t_run

@@ -8,7 +8,7 @@ adapter with a mode. Every answer is compared with the same request made alone b
 /metrics gauges), and the server's processes' resident memory and the API server's open file
 descriptors are compared with their values after the solo answers.
 
-The suite's `tests/test_server_reliability.py` runs the 300-request version of this in CI.
+tests/test_server_reliability.py runs a 300-request version of this.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from common import MODEL, Context, group_rss_mib
+from procs import save_random_mode
+
+from server.harness import write_random_lora
 
 NAME = "soak"
 TITLE = "1,000 mixed requests at concurrency 32: each equals the same request alone (mismatches, leaks)"
@@ -50,9 +53,6 @@ def _fds(pid: int) -> int:
 
 
 def run(ctx: Context) -> dict:
-    from random_lora import write_random_lora
-    from server_overhead import save_random_mode
-
     from spd_engine import models
 
     srv = ctx.resources.get("spd_server_lora")

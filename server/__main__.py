@@ -21,8 +21,8 @@ this project's defaults apply only to what the user did not set:
   VLLM_CPU_NUM_OF_RESERVED_CPU  0 on a machine with at most 2 CPUs: vLLM reserves one core for
                     its scheduler and API server, which on 2 cores leaves the model one thread
 
-The CPU defaults come from a sweep on a 2-core machine (bench/cpu_defaults.py, its JSON in
-bench/results/): what each setting gave is in the README's Performance section.
+The CPU defaults come from sweeps on a 2-core machine (bench/results/cpu_defaults.json and
+cpu_preload.json, cpu_compiled.json): what each setting gave is in the README's Performance section.
 
 This project's own settings are environment variables, so plain
 `VLLM_PLUGINS=spd_kv_projection,spd_api vllm serve MODEL` reads the same ones:

@@ -13,10 +13,10 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parent.parent
-NAMES = ["hooked_generation", "cost_growth"]
+NAMES = ["hooked_generation", "projection_overhead"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="cost_growth needs vllm")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="projection_overhead needs vllm")
 def test_quick_subset_writes_results(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only", ",".join(NAMES),
                            "--out", str(tmp_path), "--threads", "1"], capture_output=True, text=True, cwd=str(REPO), timeout=1800)
@@ -35,12 +35,10 @@ def test_quick_subset_writes_results(tmp_path):
     hooked = json.loads((tmp_path / "hooked_generation.json").read_text())
     assert len(hooked["tok_s"]["hooked"]) == len(hooked["tok_s"]["unhooked"]) >= 1  # every repetition kept
     assert hooked["hooked_over_unhooked"]["values"]
-    growth = json.loads((tmp_path / "cost_growth.json").read_text())
-    sweeps = {row["sweep"] for row in growth["rows"]}
-    assert sweeps == {"rank", "layers"}
-    for row in growth["rows"]:
-        assert 0 < row["predicted_ratio"] <= 1 and row["projection_flops_per_token"] > 0
-        assert row["measured_ratio"]["values"]
+    overhead = json.loads((tmp_path / "projection_overhead.json").read_text())
+    assert set(overhead["results"]) == {"1", "8"}  # the batches of --quick
+    for b in overhead["results"].values():
+        assert b["one_mode_over_stock"]["values"] and b["plugin_no_mode_over_stock_cpu"]["values"]
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["quick"] and all(s["ok"] for s in run["benchmarks"].values())
     report = (tmp_path / "README.md").read_text()

@@ -54,8 +54,6 @@ RESULT = {"patched": vllm_plugin.is_active(), "fixes": vllm_plugin.PLUGIN.fixes,
 
 @pytest.fixture(scope="module")
 def runs(bundled_path, tmp_path_factory):
-    from pathlib import Path
-
     args = {"model": str(bundled_path), "prompts": PROMPTS}
     stock = in_fresh_process(_SCRIPT, {**args, "tmp": str(tmp_path_factory.mktemp("stock"))}, VLLM_PLUGINS="none")
     ours = in_fresh_process(_SCRIPT, {**args, "tmp": str(tmp_path_factory.mktemp("ours"))},
