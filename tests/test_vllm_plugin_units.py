@@ -69,8 +69,13 @@ def _runner(extra, qsl):
     from vllm.v1.utils import CpuGpuBuffer
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
+    import inspect
+
+    sizes = {"block_sizes": [16], "max_num_blocks_per_req": [4]}
+    if "kernel_block_sizes" in inspect.signature(InputBatch).parameters:  # vLLM 0.31 (not read by the plugin)
+        sizes["kernel_block_sizes"] = [16]
     batch = InputBatch(max_num_reqs=8, max_model_len=64, max_num_batched_tokens=64, device=torch.device("cpu"),
-                       vocab_size=100, block_sizes=[16], max_num_blocks_per_req=[4])
+                       vocab_size=100, **sizes)
     requests = {}
     for i, e in enumerate(extra):
         r = CachedRequestState(req_id=f"r{i}", prompt_token_ids=[1, 2, 3], mm_features=[],
