@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 
+from spd_engine.paths import NAME_PATTERN
 from spd_engine.vllm_requests import CAPABILITY_ARG, STRENGTH_ARG
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME = re.compile(NAME_PATTERN)
 
 
 def split(model: str, known: set[str]) -> tuple[str, dict] | None:

@@ -4,7 +4,7 @@ port, API key, limits of the OpenAI routes) stay vLLM's."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from spd_engine.paths import store_dir
@@ -23,13 +23,22 @@ def _int(env: dict, name: str, default: int) -> int:
     return value
 
 
+def _env_int(default: int, env: str, help: str):
+    """A positive integer setting read from `env`: its default, variable and help in one place."""
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+def _ints_from_env(cls, env: dict[str, str]) -> dict[str, int]:
+    return {f.name: _int(env, f.metadata["env"], f.default) for f in fields(cls) if "env" in f.metadata}
+
+
 @dataclass(frozen=True)
 class Settings:
     store_dir: Path  # SPD_STORE_DIR: the subspace store
     data_dir: Path  # SPD_SERVER_DATA: jobs database, job dirs, adapters dir
-    max_upload_bytes: int = 16 * 1024 * 1024  # SPD_MAX_UPLOAD_BYTES: calibration files and pack archives
-    max_queued_jobs: int = 64  # SPD_MAX_QUEUED_JOBS: 429 above
-    job_retention: int = 500  # SPD_JOB_RETENTION: finished jobs kept (with their files); older ones are deleted
+    max_upload_bytes: int = _env_int(16 * 1024 * 1024, "SPD_MAX_UPLOAD_BYTES", "calibration files and pack archives")
+    max_queued_jobs: int = _env_int(64, "SPD_MAX_QUEUED_JOBS", "queued jobs; 429 above")
+    job_retention: int = _env_int(500, "SPD_JOB_RETENTION", "finished jobs kept (with their files); older ones are deleted")
     allow_client_code: bool = False  # SPD_ALLOW_CLIENT_CODE=1: jobs may carry their own unit tests (runs code!)
 
     @classmethod
@@ -37,10 +46,7 @@ class Settings:
         env = dict(os.environ if env is None else env)
         return cls(store_dir=store_dir(),
                    data_dir=Path(env.get("SPD_SERVER_DATA") or Path.home() / ".local/share/spd").expanduser(),
-                   max_upload_bytes=_int(env, "SPD_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
-                   max_queued_jobs=_int(env, "SPD_MAX_QUEUED_JOBS", cls.max_queued_jobs),
-                   job_retention=_int(env, "SPD_JOB_RETENTION", cls.job_retention),
-                   allow_client_code=env.get("SPD_ALLOW_CLIENT_CODE", "") in ("1", "true", "yes"))
+                   **_ints_from_env(cls, env), allow_client_code=env.get("SPD_ALLOW_CLIENT_CODE", "") in ("1", "true", "yes"))
 
     @property
     def adapters_dir(self) -> Path:
@@ -67,12 +73,10 @@ class Settings:
 class Limits:
     """Bounds on the OpenAI routes beyond vLLM's own (whose flags bound prompt and output length)."""
 
-    max_inflight: int = 256  # SPD_MAX_INFLIGHT: completion requests in flight; 429 + Retry-After above
-    max_prompts: int = 64  # SPD_MAX_PROMPTS: prompts in one completion request
-    max_n: int = 16  # SPD_MAX_N: completions per prompt
+    max_inflight: int = _env_int(256, "SPD_MAX_INFLIGHT", "completion requests in flight; 429 + Retry-After above")
+    max_prompts: int = _env_int(64, "SPD_MAX_PROMPTS", "prompts in one completion request")
+    max_n: int = _env_int(16, "SPD_MAX_N", "completions per prompt")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Limits":
-        env = dict(os.environ if env is None else env)
-        return cls(max_inflight=_int(env, "SPD_MAX_INFLIGHT", cls.max_inflight),
-                   max_prompts=_int(env, "SPD_MAX_PROMPTS", cls.max_prompts), max_n=_int(env, "SPD_MAX_N", cls.max_n))
+        return cls(**_ints_from_env(cls, dict(os.environ if env is None else env)))

@@ -93,6 +93,28 @@ function unauthorized(message) {
   $("#auth-key").focus();
 }
 
+// Form bounds, defaults and name patterns come from the server's OpenAPI schema (spd_engine.config
+// declares each once): an input with data-schema="Model.field" takes that field's.
+async function applySchema() {
+  let schemas;
+  try {
+    schemas = (await getJSON("openapi.json")).components.schemas;
+  } catch {
+    return;  // the server checks every field anyway
+  }
+  for (const input of $$("[data-schema]")) {
+    const [model, field] = input.dataset.schema.split(".");
+    const prop = schemas[model]?.properties?.[field];
+    if (!prop) continue;
+    const p = (prop.anyOf || []).find((b) => b.type !== "null") || prop;
+    if (p.pattern) input.pattern = p.pattern.replace(/^\^|\$$/g, "").replace(/-\]/g, "\\-]");  // HTML's v-flag classes escape "-"
+    if (p.maxLength !== undefined) input.maxLength = p.maxLength;
+    for (const [attr, key] of [["min", "minimum"], ["max", "maximum"]]) if (p[key] !== undefined) input[attr] = p[key];
+    if (prop.default !== undefined && prop.default !== null && input.value === "") input.value = prop.default;
+    if (prop.description || p.description) input.title = prop.description || p.description;
+  }
+}
+
 async function connect(key) {
   S.key = key || null;
   let models;
@@ -109,7 +131,7 @@ async function connect(key) {
   $("#forget-key").hidden = !S.key;
   showModels(models.data);
   showTab(location.hash.slice(1) || "playground");
-  await Promise.all([refreshModes(), refreshJobs(), refreshAdapters()]);
+  await Promise.all([applySchema(), refreshModes(), refreshJobs(), refreshAdapters()]);
   S.poll = setInterval(refreshJobs, 1000);
 }
 
@@ -485,8 +507,8 @@ async function dataSpec(row) {
 async function startPipeline(ev) {
   ev.preventDefault();
   const form = ev.target, msg = $(".msg", form), f = new FormData(form);
-  const params = { name: f.get("name"), task_kind: f.get("task_kind"), strength: Number(f.get("strength")),
-                   max_tokens: Number(f.get("max_tokens")), epochs: Number(f.get("epochs")) };
+  const params = { name: f.get("name"), task_kind: f.get("task_kind") };
+  for (const k of ["strength", "max_tokens", "epochs"]) if (f.get(k) !== "") params[k] = Number(f.get(k));  // empty: the server's default
   if (f.get("rank")) params.calibration_params = { rank: Number(f.get("rank")) };
   if (f.get("adapter_name")) params.adapter_name = f.get("adapter_name");
   if (f.get("self_distill")) params.controls = ["self-distill"];
