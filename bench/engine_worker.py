@@ -118,17 +118,13 @@ class Worker:
                 "columns_per_site": {f"{layer}{kind}": int(sb.W.shape[1]) for (layer, kind), sb in m.bank.sites.items()}}
 
     def use_worker_modes(self, key: str) -> dict:
-        """Swap the worker's loaded-mode set (`WorkerModes`) for the one kept under `key` (a new, empty
+        """Swap the worker's loaded-mode set (`ModeCache`) for the one kept under `key` (a new, empty
         one the first time), keeping the current one under its own key: two states of one engine
         (64 modes loaded vs one) measured alternately with the same model, KV cache and scheduler."""
         if self.arm != "plugin" or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             raise RuntimeError("use_worker_modes needs the plugin arm with its worker in this process")
-        plugin = engine_plugin()
-        with plugin.lock:
-            self.stash[self.current_modes] = plugin.modes
-            plugin.modes = self.stash.get(key)
-            plugin.device_bank = None
-            self.current_modes = key
+        self.stash[self.current_modes] = engine_plugin().use_modes(self.stash.get(key))
+        self.current_modes = key
         return self.worker_modes()
 
     # -------------------------------------------------------------- generation

@@ -8,7 +8,7 @@ K and V, in its store; request i of a batch over k modes is in mode i mod k. Bar
 cache is reset before every arm anyway), exactly `max_tokens` tokens each, greedy; tokens/s of the
 whole batch, prefill included, per wall-clock and per CPU-second.
 
-The worker keeps at most 64 modes (`WorkerModes(max_modes=64)`, least recently used evicted), so
+The worker keeps at most 64 modes (`ModeCache(max_modes=64)`, least recently used evicted), so
 "256 loaded" is 256 packs in the store, each admitted and loaded once (4 batches of 64 distinct
 modes), after which the worker's bank holds 64 slots while the batch measured uses one. Its
 baseline is the same engine with a worker mode set that has loaded only that mode
