@@ -246,7 +246,7 @@ class SiteBank:
             idx = plan.index(x2.device)
             xs, a = x2.index_select(0, idx), a.index_select(0, idx)
         # One group per slot present: two matmuls with that slot's own basis. Chosen by measurement
-        # on the CPU (bench/many_modes_projection.py): gathering every row's basis into one batched
+        # on the CPU (bench/results/many_modes_projection.json): gathering every row's basis into one batched
         # matmul instead (no loop over groups, no host-side grouping) copies w x r values per row
         # and was 3-30x slower than this loop. Not measured on a GPU: there each group costs two
         # kernel launches, so a decode step with many distinct slots may favour the gather there.
