@@ -259,14 +259,15 @@ async def create_subspace(request: Request):
 # ---------------------------------------------------------------- jobs
 
 
-def _check_calibration(st, name: str, cfg: CalibrationConfig, prefix: str = "") -> None:
-    """The settings against the served model: the same check calibration itself makes."""
+def _check_calibration(st, name: str, cfg: CalibrationConfig, prefix: str = "", cfg_prefix: str = "") -> None:
+    """The settings against each other and the served model: the same check calibration itself
+    makes (a 422 naming the field: the schema cannot state these rules)."""
     if name in st.store.names():
         raise APIError(409, f"a subspace named {name!r} already exists", f"{prefix}name")
     try:
         cfg.check_model(st.model_info)
     except ConfigError as e:
-        raise APIError(422, f"field '{prefix}{e.field}': {e}", f"{prefix}{e.field}") from None
+        raise APIError(422, f"field '{cfg_prefix}{e.field}': {e}", f"{cfg_prefix}{e.field}") from None
 
 
 def _check_modes(st, names: list[str], param: str) -> None:
@@ -317,7 +318,7 @@ def submit(st, kind: str, params) -> dict:
             prepare("data")
             steps.check_lengths(st, jd, inputs.data, task_kind, params.max_tokens, "data")
         elif kind == "pipeline":
-            _check_calibration(st, params.name, params.calibration_params, "params.")
+            _check_calibration(st, params.name, params.calibration_params, "params.", "params.calibration_params.")
             _check_adapter_name(st, params.adapter_name, "params.adapter_name")  # a pipeline always loads one
             prepare("calibration")
             prepare("prompts")

@@ -15,7 +15,7 @@ import typing
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .paths import NAME_PATTERN
@@ -37,6 +37,9 @@ class Config(BaseModel):
     """A settings object: unknown keys are refused (a typo is an error, not a silent default)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def check(self) -> None:
+        """Rules between fields that a JSON schema cannot state (ConfigError naming the field)."""
 
 
 class ConfigError(ValueError):
@@ -92,21 +95,22 @@ class CalibrationConfig(CalibrationShape):
                                  description="smallest rank holding this fraction of the spectrum's energy")
     seed: int = Field(default=0, description="draws a random subspace")
 
-    @model_validator(mode="after")
-    def _rank_rule(self):
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("give rank or energy, not both")
-        if self.method == "random" and self.energy is not None:
-            raise ValueError("a random subspace has no spectrum: give it a fixed rank, not an energy fraction")
-        return self
-
     def rank_rule(self) -> str:
         if self.rank is not None:
             return f"fixed:{self.rank}"
         return f"energy:{self.energy}" if self.energy is not None else "d/2"
 
+    def check(self) -> None:
+        # not a model validator: a schema-valid HTTP request that breaks these gets a 422 naming the field
+        if self.rank is not None and self.energy is not None:
+            raise ConfigError("energy", "give rank or energy, not both")
+        if self.method == "random" and self.energy is not None:
+            raise ConfigError("energy", "a random subspace has no spectrum: give it a fixed rank, not an energy fraction")
+
     def check_model(self, info) -> list[int]:
-        """The settings against the model they calibrate (a `ModelInfo`); its layers, or ConfigError."""
+        """The settings against each other and the model they calibrate (a `ModelInfo`): its layers,
+        or ConfigError naming the field."""
+        self.check()
         layers = self.layers if self.layers is not None else default_layers(info.n_layers)
         bad = [layer for layer in layers if not 0 <= layer < info.n_layers]
         if bad:
@@ -287,11 +291,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config], skip: tuple[st
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
     """The config the parsed flags give; a combination the config refuses is a ValueError naming the flag."""
     try:
-        return cls.model_validate({k: getattr(args, k) for k in cls.model_fields if hasattr(args, k)})
+        cfg = cls.model_validate({k: getattr(args, k) for k in cls.model_fields if hasattr(args, k)})
+        cfg.check()
     except ValidationError as e:
         err = e.errors()[0]
         where = "--" + str(err["loc"][0]).replace("_", "-") + ": " if err["loc"] else ""
         raise ValueError(where + err["msg"].removeprefix("Value error, ")) from None
+    except ConfigError as e:
+        raise ValueError(f"--{e.field.replace('_', '-')}: {e}") from None
+    return cfg
 
 
 def defaults(cls: type[Config]) -> dict[str, Any]:
