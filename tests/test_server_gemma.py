@@ -38,12 +38,6 @@ def server(tmp_path_factory, model_path):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def mode(http):
     r = http.post("/v1/subspaces", json={"name": MODE, "kind": "math", "rank": 8,
                                          "calibration": {"dataset": "gsm8k", "limit": 4}})
