@@ -222,4 +222,4 @@ def test_the_pipeline_form_shows_base_self_distill_and_spd_as_bars_with_their_in
     assert [b[0] for b in bars] == ["base", "self-distill", "spd"]
     assert [float(b[1].rstrip("%")) for b in bars] == [24.0, 41.0, 54.0]
     assert abs(float(bars[2][2].rstrip("%")) - 40.0) < 1e-6 and abs(float(bars[2][3].rstrip("%")) - 27.0) < 1e-6
-    assert "13.0 points" in page.inner_text("#pipeline-arms") and page.errors == []
+    assert "13.0 points" in page.text_content("#pipeline-arms") and page.errors == []
