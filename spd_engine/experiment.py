@@ -74,8 +74,9 @@ class DomainConfig(_Strict):
     name: str
     kind: Literal["math", "mcq", "code", "custom"]
     data: list[str]
-    calibration: int = Field(gt=0)
-    generation: int = Field(gt=0)
+    train: bool = True  # false: an evaluation set only (out of domain for every trained arm), no arms of its own
+    calibration: int = Field(default=0, ge=0)
+    generation: int = Field(default=0, ge=0)
     evaluation: int = Field(gt=0)
     max_tokens: MaxTokens  # generation and free-generation evaluation
     metrics: list[Metric] | None = None  # this domain's evaluation set; None: the experiment's
@@ -84,6 +85,15 @@ class DomainConfig(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "domain name")
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.train and not (self.calibration and self.generation):
+            raise ValueError(f"domain {self.name!r} trains: calibration and generation must be > 0")
+        if not self.train and (self.calibration or self.generation):
+            raise ValueError(f"domain {self.name!r} is an evaluation set only (train = false): "
+                             "calibration and generation must be 0")
+        return self
 
 
 class CalibrationSection(CalibrationShape):
@@ -269,7 +279,7 @@ def arms(cfg: ExperimentConfig) -> list[Arm]:
     c = cfg.calibration
     sweep = set(c.sweep if c.sweep is not None else MODE_CONDITIONS)
     out: list[Arm] = [Arm("base")] if "base" in cfg.conditions else []
-    for d in cfg.domains:
+    for d in (d for d in cfg.domains if d.train):
         for cond in cfg.conditions:
             if cond == "base":
                 continue

@@ -17,6 +17,9 @@ from .stats import holm, mcnemar_exact, one_sample_t, paired_bootstrap, sign_tes
 from .subspace import Store, principal_angles
 
 LOWER_IS_BETTER = {"span-nll"}
+HEADLINE = ("letter-accuracy", "accuracy", "span-nll")  # an eval set's headline score: the first of these it has
+# The paper's claims (SPD_SPEC section 1), as it states them ("up to"; it does not say absolute or relative)
+PAPER = {"over self-distill": "up to +13%", "over base": "+16%", "out of domain": "+15%"}
 _STATED = re.compile(r"####|answer is|answer:", re.IGNORECASE)
 _ITEM_KEY = {"accuracy": "correct", "letter-accuracy": "correct", "span-nll": "span_nll"}
 
@@ -161,6 +164,10 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     lines += ["", f"Item-level (adapters fixed), Holm < 0.05: {len(sig_items)} of {len(comparisons)} comparisons "
               "(listed in the comparison tables).", ""]
 
+    by_key = {(c["arm"], c["train_domain"], c["eval"], c["metric"], c["against"]): c for c in comparisons}
+    paper_lines, paper_rows = _paper_table(cfg, groups, arms_info, by_key)
+    lines += paper_lines
+
     # ---- evaluation sets: what they give away
     lines += ["## Evaluation sets", "", "| eval set | kind | n | gold letters | always the most common letter | chance |",
               "|---|---|---|---|---|---|"]
@@ -174,7 +181,6 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     lines.append("")
 
     # ---- main tables: per training domain and metric, every arm on every eval set
-    by_key = {(c["arm"], c["train_domain"], c["eval"], c["metric"], c["against"]): c for c in comparisons}
 
     def cmp_cell(c: dict | None) -> str:
         if c is None:
@@ -187,7 +193,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         parts.append(f"items p={_p(c['items']['p'])} (Holm {_p(c['items_p_holm'])})")
         return "; ".join(parts)
 
-    for dom in cfg.domains:
+    for dom in (d for d in cfg.domains if d.train):
         d = dom.name
         lines += [f"## Trained on `{d}` ({dom.kind}: {', '.join(dom.data)})", ""]
         for metric in metrics:
@@ -236,7 +242,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     sweep_plot: dict = {}
     if len(ranks) > 1:
         lines += ["## Rank sweep (in domain)", "", "Mean ± sd over training seeds (hooks-only: one value).", ""]
-        for d in cfg.domains:
+        for d in (d for d in cfg.domains if d.train):
             for metric in metrics:
                 conds = [c for c in ("hooks-only", "spd", "spd-random", "spd-pca")
                          if any((_label_of(c, r, 1), d.name, d.name, metric) in groups for r in ranks)]
@@ -265,7 +271,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         lines += ["## Rounds (in domain)", "",
                   "Round k starts from the round k-1 model (base + its adapters merged), calibrates on it, generates "
                   "with it (and its mode) and distils a new adapter on top of it.", ""]
-        for d in cfg.domains:
+        for d in (d for d in cfg.domains if d.train):
             for metric in metrics:
                 base = groups.get(("base", None, d.name, metric))
                 lines += [f"### {d.name}, {metric}", "", "| condition | base | " + " | ".join(
@@ -348,7 +354,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         for pair, sites in angles.items():
             for site, v in sites.items():
                 lines.append(f"| {pair} | {site} | {min(v):.1f} | {sum(v) / len(v):.1f} | {max(v):.1f} |")
-    plots = _plots(root, spectra_packs, angles, sweep_plot)
+    plots = _plots(root, spectra_packs, angles, sweep_plot, paper_rows)
     lines += [""] + [f"![{p}]({p}.png)" for p in plots] + [""]
     if not plots:
         lines += ["(Plots skipped: matplotlib is not installed.)", ""]
@@ -368,11 +374,94 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         "config": cfg.model_dump(), "command": " ".join(["spd", "experiment", str(config_path)]),
         "python": sys.version.split()[0], "eval_sets": baselines,
         "results": [{k: v for k, v in r.items() if k != "items"} for r in results], "comparisons": comparisons,
-        "corpora": corpora, "training": training, "angles": angles, "timings": timings,
+        "corpora": corpora, "training": training, "angles": angles, "timings": timings, "paper_table": paper_rows,
     })
 
 
-def _plots(root: Path, packs, angles, sweep) -> list[str]:
+def _gain(c: dict | None, metric: str, ref: float | None) -> dict | None:
+    """A comparison as a gain (positive = better, whichever way the metric runs): absolute, with the 95%
+    t-interval over training seeds, and relative to the reference arm's mean."""
+    if c is None:
+        return None
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sd = c["seeds"]
+    lo, hi = (sign * sd["ci_low"], sign * sd["ci_high"]) if "ci_low" in sd else (float("nan"), float("nan"))
+    gain = sign * c["diff"]
+    return {"gain": gain, "ci_low": min(lo, hi), "ci_high": max(lo, hi), "seeds": sd["n"],
+            "relative": gain / ref if ref else float("nan"), "seeds_p": sd["p"], "seeds_p_holm": c["seeds_p_holm"],
+            "positive": c["sign"]["positive"], "negative": c["sign"]["negative"]}
+
+
+def _paper_table(cfg, groups: dict, arms_info: dict, by_key: dict) -> tuple[list[str], list[dict]]:
+    """The paper's layout: condition x (trained on, evaluated on), in and out of domain, on each eval set's
+    headline score; then SPD's gains over self-distillation and over the base model beside the paper's claims."""
+    sets = {d.name: m for d in cfg.domains if (m := next((m for m in HEADLINE if m in (d.metrics or cfg.metrics)
+                                                            and (m != "letter-accuracy" or d.kind == "mcq")), None))}
+    trained = [d.name for d in cfg.domains if d.train and d.name in sets]
+    cols = [(d, e) for d in trained for e in [d] + [x for x in sets if x != d]]
+    mean = lambda rows: sum(r["value"] for r in rows.values()) / len(rows)  # noqa: E731
+    lines = ["## The paper's table", "",
+             "Each eval set's headline score (" + ", ".join(f"{e}: {m}" for e, m in sets.items()) + "), mean over "
+             "training seeds. A column is a training domain and an eval set: in domain when they are the same, "
+             "else out of domain (the base model and hooks-only are not trained; hooks-only serves the training "
+             "domain's mode). Span NLL: lower is better.", "",
+             "| condition | " + " | ".join(f"{d} -> {e} ({'in' if d == e else 'out'})" for d, e in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    labels = [a for a, (_, _, rnd) in arms_info.items() if rnd == 1]
+    for arm in labels:
+        cells = []
+        for d, e in cols:
+            rows = groups.get((arm, None if arm == "base" else d, e, sets[e]))
+            cells.append(f"{mean(rows):.3f}" if rows else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    out: list[dict] = []
+    for arm in (a for a in labels if arms_info[a][0] == "spd"):
+        for d, e in cols:
+            m = sets[e]
+            for against, claim in (("self-distill", "over self-distill"), ("base", "over base")):
+                if d != e and against == "self-distill":
+                    continue
+                ref_rows = groups.get(("base", None, e, m) if against == "base" else ("self-distill", d, e, m))
+                g = _gain(by_key.get((arm, d, e, m, against)), m, mean(ref_rows) if ref_rows else None)
+                if g is not None:
+                    out.append({"arm": arm, "train_domain": d, "eval": e, "metric": m, "against": against,
+                                "claim": claim if d == e else "out of domain", **g})
+    lines += ["", "### SPD's gains beside the paper's claims", "",
+              "Gain: positive = better (span NLL: a lower NLL), in the score's own units, with its 95% t-interval "
+              "over training seeds (n/a when the seeds agree exactly), and relative to the reference arm's mean. "
+              "`seeds p`: the one-sample t-test over seeds (Holm over the whole report).", "",
+              "| claim | paper | arm | trained on -> eval set | metric | gain [95% CI over seeds] | relative | "
+              "seeds p (Holm) | seeds +/- |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in sorted(out, key=lambda g: list(PAPER).index(g["claim"])):
+        ci = "n/a" if math.isnan(g["ci_low"]) else f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        rel = "n/a" if math.isnan(g["relative"]) else f"{100 * g['relative']:+.1f}%"
+        lines.append(f"| {g['claim']} | {PAPER[g['claim']]} | {g['arm']} | {g['train_domain']} -> {g['eval']} | "
+                     f"{g['metric']} | {g['gain']:+.3f} {ci} | {rel} | {_p(g['seeds_p'])} ({_p(g['seeds_p_holm'])}) "
+                     f"| {g['positive']}+/{g['negative']}- |")
+    # every condition's relative gain over the base model, in domain against out of domain (the plot)
+    for arm in labels:
+        cond = arms_info[arm][0]
+        if cond == "base":
+            continue
+        for d, e in cols:
+            if d == e:
+                continue
+            gi = _rel_gain(by_key.get((arm, d, d, sets[d], "base")), sets[d], groups.get(("base", None, d, sets[d])))
+            go = _rel_gain(by_key.get((arm, d, e, sets[e], "base")), sets[e], groups.get(("base", None, e, sets[e])))
+            if gi is not None and go is not None:
+                out.append({"arm": arm, "train_domain": d, "eval": e, "claim": "plot", "in_domain_relative": gi,
+                            "out_of_domain_relative": go})
+    return lines + [""], out
+
+
+def _rel_gain(c: dict | None, metric: str, base_rows: dict | None) -> float | None:
+    if c is None or not base_rows:
+        return None
+    ref = sum(r["value"] for r in base_rows.values()) / len(base_rows)
+    return (-c["diff"] if metric in LOWER_IS_BETTER else c["diff"]) / ref if ref else None
+
+
+def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
     try:
         import matplotlib
     except ImportError:
@@ -423,6 +512,25 @@ def _plots(root: Path, packs, angles, sweep) -> list[str]:
         fig.tight_layout()
         _save(fig, root / "ranks.png")
         made.append("ranks")
+    pts = [g for g in paper_rows if g["claim"] == "plot"]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        arms = list(dict.fromkeys(g["arm"] for g in pts))
+        sets = list(dict.fromkeys((g["train_domain"], g["eval"]) for g in pts))
+        for i, arm in enumerate(arms):
+            for j, (d, e) in enumerate(sets):
+                xy = [(100 * g["in_domain_relative"], 100 * g["out_of_domain_relative"]) for g in pts
+                      if g["arm"] == arm and (g["train_domain"], g["eval"]) == (d, e)]
+                if xy:
+                    ax.scatter(*zip(*xy), color=f"C{i}", marker="osD^v<>"[j % 7], label=f"{arm}: {d} -> {e}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel("in-domain gain over base, % of base")
+        ax.set_ylabel("out-of-domain gain over base, % of base")
+        ax.legend(fontsize=5)
+        fig.tight_layout()
+        _save(fig, root / "transfer.png")
+        made.append("transfer")
     return made
 
 

@@ -88,7 +88,19 @@ def one_sample_t(d: Sequence[float]) -> dict:
         # p of 0 here would claim certainty from two or three identical numbers
         return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": float("nan"), "p": float("nan")}
     t = mean / (sd / math.sqrt(n))
-    return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": t, "p": t_two_sided_p(t, n - 1)}
+    half = t_quantile(0.95, n - 1) * sd / math.sqrt(n)
+    return {"test": "t-over-seeds", "n": n, "diff": mean, "sd": sd, "t": t, "p": t_two_sided_p(t, n - 1),
+            "ci_low": mean - half, "ci_high": mean + half}
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The t such that a two-sided interval +-t holds `level` of Student's t with df degrees of freedom
+    (df = 2: 4.303 at 95%), by bisection on the two-sided p."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - level else (lo, mid)
+    return (lo + hi) / 2
 
 
 def sign_test(d: Sequence[float]) -> dict:

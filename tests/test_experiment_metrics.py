@@ -196,6 +196,8 @@ def _tiny_llama_config(tmp_path: Path, tiny_path: Path, **extra) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     lines += ["", "[[domains]]", 'name = "mcq"', 'kind = "mcq"', 'data = ["bigbench/date_understanding"]',
               "calibration = 3", "generation = 3", "evaluation = 4", "max_tokens = 4",
+              "", "[[domains]]", 'name = "nav"', 'kind = "mcq"', 'data = ["bigbench/navigate"]', "train = false",
+              "evaluation = 3", "max_tokens = 4",
               "", "[calibration]", "layers = [1]", "rank = 4", "ranks = [2, 4]", 'sweep = ["spd"]',
               "", "[distill]", "steps = 2", "batch_size = 2", "lr = 1e-3"]
     path = tmp_path / "seeds.toml"
@@ -214,9 +216,14 @@ def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path) ->
     root = run_experiment(config, tmp_path / "out")
     report = json.loads((root / "report.json").read_text())
     res = report["results"]
-    seeds = lambda arm: sorted(r["seed"] for r in res if r["arm"] == arm and r["metric"] == "span-nll")  # noqa: E731
+    seeds = lambda arm: sorted(r["seed"] for r in res if r["arm"] == arm and r["metric"] == "span-nll"  # noqa: E731
+                               and r["eval"] == "mcq")
     assert seeds("spd r2") == [1, 2] and seeds("spd r4 round 2") == [1, 2] and seeds("base") == [None]
     assert {r["metric"] for r in res} == {"span-nll", "letter-accuracy"}
+    # the evaluation-only domain: no arms of its own, out of domain for every trained arm
+    assert not [a for a in arms(cfg) if a.domain == "nav"]
+    nav = [r for r in res if r["eval"] == "nav"]
+    assert {r["arm"] for r in nav} == {r["arm"] for r in res} and not any(r["in_domain"] and r["train_domain"] for r in nav)
     comps = report["comparisons"]
     c = next(c for c in comps if c["arm"] == "spd r4" and c["against"] == "base" and c["metric"] == "span-nll")
     assert len(c["seed_diffs"]) == 2 and "seeds_p_holm" in c and "items_p_holm" in c
@@ -228,8 +235,17 @@ def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path) ->
     # round 2 made its own gradient subspace, on the round-1 model of each seed
     assert any(n.endswith("round2") for n in (p.name for p in (root / "subspaces").iterdir()))
     md = (root / "report.md").read_text()
-    for part in ("Rank sweep", "Rounds (in domain)", "Holm", "Training budget", "always the most common letter"):
+    for part in ("Rank sweep", "Rounds (in domain)", "Holm", "Training budget", "always the most common letter",
+                 "The paper's table", "mcq -> nav (out)", "beside the paper's claims"):
         assert part in md
+    # the paper's claims, checked: spd's gains in and out of domain, each from the report's own comparisons
+    gains = [g for g in report["paper_table"] if g["claim"] != "plot"]
+    assert {g["claim"] for g in gains} == {"over self-distill", "over base", "out of domain"}
+    g = next(g for g in gains if g["arm"] == "spd r4" and g["claim"] == "over base")
+    c = next(c for c in comps if c["arm"] == "spd r4" and c["against"] == "base" and c["metric"] == "letter-accuracy"
+             and c["eval"] == "mcq")
+    assert g["gain"] == pytest.approx(c["diff"]) and g["seeds"] == 2
+    assert any(g["claim"] == "plot" and g["eval"] == "nav" for g in report["paper_table"])
     # a change upstream (generation length) recomputes the corpora, adapters and every evaluation that
     # depends on them - and nothing that does not (calibrations, the base model's evaluations)
     config.write_text(config.read_text().replace("max_tokens = 4", "max_tokens = 5"))
@@ -241,4 +257,4 @@ def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path) ->
     assert not fresh.get(("generate", True)) and not fresh.get(("distill", True))
     # round 1's four modes (gradient r4 and r2, random r4 per seed) are kept; round 2's two are new (new models)
     assert fresh[("calibrate", True)] == 4 and fresh[("calibrate", False)] == 2
-    assert fresh[("evaluate", True)] == 4  # base and hooks-only (2 metrics each)
+    assert fresh[("evaluate", True)] == 8  # base and hooks-only (2 metrics each, 2 eval sets)
