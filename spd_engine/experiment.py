@@ -54,6 +54,7 @@ from .distill import DistillConfig, distill
 from .evaluate import SCORING_VERSION, accuracy, letter_accuracy, score_completions, span_nll_eval
 from .hf_backend import HFBackend
 from .paths import check_name
+from .stats import detectable_difference
 from .subspace import Store
 from .tasks import SHORT_ANSWER_KINDS, Example, Kind, correctness_span, stop_strings, with_answer_format
 
@@ -226,7 +227,8 @@ def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
 def eval_set_baselines(kind: Kind, examples: list[Example]) -> dict:
     """What an evaluation set gives away without skill: for multiple choice, the gold letters' counts,
     the accuracy of always answering the most common gold letter, and chance (mean 1 / options)."""
-    out: dict = {"kind": kind, "n": len(examples)}
+    out: dict = {"kind": kind, "n": len(examples),
+                 "detectable_difference": detectable_difference(len(examples)) if examples else None}
     if kind == "mcq" and examples:
         golds = Counter(ex.answer[slice(*correctness_span(kind, ex))] for ex in examples)  # type: ignore[index]
         top, count = golds.most_common(1)[0]

@@ -169,15 +169,19 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     lines += paper_lines
 
     # ---- evaluation sets: what they give away
-    lines += ["## Evaluation sets", "", "| eval set | kind | n | gold letters | always the most common letter | chance |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Evaluation sets", "",
+              "Detectable difference: the smallest accuracy difference between two arms that a two-sided 5% test "
+              "finds with 80% power on this many items (unpaired, at accuracy 0.5: the conservative figure).", "",
+              "| eval set | kind | n | detectable difference | gold letters | always the most common letter | chance |",
+              "|---|---|---|---|---|---|---|"]
     for name, b in baselines.items():
+        dd = f"{b['detectable_difference']:.3f}" if b.get("detectable_difference") else "-"
         if b["kind"] == "mcq":
             letters = " ".join(f"{k}:{v}" for k, v in b["gold_letters"].items())
-            lines.append(f"| {name} | mcq | {b['n']} | {letters} | {b['constant_accuracy']:.3f} "
+            lines.append(f"| {name} | mcq | {b['n']} | {dd} | {letters} | {b['constant_accuracy']:.3f} "
                          f"({b['constant_letter']}) | {b['chance']:.3f} |")
         else:
-            lines.append(f"| {name} | {b['kind']} | {b['n']} | - | - | - |")
+            lines.append(f"| {name} | {b['kind']} | {b['n']} | {dd} | - | - | - |")
     lines.append("")
 
     # ---- main tables: per training domain and metric, every arm on every eval set

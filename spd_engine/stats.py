@@ -123,3 +123,11 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
         out[i] = running
     return out
+
+
+def detectable_difference(n: int, p: float = 0.5, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference of two accuracies on n items each that a two-sided test at `alpha` finds
+    with probability `power` (normal approximation, unpaired, at accuracy p; p = 0.5 is the worst case).
+    Pairing on the same items only narrows it, so this is the conservative figure."""
+    z = {0.05: 1.959964, 0.01: 2.575829}[alpha] + {0.8: 0.841621, 0.9: 1.281552}[power]
+    return z * math.sqrt(2 * p * (1 - p) / n)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spd_engine.data import load_examples, resolve_data
-from spd_engine.stats import holm, one_sample_t, sign_test, t_two_sided_p
+from spd_engine.stats import detectable_difference, holm, one_sample_t, sign_test, t_quantile, t_two_sided_p
 from spd_engine.tasks import (
     MCQ_ANSWER_PREFIX,
     Example,
@@ -106,6 +106,15 @@ def test_t_distribution_p_values_match_tables() -> None:
     assert one_sample_t([0.01, -0.01, 0.0])["p"] == pytest.approx(1.0)
     assert math.isnan(one_sample_t([0.3])["p"])  # one seed: no test across seeds
     assert math.isnan(one_sample_t([0.6, 0.6])["p"])  # no spread across seeds: undefined, not p = 0
+    assert t_quantile(0.95, 2) == pytest.approx(4.303, abs=1e-3) and t_quantile(0.95, 10) == pytest.approx(2.228, abs=1e-3)
+    r = one_sample_t([0.1, 0.2, 0.15])  # mean 0.15, sd 0.05: 0.15 +- 4.303 * 0.05 / sqrt(3)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.15 - 0.1242, 0.15 + 0.1242), abs=1e-4)
+
+
+def test_detectable_difference_is_the_textbook_sample_size() -> None:
+    # two proportions at 0.5, 5% two-sided, 80% power: about 392 items per arm for 10 points
+    assert detectable_difference(392) == pytest.approx(0.10, abs=1e-3)
+    assert detectable_difference(50) > 0.25 > detectable_difference(100)
 
 
 def test_sign_test_over_three_seeds_cannot_reach_significance() -> None:
