@@ -18,7 +18,7 @@ from .formatting import calibration_ids
 from .hf_backend import SiteCache, rows
 from .models import ModelInfo
 from .subspace import Site, Subspace, new_manifest, site_key
-from .tasks import Example, Kind
+from .tasks import Example, Task
 
 def choose_rank(eigenvalues: torch.Tensor, cfg: CalibrationConfig) -> int:
     """Eigenvalues descending. A fixed rank, the smallest rank holding `energy`, or d/2."""
@@ -34,9 +34,9 @@ def choose_rank(eigenvalues: torch.Tensor, cfg: CalibrationConfig) -> int:
     return max(1, width // 2)
 
 
-def batches(tok, kind: Kind, examples: list[Example], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[list[int]]]]:
+def batches(tok, task: Task, examples: list[Example], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[list[int]]]]:
     """Right-padded (ids, attention mask, span positions per row) batches."""
-    encoded = [calibration_ids(tok, kind, ex) for ex in examples]
+    encoded = [calibration_ids(tok, task, ex) for ex in examples]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -96,7 +96,7 @@ def top_eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.flip(0).clamp(min=0), vecs.flip(1)
 
 
-def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], name: str, cfg: CalibrationConfig,
+def calibrate(model, tok, info: ModelInfo, task: Task, examples: list[Example], name: str, cfg: CalibrationConfig,
               data: str = "", data_sha256: str = "", progress: Callable[[int], None] | None = None) -> Subspace:
     """Run calibration and return a validated-shape pack (not yet saved)."""
     cfg = CalibrationConfig.model_validate(cfg.model_dump())  # its own rules (an attribute may have been set since)
@@ -112,7 +112,7 @@ def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], 
     if cfg.method != "random":
         for p in model.parameters():
             p.requires_grad_(False)  # gradients w.r.t. K/V only: no weight gradients
-        for ids, mask, spans in batches(tok, kind, examples, cfg.batch_size):
+        for ids, mask, spans in batches(tok, task, examples, cfg.batch_size):
             for s, r in site_rows(model, ids, mask, spans, sites, cfg.method).items():
                 g = r.double().reshape(r.shape[0], groups, width).transpose(0, 1)  # (G, n, w)
                 grams[s] += (g.transpose(1, 2) @ g).cpu()  # computed on the model's device, summed on the host
@@ -147,7 +147,7 @@ def calibrate(model, tok, info: ModelInfo, kind: Kind, examples: list[Example], 
 
     manifest = new_manifest(
         name, info, layers=sorted(set(layers)), kinds=list(cfg.kinds), granularity=cfg.granularity,
-        method=cfg.method, task_kind=kind, rank_rule=cfg.rank_rule(),
+        method=cfg.method, task_kind=task, rank_rule=cfg.rank_rule(),
         ranks={site_key(*s): [b.shape[1] for b in bases[s]] for s in sites},
         calibration=dict(data=data, data_sha256=data_sha256, n_examples=len(examples), n_rows=n_rows,
                          seconds=round(time.perf_counter() - started, 3)),

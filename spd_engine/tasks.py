@@ -1,7 +1,7 @@
-"""Task kinds: how a prompt is shown to the model, which answer tokens decide correctness,
+"""Tasks (math, mcq, code, custom): how a prompt is shown to the model, which answer tokens decide correctness,
 and how a completion is scored.
 
-A kind answers four questions about an `Example`:
+A task answers four questions about an `Example`:
   * `user_message`      - the text the model is asked (before any chat template);
   * `correctness_span`  - character offsets, inside the gold answer, of the tokens whose
                           prediction decides correctness (the calibration loss uses only these);
@@ -14,10 +14,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
-Kind = Literal["math", "mcq", "code", "custom"]
-KINDS: tuple[str, ...] = ("math", "mcq", "code", "custom")
-# kinds whose answer is a short value `extract` pulls out (a number, a letter), not a whole text
-SHORT_ANSWER_KINDS: tuple[str, ...] = ("math", "mcq")
+Task = Literal["math", "mcq", "code", "custom"]
+TASKS: tuple[str, ...] = ("math", "mcq", "code", "custom")
+# tasks whose answer is a short value `extract` pulls out (a number, a letter), not a whole text
+SHORT_ANSWER_TASKS: tuple[str, ...] = ("math", "mcq")
+# the names before "task" was the one word (issue 23): kept for one release, for importers not yet renamed
+Kind, KINDS, SHORT_ANSWER_KINDS = Task, TASKS, SHORT_ANSWER_TASKS
 
 # Delimiters a `custom` answer may use to mark its correctness span instead of offsets.
 SPAN_OPEN, SPAN_CLOSE = "[[", "]]"
@@ -45,7 +47,7 @@ MATH_ANSWER_PREFIX = "The answer is "
 @dataclass(frozen=True)
 class Example:
     """One item of a data set. `answer` is the gold completion (None for bare generation prompts);
-    `span` are character offsets of the correctness span inside `answer` (None: the kind finds it)."""
+    `span` are character offsets of the correctness span inside `answer` (None: the task finds it)."""
 
     id: str
     prompt: str
@@ -57,13 +59,13 @@ class Example:
 
 
 class TaskError(ValueError):
-    """An example that the kind cannot handle (no span, no tests, ...)."""
+    """An example that the task cannot handle (no span, no tests, ...)."""
 
 
-def check_kind(kind: str) -> Kind:
-    if kind not in KINDS:
-        raise TaskError(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return kind  # type: ignore[return-value]
+def check_task(task: str) -> Task:
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return task  # type: ignore[return-value]
 
 
 def letter(i: int) -> str:
@@ -73,26 +75,26 @@ def letter(i: int) -> str:
 # ---------------------------------------------------------------- prompt text
 
 
-def user_message(kind: Kind, ex: Example) -> str:
-    if kind == "mcq" and ex.options:
+def user_message(task: Task, ex: Example) -> str:
+    if task == "mcq" and ex.options:
         opts = "\n".join(f"({letter(i)}) {o}" for i, o in enumerate(ex.options))
         return f"{ex.prompt}\nOptions:\n{opts}\nAnswer with the letter of the correct option."
-    if kind == "math":
+    if task == "math":
         return f"{ex.prompt}\nSolve step by step and end with '#### <number>'."
-    if kind == "code":
+    if task == "code":
         return f"Complete this Python function. Reply with the whole function in a code block.\n\n{ex.prompt}"
     return ex.prompt
 
 
-def stop_strings(kind: Kind) -> list[str]:
-    """Truncation-based decoding: where a completion of this kind ends (beyond EOS)."""
-    return {"math": ["\n\n\n"], "mcq": ["\n\n"], "code": ["\n```\n", "\nif __name__"], "custom": []}[kind]
+def stop_strings(task: Task) -> list[str]:
+    """Truncation-based decoding: where a completion of this task ends (beyond EOS)."""
+    return {"math": ["\n\n\n"], "mcq": ["\n\n"], "code": ["\n```\n", "\nif __name__"], "custom": []}[task]
 
 
 # ---------------------------------------------------------------- correctness span
 
 
-def correctness_span(kind: Kind, ex: Example) -> tuple[int, int]:
+def correctness_span(task: Task, ex: Example) -> tuple[int, int]:
     """Character offsets [start, end) of the correctness span inside `ex.answer`."""
     if ex.answer is None:
         raise TaskError(f"example {ex.id!r} has no gold answer, so it has no correctness span")
@@ -102,7 +104,7 @@ def correctness_span(kind: Kind, ex: Example) -> tuple[int, int]:
         if not (0 <= s < e <= len(a)):
             raise TaskError(f"example {ex.id!r}: span {ex.span} is outside its answer (length {len(a)})")
         return s, e
-    if kind == "math":
+    if task == "math":
         m = None
         for pat in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
             m = re.search(pat, a, flags=re.IGNORECASE)
@@ -115,12 +117,12 @@ def correctness_span(kind: Kind, ex: Example) -> tuple[int, int]:
                 raise TaskError(f"example {ex.id!r}: math answer has no number: {a[:60]!r}")
             return m.start(), m.end()
         return m.start(1), m.end(1)
-    if kind == "mcq":
+    if task == "mcq":
         m = _mcq_letter(a, len(ex.options) or None)
         if m is None:
             raise TaskError(f"example {ex.id!r}: mcq answer has no option letter: {a[:60]!r}")
         return m.start(1), m.end(1)
-    if kind == "code":
+    if task == "code":
         body = code_body_offsets(a)
         if body is None:
             raise TaskError(f"example {ex.id!r}: code answer has no function body")
@@ -184,7 +186,7 @@ def _mcq_letter(text: str, n_options: int | None = None) -> re.Match | None:
     return None
 
 
-def with_answer_format(kind: Kind, ex: Example) -> Example:
+def with_answer_format(task: Task, ex: Example) -> Example:
     """The example with its gold answer in a fixed answer format, span on the answer alone:
     mcq `B` -> `Answer: (B)` (span `B`), a math answer that is a bare number `109` ->
     `The answer is 109.` (span `109`). Teacher-forced measures (span NLL, calibration) then score
@@ -193,54 +195,54 @@ def with_answer_format(kind: Kind, ex: Example) -> Example:
     moves it whatever the correctness. Other answers (GSM8K reasoning, code, custom) are kept."""
     if ex.answer is None:
         return ex
-    if kind == "mcq":
-        s, e = correctness_span(kind, ex)
+    if task == "mcq":
+        s, e = correctness_span(task, ex)
         if ex.answer.strip() == ex.answer[s:e]:
             gold = f"{MCQ_ANSWER_PREFIX}{ex.answer[s:e]})"
             return replace(ex, answer=gold, span=(len(MCQ_ANSWER_PREFIX), len(MCQ_ANSWER_PREFIX) + e - s))
-    if kind == "math" and re.fullmatch(_NUMBER, ex.answer.strip()):
+    if task == "math" and re.fullmatch(_NUMBER, ex.answer.strip()):
         number = ex.answer.strip()
         gold = f"{MATH_ANSWER_PREFIX}{number}."
         return replace(ex, answer=gold, span=(len(MATH_ANSWER_PREFIX), len(MATH_ANSWER_PREFIX) + len(number)))
     return ex
 
 
-def extract(kind: Kind, completion: str, n_options: int | None = None) -> str | None:
+def extract(task: Task, completion: str, n_options: int | None = None) -> str | None:
     """The answer a completion gives; for mcq only letters of the first `n_options` options count."""
-    if kind == "math":
+    if task == "math":
         for pat in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
             m = re.search(pat, completion, flags=re.IGNORECASE)
             if m:
                 return m.group(1).replace(",", "").replace("$", "")
         nums = re.findall(_NUMBER, completion)
         return nums[-1].replace(",", "").replace("$", "") if nums else None
-    if kind == "mcq":
+    if task == "mcq":
         m = _mcq_letter(completion, n_options)
         return None if m is None else m.group(1)
-    if kind == "code":
+    if task == "code":
         blocks = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
         return blocks[0] if blocks else completion
     return completion.strip()
 
 
-def score(kind: Kind, ex: Example, completion: str, timeout: float = 10.0) -> bool:
-    got = extract(kind, completion, len(ex.options) or None)
+def score(task: Task, ex: Example, completion: str, timeout: float = 10.0) -> bool:
+    got = extract(task, completion, len(ex.options) or None)
     if got is None:
         return False
-    if kind == "math":
-        s, e = correctness_span(kind, ex)
+    if task == "math":
+        s, e = correctness_span(task, ex)
         want, have = _number(ex.answer[s:e]), _number(got)  # type: ignore[index]
         return want is not None and have is not None and abs(want - have) < 1e-6
-    if kind == "mcq":
-        s, e = correctness_span(kind, ex)
+    if task == "mcq":
+        s, e = correctness_span(task, ex)
         return got == ex.answer[s:e]  # type: ignore[index]
-    if kind == "code":
+    if task == "code":
         from .sandbox import run_tests
 
         if not ex.tests or not ex.entry_point:
             raise TaskError(f"example {ex.id!r}: code scoring needs tests and an entry point")
         return run_tests(code_program(ex, got), ex.tests, ex.entry_point, timeout=timeout)
-    s, e = correctness_span(kind, ex)
+    s, e = correctness_span(task, ex)
     return " ".join(ex.answer[s:e].split()).lower() in " ".join(got.split()).lower()  # type: ignore[index]
 
 

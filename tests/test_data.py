@@ -59,7 +59,7 @@ def test_gsm8k_answer_must_end_with_the_hashes_line(tmp_path: Path) -> None:
 
 
 def test_gsm8k_data_loads_only_as_kind_math() -> None:
-    with pytest.raises(DataError, match="loads as kind 'math', not 'mcq'"):
+    with pytest.raises(DataError, match="loads as task 'math', not 'mcq'"):
         load_examples(resolve_data("gsm8k"), "mcq")
 
 
