@@ -210,18 +210,18 @@ def _load_gsm8k(path: Path, rows: list[tuple[int, dict[str, Any]]], task: Task) 
 
 def _load_bigbench(path: Path, task: Task) -> list[Example]:
     try:
-        task = json.loads(_read_text(path))
+        bigbench = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
+    if not isinstance(bigbench, dict) or not isinstance(bigbench.get("examples"), list):
         raise DataError(f"{path}: a .json source must be a BIG-bench task.json with an 'examples' list")
     if task not in ("mcq", "math"):
         raise DataError(f"{path}: BIG-bench tasks load as task 'mcq' or 'math', not {task!r}")
-    prefix = task.get("task_prefix") or ""
+    prefix = bigbench.get("task_prefix") or ""
     if not isinstance(prefix, str):
         raise DataError(f"{path}: field 'task_prefix' must be a string")
     examples: list[Example] = []
-    for i, row in enumerate(task["examples"]):
+    for i, row in enumerate(bigbench["examples"]):
         where = f"{path}: examples[{i}]"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
