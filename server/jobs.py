@@ -9,7 +9,7 @@ in the store (`cancels`) and carried out by the running process within half a se
 
 States: queued -> running -> succeeded | failed | cancelled. Queued jobs survive a restart. A job
 found `running` at startup was interrupted by a crash: generation is resumed (its corpus file is
-append-only and resumable), every other kind is marked failed with the reason, and its hidden
+append-only and resumable), every other type is marked failed with the reason, and its hidden
 temporary files are removed (artifacts are only ever published by an atomic rename).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, params TEXT NOT NULL,
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, state TEXT NOT NULL, params TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0,
     result TEXT, error TEXT, artifact TEXT,
     created REAL NOT NULL, started REAL, finished REAL
@@ -55,6 +55,17 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._rename_kind_column()
+
+    def _rename_kind_column(self) -> None:
+        """A store made before issue 23 names a job's type `kind`: the column is renamed, once (by
+        whichever process gets there first; the stored parameters load through `schemas.load_record`)."""
+        if any(col["name"] == "kind" for col in self._db.execute("PRAGMA table_info(jobs)")):
+            try:
+                self._db.execute("ALTER TABLE jobs RENAME COLUMN kind TO type")
+            except sqlite3.OperationalError:  # another process renamed it meanwhile
+                if any(col["name"] == "kind" for col in self._db.execute("PRAGMA table_info(jobs)")):
+                    raise
 
     def _exec(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:
@@ -64,9 +75,9 @@ class JobStore:
     def new_id() -> str:
         return "job-" + uuid.uuid4().hex[:16]
 
-    def create(self, job_id: str, kind: str, params: dict) -> dict:
-        self._exec("INSERT INTO jobs (id, kind, state, params, created) VALUES (?, ?, 'queued', ?, ?)",
-                   (job_id, kind, json.dumps(params), time.time()))
+    def create(self, job_id: str, job_type: str, params: dict) -> dict:
+        self._exec("INSERT INTO jobs (id, type, state, params, created) VALUES (?, ?, 'queued', ?, ?)",
+                   (job_id, job_type, json.dumps(params), time.time()))
         return self.get(job_id)
 
     def get(self, job_id: str) -> dict | None:
@@ -204,7 +215,7 @@ class Worker:
     def recover(self) -> None:
         """After a restart: resume or fail what was running; drop hidden temporaries."""
         for job in self.store.list(state="running", limit=10_000):
-            if job["kind"] in RESUMABLE:  # its hidden partial corpus is kept and resumed
+            if job["type"] in RESUMABLE:  # its hidden partial corpus is kept and resumed
                 self.store.transition(job["id"], {"running"}, "queued")
                 log.info("job %s resumes after a restart", job["id"])
                 continue
@@ -303,7 +314,7 @@ class Worker:
                 self._cancel_requested.discard(job["id"])
                 ctx.cancel()
         try:
-            result, artifact = self.runners[job["kind"]](ctx)
+            result, artifact = self.runners[job["type"]](ctx)
             if ctx.cancelled.is_set():
                 raise Cancelled()
             self.store.transition(job["id"], {"running"}, "succeeded", result=result, artifact=artifact,
@@ -313,7 +324,7 @@ class Worker:
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             if ctx.requeue:
                 self.store.transition(job["id"], {"running"}, "queued", done=0)
-                if job["kind"] not in RESUMABLE:
+                if job["type"] not in RESUMABLE:
                     self._drop_temporaries(job["id"])
                 log.info("job %s re-queued at shutdown", job["id"])
             elif ctx.cancelled.is_set():

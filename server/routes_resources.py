@@ -1,9 +1,14 @@
-"""Subspaces (modes), adapters and jobs: the resources behind the capability modes."""
+"""Modes (the packs of the store), adapters and jobs: the resources behind the capability modes.
+
+The mode routes were `/v1/subspaces...` before issue 23: those paths are still served, for one
+release, marked deprecated in the OpenAPI schema and answering with `Deprecation: true` and a
+`Link` to the new path; so is a request that uses a field's previous spelling (`schemas`)."""
 from __future__ import annotations
 
 import asyncio
 import io
 import itertools
+import json
 import math
 import shutil
 import tarfile
@@ -13,8 +18,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, Response
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from spd_engine.config import CalibrationConfig, ConfigError
 from spd_engine.data import DataError
@@ -24,7 +30,7 @@ from . import steps
 from .archive import ArchiveError, export_pack, import_pack
 from .errors import APIError, documented, not_found
 from .jobs import FINAL
-from .schemas import NAME_PATTERN, AdapterLoad, Inputs, JobCreate, SubspaceCreate, job_record
+from .schemas import NAME_PATTERN, AdapterLoad, Inputs, JobBody, ModeCreate, job_record, old_job_spellings
 from .state import AdapterError, SPDServer
 
 router = APIRouter()
@@ -46,7 +52,46 @@ def _validate(model, data):
         raise RequestValidationError(e.errors()) from None
 
 
-# ---------------------------------------------------------------- subspaces
+# ---------------------------------------------------------------- modes
+
+MODES, OLD_MODES = "/v1/modes", "/v1/subspaces"  # OLD_MODES: the path before issue 23, served for one release
+
+
+def _deprecation(successor: str | None = None) -> dict[str, str]:
+    """The headers of an answer to a deprecated spelling (RFC 9745 `Deprecation`, RFC 8288 `Link`)."""
+    return {"deprecation": "true", **({"link": f'<{successor}>; rel="successor-version"'} if successor else {})}
+
+
+class _OldPath(APIRoute):
+    """A mode route at its old path: it answers as the new one does, with the deprecation headers."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def deprecated(request: Request):
+            headers = _deprecation(request.url.path.replace(OLD_MODES, MODES, 1))
+            try:
+                response = await handler(request)
+            except APIError as e:
+                e.headers = {**(e.headers or {}), **headers}
+                raise
+            response.headers.update(headers)
+            return response
+
+        return deprecated
+
+
+def _mode_route(method: str, path: str, **kw):
+    """Register a route at MODES + path, and at OLD_MODES + path as its deprecated spelling."""
+
+    def register(endpoint):
+        router.add_api_route(MODES + path, endpoint, methods=[method], tags=["modes"], **kw)
+        router.add_api_route(OLD_MODES + path, endpoint, methods=[method], tags=["modes"], deprecated=True,
+                             description=f"Deprecated: use {method} {MODES + path} (this path goes in the next release).",
+                             route_class_override=_OldPath, **kw)
+        return endpoint
+
+    return register
 
 
 def _summary(st, name: str) -> dict:
@@ -54,7 +99,7 @@ def _summary(st, name: str) -> dict:
         m = st.store.load(name).manifest
     except (PackError, KeyError) as e:
         return {"name": name, "valid": False, "error": str(e), "loaded": False}
-    return {"name": name, "valid": True, "loaded": name in st.capabilities(), "task_kind": m.task_kind,
+    return {"name": name, "valid": True, "loaded": name in st.capabilities(), "task": m.task_kind,
             "method": m.method, "layers": m.layers, "kinds": m.kinds, "granularity": m.granularity, "ranks": m.ranks,
             "rank_rule": m.rank_rule, "created": m.created}
 
@@ -65,17 +110,17 @@ def _known_pack(st, name: str, param: str = "name") -> None:
     except ValueError as e:
         raise APIError(422, str(e), param) from None
     if name not in st.store.names():
-        raise not_found("subspace", name, st.store.names(), param)
+        raise not_found("mode", name, st.store.names(), param)
 
 
-@router.get("/v1/subspaces", tags=["subspaces"], summary="Every pack in the store, and whether it is served")
-async def list_subspaces(request: Request):
+@_mode_route("GET", "", summary="Every pack in the store, and whether it is served")
+async def list_modes(request: Request):
     st = _st(request)
     return {"object": "list", "data": [_summary(st, n) for n in st.store.names()]}
 
 
-@router.get("/v1/subspaces/{name}", responses=documented(400, 404, 409, 422), tags=["subspaces"], summary="A pack's manifest and spectrum")
-async def get_subspace(name: PackName, request: Request):
+@_mode_route("GET", "/{name}", responses=documented(400, 404, 409, 422), summary="A pack's manifest and spectrum")
+async def get_mode(name: PackName, request: Request):
     from spd_engine.calibrate import participation_ratio
 
     st = _st(request)
@@ -83,7 +128,7 @@ async def get_subspace(name: PackName, request: Request):
     try:
         pack = st.store.load(name)
     except PackError as e:
-        raise APIError(409, f"subspace {name!r} is invalid: {e}", "name") from None
+        raise APIError(409, f"mode {name!r} is invalid: {e}", "name") from None
 
     def ratio(s) -> float | None:  # None (JSON null) where there is no spectrum (a random pack's is zeros)
         pr = participation_ratio(s)
@@ -96,9 +141,9 @@ async def get_subspace(name: PackName, request: Request):
             "spectrum": spectrum}
 
 
-@router.get("/v1/subspaces/{name}/angles/{other}", responses=documented(400, 404, 409, 422), tags=["subspaces"],
-            summary="Principal angles (degrees, ascending) between two packs at every site and group they share")
-async def subspace_angles(name: PackName, other: PackName, request: Request):
+@_mode_route("GET", "/{name}/angles/{other}", responses=documented(400, 404, 409, 422),
+             summary="Principal angles (degrees, ascending) between two packs at every site and group they share")
+async def mode_angles(name: PackName, other: PackName, request: Request):
     from spd_engine.subspace import principal_angles
 
     st = _st(request)
@@ -111,7 +156,7 @@ async def subspace_angles(name: PackName, other: PackName, request: Request):
             try:
                 packs.append(st.store.load(n))
             except PackError as e:
-                raise APIError(409, f"subspace {n!r} is invalid: {e}", param) from None
+                raise APIError(409, f"mode {n!r} is invalid: {e}", param) from None
         return principal_angles(*packs)
 
     angles = await asyncio.to_thread(compute)
@@ -120,8 +165,8 @@ async def subspace_angles(name: PackName, other: PackName, request: Request):
                           for site, v in angles.items() if v}}
 
 
-@router.delete("/v1/subspaces/{name}", responses=documented(400, 404, 422), tags=["subspaces"], summary="Stop serving a mode and delete its pack")
-async def delete_subspace(name: PackName, request: Request):
+@_mode_route("DELETE", "/{name}", responses=documented(400, 404, 422), summary="Stop serving a mode and delete its pack")
+async def delete_mode(name: PackName, request: Request):
     st = _st(request)
     _known_pack(st, name)
     with st.lock:
@@ -130,16 +175,16 @@ async def delete_subspace(name: PackName, request: Request):
     return {"name": name, "deleted": True}
 
 
-@router.get("/v1/subspaces/{name}/export", tags=["subspaces"], summary="A pack as a tar archive",
-            response_class=Response, responses={200: {"content": {"application/x-tar": {}}}, **documented(400, 404, 422)})
-async def export_subspace(name: PackName, request: Request):
+@_mode_route("GET", "/{name}/export", summary="A pack as a tar archive",
+             response_class=Response, responses={200: {"content": {"application/x-tar": {}}}, **documented(400, 404, 422)})
+async def export_mode(name: PackName, request: Request):
     st = _st(request)
     _known_pack(st, name)
     return Response(export_pack(st.store, name), media_type="application/x-tar",
                     headers={"content-disposition": f'attachment; filename="{name}.tar"'})
 
 
-@router.post("/v1/subspaces/import", responses=documented(400, 409, 413, 422), tags=["subspaces"], status_code=201,
+@_mode_route("POST", "/import", responses=documented(400, 409, 413, 422), status_code=201,
              summary="Install a pack from a tar archive (multipart field `file`, optional field `name`)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "additionalProperties": False,
@@ -147,7 +192,7 @@ async def export_subspace(name: PackName, request: Request):
                      "file": {"type": "string", "format": "binary", "description": "a pack exported as a tar archive"},
                      "name": {"type": "string", "pattern": NAME_PATTERN, "description": "install under this name"}}}},
                  "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
-async def import_subspace(request: Request):
+async def import_mode(request: Request):
     st = _st(request)
     data, rename = await _upload(request, "file")
 
@@ -205,8 +250,8 @@ _FORM_LISTS = {"layers": int, "kinds": str}
 
 
 def _form_schema() -> dict:
-    """The multipart form of POST /v1/subspaces: SubspaceCreate's fields, lists as comma-separated text."""
-    fields = SubspaceCreate.model_json_schema()["properties"]
+    """The multipart form of POST /v1/modes: ModeCreate's fields, lists as comma-separated text."""
+    fields = ModeCreate.model_json_schema()["properties"]
     kinds = fields["kinds"]["items"]["enum"]
     props = {"file": {"type": "string", "format": "binary", "description": "calibration JSONL (project schema)"},
              **{k: v for k, v in fields.items() if k not in ("calibration", *_FORM_LISTS)},
@@ -218,15 +263,15 @@ def _form_schema() -> dict:
         if "anyOf" in v:
             v.update(next(b for b in v.pop("anyOf") if b.get("type") != "null"))
         v.pop("default", None)
-    return {"type": "object", "required": ["name", "kind", "file"], "additionalProperties": False, "properties": props}
+    return {"type": "object", "required": ["name", "task", "file"], "additionalProperties": False, "properties": props}
 
 
-@router.post("/v1/subspaces", responses=documented(400, 404, 409, 413, 422, 429), tags=["subspaces"], status_code=202,
+@_mode_route("POST", "", responses=documented(400, 404, 409, 413, 422, 429), status_code=202,
              summary="Upload a calibration set: starts a calibrate job whose pack is served when it succeeds",
              openapi_extra={"requestBody": {"content": {
-                 "application/json": {"schema": SubspaceCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+                 "application/json": {"schema": ModeCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
                  "multipart/form-data": {"schema": _form_schema()}}}})
-async def create_subspace(request: Request):
+async def create_mode(request: Request, response: Response):
     st = _st(request)
     await _read_capped(request)
     ctype = request.headers.get("content-type", "")
@@ -253,7 +298,10 @@ async def create_subspace(request: Request):
             data = await request.json()
         except ValueError:
             raise APIError(422, "request body is not valid JSON", "body") from None
-    return submit(st, "calibrate", _validate(SubspaceCreate, data))
+    params = _validate(ModeCreate, data)
+    if ModeCreate.old_spellings(data):
+        response.headers.update(_deprecation())
+    return submit(st, "calibrate", params)
 
 
 # ---------------------------------------------------------------- jobs
@@ -263,7 +311,7 @@ def _check_calibration(st, name: str, cfg: CalibrationConfig, prefix: str = "", 
     """The settings against each other and the served model: the same check calibration itself
     makes (a 422 naming the field: the schema cannot state these rules)."""
     if name in st.store.names():
-        raise APIError(409, f"a subspace named {name!r} already exists", f"{prefix}name")
+        raise APIError(409, f"a mode named {name!r} already exists", f"{prefix}name")
     try:
         cfg.check_model(st.model_info)
     except ConfigError as e:
@@ -277,52 +325,52 @@ def _check_modes(st, names: list[str], param: str) -> None:
             raise not_found("capability", n, known, param)
 
 
-def submit(st, kind: str, params) -> dict:
+def submit(st, job_type: str, params) -> dict:
     """Check a job's validated parameters (a request model of `schemas`) against the server and
     prepare its inputs, then queue it (202). Nothing is queued on error."""
     if st.jobs.counts().get("queued", 0) >= st.settings.max_queued_jobs:
         raise APIError(429, f"{st.settings.max_queued_jobs} jobs are queued already (SPD_MAX_QUEUED_JOBS); "
-                            "retry when some have run", "kind", headers={"retry-after": "30"})
+                            "retry when some have run", "type", headers={"retry-after": "30"})
     for old in st.jobs.expired(st.settings.job_retention):
         if st.jobs.delete(old):
             shutil.rmtree(st.settings.jobs_dir / old, ignore_errors=True)
     job_id = st.jobs.new_id()
     jd = st.settings.jobs_dir / job_id
     inputs = Inputs()
-    task_kind = params.kind if kind == "calibrate" else getattr(params, "task_kind", None)
+    task = getattr(params, "task", None)
 
     def prepare(role: str) -> None:
-        setattr(inputs, role, steps.prepare_data(getattr(params, role), task_kind, jd, role, st.settings.allow_client_code))
+        setattr(inputs, role, steps.prepare_data(getattr(params, role), task, jd, role, st.settings.allow_client_code))
 
     try:
-        if kind == "calibrate":
+        if job_type == "calibrate":
             _check_calibration(st, params.name, params)
             prepare("calibration")
-        elif kind == "generate":
+        elif job_type == "generate":
             _check_modes(st, params.capability, "params.capability")
             prepare("prompts")
-            steps.check_lengths(st, jd, inputs.prompts, task_kind, params.max_tokens, "prompts")
-        elif kind == "distill":
+            steps.check_lengths(st, jd, inputs.prompts, task, params.max_tokens, "prompts")
+        elif job_type == "distill":
             src = st.jobs.get(params.corpus_job)
             if src is None:
                 raise APIError(404, f"unknown job {params.corpus_job!r}", "params.corpus_job")
-            if src["kind"] not in ("generate", "pipeline") or src["state"] != "succeeded":
-                raise APIError(409, f"job {params.corpus_job!r} is a {src['state']} {src['kind']} job, not a "
+            if src["type"] not in ("generate", "pipeline") or src["state"] != "succeeded":
+                raise APIError(409, f"job {params.corpus_job!r} is a {src['state']} {src['type']} job, not a "
                                "succeeded generate job", "params.corpus_job")
             if params.adapter_name:
                 _check_adapter_name(st, params.adapter_name, "params.adapter_name")
-        elif kind == "evaluate":
+        elif job_type == "evaluate":
             _check_modes(st, params.capability, "params.capability")
             if params.adapter and params.adapter not in st.adapters():
                 raise not_found("adapter", params.adapter, st.adapters(), "params.adapter")
             prepare("data")
-            steps.check_lengths(st, jd, inputs.data, task_kind, params.max_tokens, "data")
-        elif kind == "pipeline":
+            steps.check_lengths(st, jd, inputs.data, task, params.max_tokens, "data")
+        elif job_type == "pipeline":
             _check_calibration(st, params.name, params.calibration_params, "params.", "params.calibration_params.")
             _check_adapter_name(st, params.adapter_name, "params.adapter_name")  # a pipeline always loads one
             prepare("calibration")
             prepare("prompts")
-            steps.check_lengths(st, jd, inputs.prompts, task_kind, params.max_tokens, "prompts")
+            steps.check_lengths(st, jd, inputs.prompts, task, params.max_tokens, "prompts")
             if params.eval_data is not None:
                 prepare("eval_data")
     except DataError as e:
@@ -331,7 +379,7 @@ def submit(st, kind: str, params) -> dict:
     except BaseException:
         shutil.rmtree(jd, ignore_errors=True)
         raise
-    job = st.jobs.create(job_id, kind, job_record(params, inputs))  # the parameters, serialised once
+    job = st.jobs.create(job_id, job_type, job_record(params, inputs))  # the parameters, serialised once
     st.worker.notify()
     return job
 
@@ -347,8 +395,10 @@ def _check_adapter_name(st, name: str | None, param: str) -> None:
 
 
 @router.post("/v1/jobs", responses=documented(400, 404, 409, 422, 429), tags=["jobs"], status_code=202, summary="Queue a calibrate, generate, distill, evaluate or pipeline job")
-async def create_job(body: Annotated[JobCreate, Field(discriminator="kind")], request: Request):
-    return submit(_st(request), body.kind, body.params)
+async def create_job(body: JobBody, request: Request, response: Response):
+    if old_job_spellings(json.loads(await request.body())):  # the body FastAPI validated, as sent
+        response.headers.update(_deprecation())
+    return submit(_st(request), body.type, body.params)
 
 
 def _job(st, job_id: str) -> dict:
@@ -433,8 +483,8 @@ async def load_adapter(body: AdapterLoad, request: Request):
         param = "directory"
     else:
         job = _job(st, body.job_id)
-        if job["kind"] not in ("distill", "pipeline") or job["state"] != "succeeded":
-            raise APIError(409, f"job {body.job_id!r} is a {job['state']} {job['kind']} job, not a succeeded distill job",
+        if job["type"] not in ("distill", "pipeline") or job["state"] != "succeeded":
+            raise APIError(409, f"job {body.job_id!r} is a {job['state']} {job['type']} job, not a succeeded distill job",
                            "job_id")
         path = st.settings.jobs_dir / job["id"] / "adapter"
         param = "job_id"

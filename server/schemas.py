@@ -1,15 +1,19 @@
-"""Request models of the resource routes (subspaces, jobs, adapters); FastAPI builds their OpenAPI
-schema. The OpenAI routes and their models are vLLM's own."""
+"""Request models of the resource routes (modes, jobs, adapters); FastAPI builds their OpenAPI
+schema. The OpenAI routes and their models are vLLM's own.
+
+Fields renamed in issue 23 (one word per concept) keep their previous spelling for one release
+(deprecated, removed in the next): a request or a stored job record that uses it still validates,
+and the routes answer it with a `Deprecation` header. Each model states its renames in `renamed`."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spd_engine.config import (CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, PipelineConfig)
+from spd_engine.config import (CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, PipelineConfig,
+                               TaskField)
 from spd_engine.paths import NAME_PATTERN
 from spd_engine.subspace import check_mode_name
-from spd_engine.tasks import Kind as TaskKind
 
 Name = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
 
@@ -23,7 +27,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# ---------------------------------------------------------------- subspaces, adapters, jobs
+def _rename(data, renamed: dict[str, str]):
+    """`data` with the previous spellings of fields (`renamed`: old -> new) in the new ones."""
+    if not isinstance(data, dict) or not any(old in data for old in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"give {new!r} or its deprecated spelling {old!r}, not both")
+            data[new] = data.pop(old)
+    return data
+
+
+class _Renamed(BaseModel):
+    """Accepts the previous spelling of renamed fields (one release; see the module docstring)."""
+
+    renamed: ClassVar[dict[str, str]] = {}  # old name -> new name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _previous_spellings(cls, data):
+        return _rename(data, cls.renamed)
+
+    @classmethod
+    def old_spellings(cls, data) -> list[str]:
+        """The deprecated field names `data` uses."""
+        return [old for old in cls.renamed if isinstance(data, dict) and old in data]
+
+
+# ---------------------------------------------------------------- modes, adapters, jobs
 
 class DataSpec(_Strict):
     """Examples for a job: inline JSONL in the project schema, a list of rows, or a shared data set."""
@@ -47,9 +80,10 @@ class DataSpec(_Strict):
 CalibrationParams = CalibrationConfig  # the OpenAPI schema names it CalibrationConfig
 
 
-class SubspaceCreate(CalibrationParams):
+class ModeCreate(CalibrationParams, _Renamed):
+    renamed = {"kind": "task"}
     name: str = Name
-    kind: TaskKind
+    task: TaskField
     calibration: DataSpec
 
     @field_validator("name")
@@ -75,12 +109,13 @@ class AdapterLoad(_Strict):
 
 
 class CalibrateJob(_Strict):
-    kind: Literal["calibrate"]
-    params: SubspaceCreate
+    type: Literal["calibrate"]
+    params: ModeCreate
 
 
-class GenerateParams(GenerationConfig):
-    task_kind: TaskKind
+class GenerateParams(GenerationConfig, _Renamed):
+    renamed = {"task_kind": "task"}
+    task: TaskField
     prompts: DataSpec
 
 
@@ -90,15 +125,17 @@ class DistillParams(DistillConfig):
                                      description="hot-load the adapter under this name when done")
 
 
-class EvaluateParams(EvaluationConfig):
-    task_kind: TaskKind
+class EvaluateParams(EvaluationConfig, _Renamed):
+    renamed = {"task_kind": "task"}
+    task: TaskField
     data: DataSpec
     adapter: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN, description="a loaded adapter")
 
 
-class PipelineParams(PipelineConfig):
+class PipelineParams(PipelineConfig, _Renamed):
+    renamed = {"task_kind": "task"}
     name: str = Name
-    task_kind: TaskKind
+    task: TaskField
     calibration: DataSpec
     prompts: DataSpec
     eval_data: DataSpec | None = None
@@ -106,26 +143,41 @@ class PipelineParams(PipelineConfig):
 
 
 class GenerateJob(_Strict):
-    kind: Literal["generate"]
+    type: Literal["generate"]
     params: GenerateParams
 
 
 class DistillJob(_Strict):
-    kind: Literal["distill"]
+    type: Literal["distill"]
     params: DistillParams
 
 
 class EvaluateJob(_Strict):
-    kind: Literal["evaluate"]
+    type: Literal["evaluate"]
     params: EvaluateParams
 
 
 class PipelineJob(_Strict):
-    kind: Literal["pipeline"]
+    type: Literal["pipeline"]
     params: PipelineParams
 
 
 JobCreate = Union[CalibrateJob, GenerateJob, DistillJob, EvaluateJob, PipelineJob]
+JOB_RENAMED = {"kind": "type"}  # a job's type was `kind` before issue 23
+JobBody = Annotated[JobCreate, Field(discriminator="type"), BeforeValidator(lambda data: _rename(data, JOB_RENAMED))]
+JOB_PARAMS: dict[str, type[BaseModel]] = {get_args(m.model_fields["type"].annotation)[0]: m.model_fields["params"].annotation
+                                          for m in get_args(JobCreate)}
+
+
+def old_job_spellings(body) -> list[str]:
+    """The deprecated field names a POST /v1/jobs body uses (`kind`, `params.task_kind`, ...)."""
+    if not isinstance(body, dict):
+        return []
+    old = [name for name in JOB_RENAMED if name in body]
+    params = JOB_PARAMS.get(body.get("type", body.get("kind")))
+    if params is not None and issubclass(params, _Renamed):
+        old += [f"params.{name}" for name in params.old_spellings(body.get("params"))]
+    return old
 
 
 # ---------------------------------------------------------------- job records (what the worker reads)
@@ -165,7 +217,7 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class CalibrateRecord(_Record, SubspaceCreate):
+class CalibrateRecord(_Record, ModeCreate):
     calibration: StoredData
 
 
@@ -210,9 +262,9 @@ def load_record(job: dict) -> _Record:
     """A stored job's parameters as its typed record (validated: no restated defaults); a record this
     version cannot read is a clear error, the job's, not the server's."""
     try:
-        return RECORDS[job["kind"]].model_validate(job["params"])
+        return RECORDS[job["type"]].model_validate(job["params"])  # a record stored before issue 23: see `renamed`
     except (KeyError, ValidationError) as e:
         why = (f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']}" if isinstance(e, ValidationError)
-               else f"unknown job kind {job['kind']!r}")
+               else f"unknown job type {job['type']!r}")
         raise ValueError(f"job {job['id']}: its stored parameters do not load in this version ({why}); "
                          "submit it again") from None

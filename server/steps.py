@@ -1,4 +1,4 @@
-"""The job kinds: what each job does, by calling spd_engine (no method code here).
+"""The job types: what each job does, by calling spd_engine (no method code here).
 
 calibrate and distill run in a worker subprocess (`server.worker_proc`); generate and evaluate
 run through vLLM's engine client (`EngineClientBackend`), so they share the continuous batch with
@@ -59,7 +59,7 @@ def start_job_system(host: JobHost) -> tuple[JobStore, Worker]:
 # ---------------------------------------------------------------- inputs (validated at submission)
 
 
-def prepare_data(spec: DataSpec, kind: str, job_dir: Path, role: str, allow_code: bool = False) -> Source:
+def prepare_data(spec: DataSpec, task: str, job_dir: Path, role: str, allow_code: bool = False) -> Source:
     """Write an inline data spec into the job dir and validate it; a DataError names `role:line`.
     Inline rows with their own unit tests are refused unless the operator allows client code
     (SPD_ALLOW_CLIENT_CODE): scoring them runs that code on the server."""
@@ -72,7 +72,7 @@ def prepare_data(spec: DataSpec, kind: str, job_dir: Path, role: str, allow_code
         path.write_text(text, encoding="utf-8")
         source = Source(file=f"{INPUTS}/{role}.jsonl", limit=spec.limit)
     try:
-        examples = load_examples(source_path(job_dir, source), kind, limit=source.limit)
+        examples = load_examples(source_path(job_dir, source), task, limit=source.limit)
     except DataError as e:
         raise DataError(str(e).replace(str(job_dir / INPUTS / f"{role}.jsonl"), role)) from None
     if not examples:
@@ -84,13 +84,13 @@ def prepare_data(spec: DataSpec, kind: str, job_dir: Path, role: str, allow_code
     return source
 
 
-def check_lengths(server: JobHost, job_dir: Path, source: Source, kind: str, max_tokens: int, role: str) -> None:
+def check_lengths(server: JobHost, job_dir: Path, source: Source, task: str, max_tokens: int, role: str) -> None:
     """A job's prompts are held to the served context like requests: prompt + max_tokens must fit."""
     from spd_engine.formatting import prompt_ids
 
     limit = server.max_model_len
-    for ex in examples_of(job_dir, source, kind):
-        n = len(prompt_ids(server.tokenizer, kind, ex))
+    for ex in examples_of(job_dir, source, task):
+        n = len(prompt_ids(server.tokenizer, task, ex))
         if n + max_tokens > limit:
             raise DataError(f"{role}: example {ex.id!r} has {n} prompt tokens; with max_tokens {max_tokens} that "
                             f"exceeds the served context of {limit} tokens")
@@ -102,8 +102,8 @@ def source_path(job_dir: Path, source: Source):
     return job_dir / source.file
 
 
-def examples_of(job_dir: Path, source: Source, kind: str):
-    return load_examples(source_path(job_dir, source), kind, limit=source.limit)
+def examples_of(job_dir: Path, source: Source, task: str):
+    return load_examples(source_path(job_dir, source), task, limit=source.limit)
 
 
 # ---------------------------------------------------------------- subprocess steps
@@ -148,11 +148,11 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
     return result
 
 
-def calibrate(server: JobHost, ctx: JobContext, name: str, kind: str, cfg: CalibrationConfig, source: Source) -> dict:
+def calibrate(server: JobHost, ctx: JobContext, name: str, task: str, cfg: CalibrationConfig, source: Source) -> dict:
     if name in server.store.names():
         raise ValueError(f"a subspace named {name!r} already exists")
-    spec = {"task": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
-            "data": str(source_path(ctx.dir, source)), "limit": source.limit, "kind": kind, "name": name,
+    spec = {"step": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
+            "data": str(source_path(ctx.dir, source)), "limit": source.limit, "task": task, "name": name,
             "cfg": narrow(cfg, CalibrationConfig).model_dump(mode="json"),
             "data_label": f"job {ctx.id} ({source.dataset or 'upload'})"}
     result = run_subprocess(ctx, spec, "calibrate")
@@ -161,7 +161,7 @@ def calibrate(server: JobHost, ctx: JobContext, name: str, kind: str, cfg: Calib
 
 
 def distill(server: JobHost, ctx: JobContext, corpus: Path, out: Path, cfg: DistillConfig) -> dict:
-    spec = {"task": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out),
+    spec = {"step": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out),
             "cfg": cfg.model_dump(mode="json")}
     return run_subprocess(ctx, spec, "distill")
 
@@ -169,11 +169,11 @@ def distill(server: JobHost, ctx: JobContext, corpus: Path, out: Path, cfg: Dist
 # ---------------------------------------------------------------- in-process steps
 
 
-def generate(server: JobHost, ctx: JobContext, kind: str, source: Source, gen: GenerationConfig,
+def generate(server: JobHost, ctx: JobContext, task: str, source: Source, gen: GenerationConfig,
              out_name: str = "corpus.jsonl") -> dict:
     from spd_engine.corpus import generate_corpus
 
-    examples = examples_of(ctx.dir, source, kind)
+    examples = examples_of(ctx.dir, source, task)
     ctx.set_total(len(examples))
     ctx.set_done(0)
     final = ctx.dir / out_name
@@ -181,22 +181,22 @@ def generate(server: JobHost, ctx: JobContext, kind: str, source: Source, gen: G
         return {"written": 0, "skipped": len(examples), "total": len(examples), "path": out_name}
     partial = ctx.dir / f".{out_name}.partial"  # hidden and resumable; published by rename
     chunk = getattr(server.backend, "batch_size", 16)
-    res = generate_corpus(server.backend, kind, examples, partial, capability=tuple(sorted(set(gen.capability))),
+    res = generate_corpus(server.backend, task, examples, partial, capability=tuple(sorted(set(gen.capability))),
                           strength=gen.strength, max_tokens=gen.max_tokens, temperature=gen.temperature,
                           top_p=gen.top_p, seed=gen.seed, chunk=chunk, progress=ctx.advance)
     os.replace(partial, final)
     return {**res, "path": out_name}
 
 
-def evaluate(server: JobHost, ctx: JobContext, kind: str, source: Source, ev: EvaluationConfig, adapter: str | None,
+def evaluate(server: JobHost, ctx: JobContext, task: str, source: Source, ev: EvaluationConfig, adapter: str | None,
              out_name: str = "report.json") -> dict:
     from spd_engine.evaluate import accuracy
 
-    examples = examples_of(ctx.dir, source, kind)
+    examples = examples_of(ctx.dir, source, task)
     ctx.set_total(len(examples))
-    res = accuracy(server.backend, kind, examples, capability=tuple(sorted(set(ev.capability))), strength=ev.strength,
+    res = accuracy(server.backend, task, examples, capability=tuple(sorted(set(ev.capability))), strength=ev.strength,
                    adapter=adapter, max_tokens=ev.max_tokens, progress=ctx.advance)
-    report = {**res.summary(), "kind": kind, "capability": ev.capability, "adapter": adapter, "items": res.items}
+    report = {**res.summary(), "task": task, "capability": ev.capability, "adapter": adapter, "items": res.items}
     write_json(ctx.dir / out_name, report)
     return res.summary()
 
@@ -220,7 +220,7 @@ def write_provenance(server: JobHost, ctx: JobContext, adapter_dir: Path, corpus
     """Record, in the adapter's directory, the job that made it, the corpus (sha256 and the settings
     it was generated with, the modes with their pack digests and calibration data hashes) and
     every distillation setting, the seed included."""
-    record = {"job": ctx.id, "job_kind": ctx.job["kind"], "model": server.model_id,
+    record = {"job": ctx.id, "job_type": ctx.job["type"], "model": server.model_id,
               "corpus_sha256": data_sha256(corpus),
               "generation": generation.model_dump(mode="json"),
               "modes": [mode_provenance(server, n) for n in generation.capability],
@@ -256,7 +256,7 @@ def compare_arms(job_dir: Path, reports: dict[str, str]) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- the runners, one per job kind
+# ---------------------------------------------------------------- the runners, one per job type
 
 
 def corpus_generation(job: dict) -> GenerationConfig:
@@ -266,17 +266,17 @@ def corpus_generation(job: dict) -> GenerationConfig:
         return rec.generation([rec.name])
     if isinstance(rec, GenerateRecord):
         return narrow(rec, GenerationConfig)
-    raise ValueError(f"job {job['id']!r} is a {job['kind']} job: it made no corpus")
+    raise ValueError(f"job {job['id']!r} is a {job['type']} job: it made no corpus")
 
 
 def make_runners(server: JobHost, store: JobStore):
     def run_calibrate(ctx: JobContext):
         p = load_record(ctx.job)
-        return calibrate(server, ctx, p.name, p.kind, p, p.inputs.calibration), None
+        return calibrate(server, ctx, p.name, p.task, p, p.inputs.calibration), None
 
     def run_generate(ctx: JobContext):
         p = load_record(ctx.job)
-        return generate(server, ctx, p.task_kind, p.inputs.prompts, narrow(p, GenerationConfig)), "corpus.jsonl"
+        return generate(server, ctx, p.task, p.inputs.prompts, narrow(p, GenerationConfig)), "corpus.jsonl"
 
     def run_distill(ctx: JobContext):
         p = load_record(ctx.job)
@@ -295,12 +295,12 @@ def make_runners(server: JobHost, store: JobStore):
 
     def run_evaluate(ctx: JobContext):
         p = load_record(ctx.job)
-        return evaluate(server, ctx, p.task_kind, p.inputs.data, narrow(p, EvaluationConfig), p.adapter), "report.json"
+        return evaluate(server, ctx, p.task, p.inputs.data, narrow(p, EvaluationConfig), p.adapter), "report.json"
 
     def run_pipeline(ctx: JobContext):
         p = load_record(ctx.job)
-        kind, ins, result = p.task_kind, p.inputs, {}
-        result["calibrate"] = calibrate(server, ctx, p.name, kind, p.calibration_params, ins.calibration)
+        task, ins, result = p.task, p.inputs, {}
+        result["calibrate"] = calibrate(server, ctx, p.name, task, p.calibration_params, ins.calibration)
         cfg = narrow(p, DistillConfig)
         adapter = p.adapter_name or f"{p.name}-{ctx.id[-6:]}"
         # the spd arm, then each control arm: (arm, its generation's capability, corpus, adapter dir, adapter name)
@@ -310,7 +310,7 @@ def make_runners(server: JobHost, store: JobStore):
         for arm, capability, corpus, out, name in arms:
             gen = p.generation(capability)
             key = "" if arm == "spd" else f"_{arm}"
-            result[f"generate{key}"] = generate(server, ctx, kind, ins.prompts, gen, corpus)
+            result[f"generate{key}"] = generate(server, ctx, task, ins.prompts, gen, corpus)
             result[f"distill{key}"] = distill(server, ctx, ctx.dir / corpus, ctx.dir / out, cfg)
             write_provenance(server, ctx, ctx.dir / out, ctx.dir / corpus, gen, cfg)
             server.call(server.load_adapter(name, ctx.dir / out))
@@ -318,7 +318,7 @@ def make_runners(server: JobHost, store: JobStore):
         ev = ins.eval_data or ins.calibration  # scored data needs gold answers
         reports = {"base": (None, "report_base.json"), **{arm: (name, "report.json" if arm == "spd" else
                                                                 f"report_{arm}.json") for arm, *_, name in arms}}
-        result["evaluate"] = {arm: evaluate(server, ctx, kind, ev, p.evaluation(), name, report)
+        result["evaluate"] = {arm: evaluate(server, ctx, task, ev, p.evaluation(), name, report)
                               for arm, (name, report) in reports.items()}
         result["evaluate"]["adapter"] = result["evaluate"]["spd"]  # the name before controls existed (one release)
         if len(arms) > 1:

@@ -1,5 +1,5 @@
 """The job worker's subprocess: calibration and LoRA training run here, outside the serving
-process, so they never block requests. It reads one JSON task spec, prints JSON progress lines
+process, so they never block requests. It reads one JSON step spec, prints JSON progress lines
 ({"progress": [done, total]}) and ends with {"result": {...}}; it dies with its parent."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def calibrate(spec: dict) -> dict:
     from spd_engine.subspace import Store
 
     source = spec["data"]
-    examples = load_examples(source, spec["kind"], limit=spec.get("limit"))
+    examples = load_examples(source, spec["task"], limit=spec.get("limit"))
     path = models.resolve(spec["model"])
     model, tok = models.load(path)
     cfg = CalibrationConfig.model_validate(spec["cfg"])  # the job's settings, as the server validated them
@@ -43,7 +43,7 @@ def calibrate(spec: dict) -> dict:
         done += n
         emit({"progress": [done, total]})
 
-    pack = run(model, tok, models.info(path), spec["kind"], examples, spec["name"], cfg,
+    pack = run(model, tok, models.info(path), spec["task"], examples, spec["name"], cfg,
                data=spec.get("data_label", str(source)), data_sha256=data_sha256(source), progress=progress)
     store = Store(Path(spec["store"]))
     if spec["name"] in store.names():
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = json.loads(Path(argv[0]).read_text())
     try:
-        result = {"calibrate": calibrate, "distill": distill}[spec["task"]](spec)
+        result = {"calibrate": calibrate, "distill": distill}[spec["step"]](spec)
     except Exception as e:  # noqa: BLE001 - reported to the worker as the job's error
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         emit({"error": f"{type(e).__name__}: {msg}"})

@@ -13,7 +13,7 @@ from server.harness import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-OURS = "^/v1/(subspaces|jobs|adapters)"
+OURS = "^/v1/(modes|jobs|adapters)"  # the deprecated /v1/subspaces paths are the same routes
 CONFIG = Path(__file__).with_name("schemathesis.toml")  # where a 422 is the documented answer to valid-looking input
 
 

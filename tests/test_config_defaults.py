@@ -34,7 +34,7 @@ def test_cli_flags_have_the_configs_defaults_and_help(command):
 def test_cli_flags_are_bounded_by_the_config():
     with pytest.raises(SystemExit):
         _subcommand("distill").parse_args(["--corpus", "c", "--out", "o", "--lora-rank", "0"])
-    args = _subcommand("calibrate").parse_args(["--data", "d", "--kind", "math", "--name", "n", "--rank", "4",
+    args = _subcommand("calibrate").parse_args(["--data", "d", "--task", "math", "--name", "n", "--rank", "4",
                                                 "--energy", "0.5"])
     with pytest.raises(ValueError, match="rank or energy"):
         from_args(CalibrationConfig, args)
@@ -51,7 +51,7 @@ def _openapi() -> dict:
     return app.openapi()["components"]["schemas"]
 
 
-REQUESTS = {"CalibrationConfig": CalibrationConfig, "SubspaceCreate": CalibrationConfig,
+REQUESTS = {"CalibrationConfig": CalibrationConfig, "ModeCreate": CalibrationConfig,
             "GenerateParams": GenerationConfig, "DistillParams": DistillConfig, "EvaluateParams": EvaluationConfig,
             "PipelineParams": PipelineConfig}
 
@@ -88,14 +88,14 @@ def test_a_job_record_round_trips_into_its_typed_config_and_an_old_one_loads_or_
     pytest.importorskip("fastapi")
     from server.schemas import Inputs, PipelineParams, Source, job_record, load_record
 
-    params = PipelineParams.model_validate({"name": "m", "task_kind": "math", "calibration": {"data": "{}"},
+    params = PipelineParams.model_validate({"name": "m", "task": "math", "calibration": {"data": "{}"},
                                             "prompts": {"dataset": "gsm8k", "limit": 3}, "lora_rank": 16})
     stored = job_record(params, Inputs(calibration=Source(file="inputs/calibration.jsonl", n=1)))
     assert "data" not in stored["calibration"]  # inline rows live in the job dir
-    rec = load_record({"id": "j", "kind": "pipeline", "params": stored})
+    rec = load_record({"id": "j", "type": "pipeline", "params": stored})
     assert rec.lora_rank == 16 and rec.lora_alpha == 8.0 and rec.inputs.calibration.n == 1
     # a pipeline stored before lora_alpha was a setting trained with alpha = rank: it still does
     old = {k: v for k, v in stored.items() if k not in ("lora_alpha", "batch_size", "max_length", "seed")}
-    assert load_record({"id": "j", "kind": "pipeline", "params": old}).lora_alpha == 16.0
+    assert load_record({"id": "j", "type": "pipeline", "params": old}).lora_alpha == 16.0
     with pytest.raises(ValueError, match="job j: its stored parameters do not load.*lora_rank"):
-        load_record({"id": "j", "kind": "pipeline", "params": {**stored, "lora_rank": "many"}})
+        load_record({"id": "j", "type": "pipeline", "params": {**stored, "lora_rank": "many"}})

@@ -35,8 +35,8 @@ def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("spd-console"), api_key=KEY, env={"PYTHONPATH": str(REPO)}).start()
     try:
         with s.client() as http:  # a mode that changes greedy tokens: random rank-1 directions on many layers
-            job = http.post("/v1/subspaces", json={"name": "rnd", "kind": "math", "method": "random", "rank": 1,
-                                                   "layers": [0, 2, 4, 8, 12, 15, 20, 25, 29],
+            job = http.post("/v1/modes", json={"name": "rnd", "task": "math", "method": "random", "rank": 1,
+                                               "layers": [0, 2, 4, 8, 12, 15, 20, 25, 29],
                                                    "calibration": {"data": CALIBRATION}}).json()
             assert wait_job(http, job["id"])["state"] == "succeeded"
         yield s
@@ -89,7 +89,7 @@ def test_the_console_is_public_static_files_served_by_the_server_while_the_api_n
         assert httpx.get(f"{server.url}/ui/{f}").status_code == 200
     assert httpx.get(f"{server.url}/v1/subspaces").status_code == 401
     with server.client() as http:  # what the page shows of a random pack: no spectrum (not a NaN)
-        shown = http.get("/v1/subspaces/rnd")
+        shown = http.get("/v1/modes/rnd")
         assert shown.status_code == 200, shown.text
         assert shown.json()["spectrum"]["0.k.g0"]["participation_ratio"] is None
 
@@ -97,7 +97,7 @@ def test_the_console_is_public_static_files_served_by_the_server_while_the_api_n
 def test_the_page_loads_asks_for_the_key_once_and_shows_every_tab_with_no_console_errors(page, server):
     assert page.url == f"{server.url}/ui/#playground"
     page.wait_for_selector("#play-modes input[value=rnd]")
-    tab(page, "subspaces")
+    tab(page, "modes")
     page.wait_for_selector("#sub-table tbody tr >> text=rnd")
     tab(page, "jobs")
     page.wait_for_selector("#jobs-table tr[data-state=succeeded]")
@@ -113,7 +113,7 @@ def test_the_page_loads_asks_for_the_key_once_and_shows_every_tab_with_no_consol
 def test_an_uploaded_calibration_file_becomes_a_job_whose_bar_reaches_100_then_a_mode_in_the_picker(page, tmp_path):
     calib = tmp_path / "calibration.jsonl"
     calib.write_text(CALIBRATION)
-    tab(page, "subspaces")
+    tab(page, "modes")
     form = page.locator("#upload-form")
     form.locator("input[name=name]").fill("math")
     form.locator("input[name=rank]").fill("8")
@@ -133,7 +133,7 @@ def test_an_uploaded_calibration_file_becomes_a_job_whose_bar_reaches_100_then_a
     page.wait_for_selector("#play-modes input[value=math]")  # the picker refreshed itself when the job succeeded
 
     # its spectrum, and the principal angles between it and another mode
-    tab(page, "subspaces")
+    tab(page, "modes")
     page.select_option("#spec-pack", "math")
     page.wait_for_selector("#spec-plot svg rect.sv.in")
     assert page.locator("#spec-plot svg rect.sv.in").count() == 8  # rank 8 of the first site

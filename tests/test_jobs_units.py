@@ -122,3 +122,38 @@ def test_a_counter_shared_by_two_connections_never_repeats_a_value(tmp_path):
     a, b = JobStore(tmp_path / "db.sqlite3"), JobStore(tmp_path / "db.sqlite3")
     got = [s.next_number("lora") for _ in range(5) for s in (a, b)]
     assert got == list(range(1, 11))
+
+
+def test_a_job_store_and_records_written_before_the_renames_load(tmp_path):
+    """Before issue 23 a job's type was the column `kind`, and its task the parameter `kind`
+    (calibrate) or `task_kind` (the others): such a store opens, and its jobs load and list with
+    the new names."""
+    import json
+    import sqlite3
+
+    from server.schemas import load_record
+
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript("""CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, params TEXT NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0,
+        result TEXT, error TEXT, artifact TEXT,
+        created REAL NOT NULL, started REAL, finished REAL)""")
+    old = {"job-c": ("calibrate", {"name": "m", "kind": "math", "calibration": {}, "rank": 4,
+                                   "_inputs": {"calibration": {"file": "inputs/calibration.jsonl", "n": 2}}}),
+           "job-g": ("generate", {"task_kind": "mcq", "prompts": {"dataset": "gsm8k"}, "max_tokens": 8})}
+    for i, (job_id, (kind, params)) in enumerate(old.items()):
+        db.execute("INSERT INTO jobs (id, kind, state, params, created) VALUES (?, ?, 'queued', ?, ?)",
+                   (job_id, kind, json.dumps(params), float(i)))
+    db.commit()
+    db.close()
+
+    store = _store(tmp_path)
+    assert [(j["id"], j["type"]) for j in store.list()] == [("job-g", "generate"), ("job-c", "calibrate")]
+    assert all("kind" not in j for j in store.list())
+    cal, gen = load_record(store.get("job-c")), load_record(store.get("job-g"))
+    assert (cal.task, cal.rank, cal.inputs.calibration.n) == ("math", 4, 2)
+    assert (gen.task, gen.max_tokens) == ("mcq", 8)
+    store.create("job-new", "evaluate", {})  # the renamed column takes new jobs
+    assert store.get("job-new")["type"] == "evaluate"
+    assert _store(tmp_path).get("job-c")["type"] == "calibrate"  # opening it again finds nothing to rename

@@ -33,13 +33,13 @@ def server(tmp_path_factory):
 def modes(http):
     """Three modes made through the API: a gradient one from a multipart upload, and from JSON two random
     rank-1 ones on many layers (strong enough to change a few greedy tokens)."""
-    up = http.post("/v1/subspaces", files={"file": ("cal.jsonl", CALIBRATION)},
-                   data={"name": "math", "kind": "math", "rank": "8", "layers": "15,29"})
+    up = http.post("/v1/modes", files={"file": ("cal.jsonl", CALIBRATION)},
+                   data={"name": "math", "task": "math", "rank": "8", "layers": "15,29"})
     assert up.status_code == 202, up.text
     jobs = [up.json()]
     for name, layers in (("rnd", [0, 2, 4, 8, 12, 15, 20, 25, 29]), ("rnd2", [1, 3, 6, 10, 14, 18, 22, 26, 28])):
-        r = http.post("/v1/subspaces", json={"name": name, "kind": "math", "method": "random", "rank": 1,
-                                             "layers": layers, "calibration": {"data": CALIBRATION}})
+        r = http.post("/v1/modes", json={"name": name, "task": "math", "method": "random", "rank": 1,
+                                         "layers": layers, "calibration": {"data": CALIBRATION}})
         assert r.status_code == 202, r.text
         jobs.append(r.json())
     for job in jobs:
@@ -60,7 +60,7 @@ def _complete(oai, prompt, **kw):
 
 def test_v1_routes_need_the_api_key_and_vllms_own_routes_are_served_beside_ours(server, http):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    for path in ("/v1/models", "/v1/subspaces", "/v1/jobs", "/v1/adapters"):
+    for path in ("/v1/models", "/v1/modes", "/v1/jobs", "/v1/adapters"):
         assert httpx.get(f"{server.url}{path}").status_code == 401, path
         assert httpx.get(f"{server.url}{path}", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert http.get(path).status_code == 200, path
@@ -71,9 +71,9 @@ def test_v1_routes_need_the_api_key_and_vllms_own_routes_are_served_beside_ours(
 
 
 def test_uploaded_calibration_becomes_a_mode_usable_by_the_next_request_without_restart(oai, http, modes):
-    listed = {s["name"]: s for s in http.get("/v1/subspaces").json()["data"]}
+    listed = {s["name"]: s for s in http.get("/v1/modes").json()["data"]}
     assert listed["math"]["loaded"] and listed["rnd"]["loaded"]
-    shown = http.get("/v1/subspaces/math").json()
+    shown = http.get("/v1/modes/math").json()
     assert shown["manifest"]["ranks"] == {"15.k": [8], "15.v": [8], "29.k": [8], "29.v": [8]}
     assert len(shown["spectrum"]["15.k.g0"]["singular_values"]) == 192
     assert _chat(oai, "What is 3+4?", extra_body={"capability": "math"}).choices[0].message.content
@@ -177,7 +177,7 @@ def test_an_adapter_loads_hot_changes_output_and_unloads(oai, http, server, mode
 def _store_snapshot(server, http):
     files = sorted(str(p.relative_to(server.store)) for p in server.store.rglob("*")
                    if ".by-digest" not in p.parts)  # bases retained for admitted requests: a cache, not the store
-    return files, http.get("/v1/subspaces").json(), len(http.get("/v1/jobs").json()["data"])
+    return files, http.get("/v1/modes").json(), len(http.get("/v1/jobs").json()["data"])
 
 
 CODE_ROW = '{"prompt": "def f():", "answer": "    return 1", "tests": "import os\\nos._exit(0)", "entry_point": "f"}\n'
@@ -191,23 +191,23 @@ BAD = [
     ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "capability": [f"m{i}" for i in range(9)]}}, 400, "capability"),
     ("post", "/v1/completions", {"json": {"model": MODEL, "prompt": "x", "vllm_xargs": {"capability": "ghost"}}}, 400, "capability"),
     ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "capability": ["math", "ghost"]}}, 400, "capability"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q2"\n'}}}, 422, "calibration"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q", "answer": "no number"}\n'}}}, 422, "calibration"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "poetry", "calibration": {"data": CALIBRATION}}}, 400, "kind"),
-    ("post", "/v1/subspaces", {"json": {"name": "../../evil", "kind": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
-    ("post", "/v1/subspaces", {"json": {"name": "ok\n", "kind": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "layers": [99], "calibration": {"data": CALIBRATION}}}, 422, "layers"),
-    ("post", "/v1/subspaces", {"json": {"name": "x1", "kind": "math", "rank": 999, "calibration": {"data": CALIBRATION}}}, 422, "rank"),
-    ("post", "/v1/subspaces", {"json": {"name": "math", "kind": "math", "calibration": {"data": CALIBRATION}}}, 409, "name"),
-    ("post", "/v1/subspaces", {"files": {"file": ("c.jsonl", '{"prompt": "ok", "answer": "The answer is 1"}\n\n{"prompt": 5}\n')}, "data": {"name": "x2", "kind": "math"}}, 422, "calibration"),
-    ("post", "/v1/subspaces", {"files": {"file": ("c.jsonl", "x" * (UPLOAD_LIMIT + 10))}, "data": {"name": "x3", "kind": "math"}}, 413, "body"),
-    ("get", "/v1/subspaces/ghost", {}, 404, "name"),
-    ("delete", "/v1/subspaces/ghost", {}, 404, "name"),
-    ("post", "/v1/jobs", {"json": {"kind": "teleport", "params": {}}}, 400, None),
-    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {"dataset": "../../etc/passwd"}}}}, 400, None),
-    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "capability": ["ghost"], "prompts": {"data": CALIBRATION}}}}, 404, "params.capability"),
-    ("post", "/v1/jobs", {"json": {"kind": "evaluate", "params": {"task_kind": "code", "data": {"data": CODE_ROW}}}}, 422, "data"),
-    ("post", "/v1/jobs", {"json": {"kind": "distill", "params": {"corpus_job": "job-nope"}}}, 404, "params.corpus_job"),
+    ("post", "/v1/modes", {"json": {"name": "x1", "task": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q2"\n'}}}, 422, "calibration"),
+    ("post", "/v1/modes", {"json": {"name": "x1", "task": "math", "calibration": {"data": '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q", "answer": "no number"}\n'}}}, 422, "calibration"),
+    ("post", "/v1/modes", {"json": {"name": "x1", "task": "poetry", "calibration": {"data": CALIBRATION}}}, 400, "task"),
+    ("post", "/v1/modes", {"json": {"name": "../../evil", "task": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
+    ("post", "/v1/modes", {"json": {"name": "ok\n", "task": "math", "calibration": {"data": CALIBRATION}}}, 400, "name"),
+    ("post", "/v1/modes", {"json": {"name": "x1", "task": "math", "layers": [99], "calibration": {"data": CALIBRATION}}}, 422, "layers"),
+    ("post", "/v1/modes", {"json": {"name": "x1", "task": "math", "rank": 999, "calibration": {"data": CALIBRATION}}}, 422, "rank"),
+    ("post", "/v1/modes", {"json": {"name": "math", "task": "math", "calibration": {"data": CALIBRATION}}}, 409, "name"),
+    ("post", "/v1/modes", {"files": {"file": ("c.jsonl", '{"prompt": "ok", "answer": "The answer is 1"}\n\n{"prompt": 5}\n')}, "data": {"name": "x2", "task": "math"}}, 422, "calibration"),
+    ("post", "/v1/modes", {"files": {"file": ("c.jsonl", "x" * (UPLOAD_LIMIT + 10))}, "data": {"name": "x3", "task": "math"}}, 413, "body"),
+    ("get", "/v1/modes/ghost", {}, 404, "name"),
+    ("delete", "/v1/modes/ghost", {}, 404, "name"),
+    ("post", "/v1/jobs", {"json": {"type": "teleport", "params": {}}}, 400, None),
+    ("post", "/v1/jobs", {"json": {"type": "generate", "params": {"task": "math", "prompts": {"dataset": "../../etc/passwd"}}}}, 400, None),
+    ("post", "/v1/jobs", {"json": {"type": "generate", "params": {"task": "math", "capability": ["ghost"], "prompts": {"data": CALIBRATION}}}}, 404, "params.capability"),
+    ("post", "/v1/jobs", {"json": {"type": "evaluate", "params": {"task": "code", "data": {"data": CODE_ROW}}}}, 422, "data"),
+    ("post", "/v1/jobs", {"json": {"type": "distill", "params": {"corpus_job": "job-nope"}}}, 404, "params.corpus_job"),
     ("get", "/v1/jobs/job-nope", {}, 404, "id"),
     ("delete", "/v1/jobs/job-nope", {}, 404, "id"),
     ("get", "/v1/jobs/job-nope/artifact", {}, 404, "id"),
@@ -215,11 +215,11 @@ BAD = [
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "missing"}}, 404, "directory"),
     ("post", "/v1/adapters", {"json": {"name": "a1"}}, 400, None),
     ("post", "/v1/adapters", {"json": {"name": "a1", "directory": "a", "job_id": "b"}}, 400, None),
-    ("post", "/v1/jobs", {"json": {"kind": "generate", "params": {"task_kind": "math", "prompts": {}}}}, 400, None),
+    ("post", "/v1/jobs", {"json": {"type": "generate", "params": {"task": "math", "prompts": {}}}}, 400, None),
     ("get", "/v1/jobs", {"params": {"state": "sleeping"}}, 400, "query.state"),
-    ("put", "/v1/subspaces", {}, 405, None),
+    ("put", "/v1/modes", {}, 405, None),
     ("delete", "/v1/adapters/ghost", {}, 404, "name"),
-    ("post", "/v1/subspaces/import", {"content": b"not a tar at all", "headers": {"content-type": "application/x-tar"}}, 422, "file"),
+    ("post", "/v1/modes/import", {"content": b"not a tar at all", "headers": {"content-type": "application/x-tar"}}, 422, "file"),
 ]
 
 
@@ -241,17 +241,17 @@ def test_unknown_capability_lists_the_known_ones_and_a_bad_line_is_named(http, m
     err = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "capability": "nope"}).json()["error"]
     assert "math" in err["message"] and "rnd" in err["message"]
     bad = '{"prompt": "q", "answer": "The answer is 3"}\n{"prompt": "q2", "answer": "The answer is 4", "colour": 1}\n'
-    err = http.post("/v1/subspaces", json={"name": "x1", "kind": "math", "calibration": {"data": bad}}).json()["error"]
+    err = http.post("/v1/modes", json={"name": "x1", "task": "math", "calibration": {"data": bad}}).json()["error"]
     assert err["message"].startswith("calibration:2:") and "colour" in err["message"]
 
 
 def test_a_pack_exports_and_imports_as_an_archive_and_unsafe_archives_are_refused(server, http, modes):
-    tar = http.get("/v1/subspaces/math/export")
+    tar = http.get("/v1/modes/math/export")
     assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
-    assert http.post("/v1/subspaces/import", files={"file": ("m.tar", tar.content)}).status_code == 409  # name taken
-    r = http.post("/v1/subspaces/import", files={"file": ("m.tar", tar.content)}, data={"name": "math2"})
+    assert http.post("/v1/modes/import", files={"file": ("m.tar", tar.content)}).status_code == 409  # name taken
+    r = http.post("/v1/modes/import", files={"file": ("m.tar", tar.content)}, data={"name": "math2"})
     assert r.status_code == 201, r.text
-    assert "math2" in [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]]
+    assert "math2" in [s["name"] for s in http.get("/v1/modes").json()["data"] if s["loaded"]]
     before = _store_snapshot(server, http)
     for members in ([("../evil/manifest.json", b"{}")], [("/abs/manifest.json", b"{}")],
                     [("p/manifest.json", b"{}"), ("p/bases.safetensors", b"xx")],
@@ -262,31 +262,81 @@ def test_a_pack_exports_and_imports_as_an_archive_and_unsafe_archives_are_refuse
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
-        r = http.post("/v1/subspaces/import", files={"file": ("x.tar", buf.getvalue())})
+        r = http.post("/v1/modes/import", files={"file": ("x.tar", buf.getvalue())})
         assert r.status_code == 422 and r.json()["error"]["param"] == "file", (members, r.text)
     assert _store_snapshot(server, http) == before
-    assert http.delete("/v1/subspaces/math2").status_code == 200
+    assert http.delete("/v1/modes/math2").status_code == 200
 
 
 def test_deleting_a_subspace_stops_serving_it_and_a_reimport_with_other_bases_is_served_fresh(oai, http, modes):
     for source in ("rnd", "rnd2"):
-        tar = http.get(f"/v1/subspaces/{source}/export").content
-        assert http.post("/v1/subspaces/import", files={"file": ("r.tar", tar)},
+        tar = http.get(f"/v1/modes/{source}/export").content
+        assert http.post("/v1/modes/import", files={"file": ("r.tar", tar)},
                          data={"name": "tmpmode"}).status_code == 201
         got = _complete(oai, "Write about the sea:", max_tokens=16, extra_body={"capability": "tmpmode"})
         want = _complete(oai, "Write about the sea:", max_tokens=16, extra_body={"capability": source})
         assert got.choices[0].text == want.choices[0].text  # the bases now under the name, not the old ones
-        assert http.delete("/v1/subspaces/tmpmode").status_code == 200
+        assert http.delete("/v1/modes/tmpmode").status_code == 200
         with pytest.raises(openai.BadRequestError, match="unknown capability 'tmpmode'"):
             _chat(oai, "hi", extra_body={"capability": "tmpmode"})
 
 
 def test_openapi_schema_lists_vllms_routes_and_ours(http):
     paths = http.get("/openapi.json").json()["paths"]
-    for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/v1/subspaces",
-              "/v1/subspaces/{name}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifact", "/v1/adapters",
+    for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/v1/modes",
+              "/v1/modes/{name}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/artifact", "/v1/adapters",
               "/health", "/metrics"):
         assert p in paths, p
+
+
+OLD_PATHS = {"/v1/subspaces": "/v1/modes", "/v1/subspaces/{name}": "/v1/modes/{name}",  # before issue 23
+             "/v1/subspaces/{name}/angles/{other}": "/v1/modes/{name}/angles/{other}",
+             "/v1/subspaces/{name}/export": "/v1/modes/{name}/export", "/v1/subspaces/import": "/v1/modes/import"}
+
+
+def _drop(http, job: dict) -> None:
+    """Cancel a job (or delete it, when it has finished already) and wait until it is final."""
+    if not http.delete(f"/v1/jobs/{job['id']}").json().get("deleted"):
+        wait_job(http, job["id"])
+
+
+def test_the_previous_spellings_work_for_one_release_and_say_they_are_deprecated(http, modes):
+    paths = http.get("/openapi.json").json()["paths"]
+    for old, new in OLD_PATHS.items():
+        assert set(paths[old]) == set(paths[new]), old
+        assert all(op["deprecated"] for op in paths[old].values()), old
+        assert not any(op.get("deprecated") for op in paths[new].values()), new
+    listed, old = http.get("/v1/modes"), http.get("/v1/subspaces")
+    assert old.json() == listed.json() and "deprecation" not in listed.headers
+    assert (old.headers["deprecation"], old.headers["link"]) == ("true", '</v1/modes>; rel="successor-version"')
+    assert {s["name"]: s["task"] for s in listed.json()["data"]}["math"] == "math"
+    missing = http.get("/v1/subspaces/ghost")  # an error answer says so too
+    assert missing.status_code == 404 and missing.headers["deprecation"] == "true"
+    tar = http.get("/v1/subspaces/math/export")
+    assert tar.status_code == 200 and tar.headers["link"] == '</v1/modes/math/export>; rel="successor-version"'
+
+    # the fields' previous names are accepted, answered with the new ones and flagged
+    data = {"data": CALIBRATION}
+    old_bodies = [
+        ("/v1/modes", {"json": {"name": "old-json", "kind": "math", "method": "random", "rank": 1, "calibration": data}}),
+        ("/v1/modes", {"files": {"file": ("c.jsonl", CALIBRATION)},
+                       "data": {"name": "old-form", "kind": "math", "method": "random", "rank": "1"}}),
+        ("/v1/jobs", {"json": {"kind": "evaluate", "params": {"task": "math", "data": data, "max_tokens": 2}}}),
+        ("/v1/jobs", {"json": {"type": "evaluate", "params": {"task_kind": "math", "data": data, "max_tokens": 2}}}),
+    ]
+    for path, kwargs in old_bodies:
+        r = http.post(path, **kwargs)
+        assert r.status_code == 202 and r.headers["deprecation"] == "true", (kwargs, r.text)
+        job = r.json()
+        assert job["type"] in ("calibrate", "evaluate") and job["params"]["task"] == "math" and "kind" not in job
+        _drop(http, job)
+    for name in ("old-json", "old-form"):  # made if its job won the race with the cancel
+        http.delete(f"/v1/modes/{name}")
+    new = http.post("/v1/jobs", json={"type": "evaluate", "params": {"task": "math", "data": data, "max_tokens": 2}})
+    assert new.status_code == 202 and "deprecation" not in new.headers
+    _drop(http, new.json())
+    both = http.post("/v1/jobs", json={"type": "evaluate", "params": {"task": "math", "task_kind": "math", "data": data}})
+    assert both.status_code == 400 and "not both" in both.text
 
 
 def test_a_mode_model_name_gives_the_tokens_of_the_same_request_with_capability_fields(oai, http, modes):
@@ -323,11 +373,11 @@ def test_mode_model_names_keep_each_modes_own_prefix_cache(oai, modes):
 def test_v1_models_lists_every_mode_of_the_model_and_follows_the_store_at_once(oai, http, modes):
     listed = {m.id for m in oai.models.list().data}
     assert {MODEL, *(f"{MODEL}@{m}" for m in modes)} <= listed
-    r = http.post("/v1/subspaces", json={"name": "listed-late", "kind": "math", "method": "random", "rank": 1,
-                                         "layers": [3], "calibration": {"data": CALIBRATION}})
+    r = http.post("/v1/modes", json={"name": "listed-late", "task": "math", "method": "random", "rank": 1,
+                                     "layers": [3], "calibration": {"data": CALIBRATION}})
     assert r.status_code == 202 and wait_job(http, r.json()["id"])["state"] == "succeeded"
     assert f"{MODEL}@listed-late" in {m.id for m in oai.models.list().data}
-    assert http.delete("/v1/subspaces/listed-late").status_code in (200, 204)
+    assert http.delete("/v1/modes/listed-late").status_code in (200, 204)
     assert f"{MODEL}@listed-late" not in {m.id for m in oai.models.list().data}
 
 

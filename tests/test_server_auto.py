@@ -28,17 +28,17 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(http):
     jobs = []
-    for name, (dataset, kind) in DOMAINS.items():
-        r = http.post("/v1/subspaces", json={"name": name, "kind": kind, "rank": 16,
-                                             "calibration": {"dataset": dataset, "limit": CALIBRATE}})
+    for name, (dataset, task) in DOMAINS.items():
+        r = http.post("/v1/modes", json={"name": name, "task": task, "rank": 16,
+                                         "calibration": {"dataset": dataset, "limit": CALIBRATE}})
         assert r.status_code == 202, r.text
         jobs.append(r.json())
     for job in jobs:
         assert wait_job(http, job["id"], timeout=900)["state"] == "succeeded"
     out = {}
-    for name, (dataset, kind) in DOMAINS.items():
-        examples = load_examples(resolve_data(dataset) if dataset != "humaneval" else dataset, kind)
-        out[name] = [user_message(kind, ex) for ex in examples[CALIBRATE:CALIBRATE + HELD_OUT]]
+    for name, (dataset, task) in DOMAINS.items():
+        examples = load_examples(resolve_data(dataset) if dataset != "humaneval" else dataset, task)
+        out[name] = [user_message(task, ex) for ex in examples[CALIBRATE:CALIBRATE + HELD_OUT]]
     return out
 
 
@@ -99,7 +99,7 @@ def test_auto_is_refused_composed_and_as_a_new_modes_name(http, prompts):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                 "capability": ["auto", "math"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "capability", r.text
-    r = http.post("/v1/subspaces", json={"name": "auto", "kind": "math", "calibration": {"dataset": "gsm8k", "limit": 2}})
+    r = http.post("/v1/modes", json={"name": "auto", "task": "math", "calibration": {"dataset": "gsm8k", "limit": 2}})
     assert r.status_code in (400, 422) and "auto" in r.text, r.text
 
 

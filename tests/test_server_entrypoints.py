@@ -60,8 +60,8 @@ def test_stock_vllm_server_with_vllm_plugins_serves_the_same_api(tmp_path):
     server = Server(tmp_path, stock=True).start()
     try:
         with server.client() as http:
-            r = http.post("/v1/subspaces", json={"name": "rnd", "kind": "math", "method": "random", "rank": 2,
-                                                 "layers": [3, 15, 29], "calibration": {"data": CALIBRATION}})
+            r = http.post("/v1/modes", json={"name": "rnd", "task": "math", "method": "random", "rank": 2,
+                                             "layers": [3, 15, 29], "calibration": {"data": CALIBRATION}})
             assert r.status_code == 202, r.text
             assert wait_job(http, r.json()["id"])["state"] == "succeeded"
             oai = server.openai_client()

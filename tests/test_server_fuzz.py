@@ -24,8 +24,8 @@ def server(request, tmp_path_factory):
                extra=["--enable-lora", "--max-loras", "1", "--max-lora-rank", "8"] if lora else [],
                env={"SPD_MAX_N": "4"}).start()
     with s.client() as http:
-        r = http.post("/v1/subspaces", json={"name": "m1", "kind": "math", "method": "random", "rank": 4,
-                                             "calibration": {"data": CALIBRATION}})
+        r = http.post("/v1/modes", json={"name": "m1", "task": "math", "method": "random", "rank": 4,
+                                         "calibration": {"data": CALIBRATION}})
         assert r.status_code == 202, r.text
         assert wait_job(http, r.json()["id"])["state"] == "succeeded"
         if lora:

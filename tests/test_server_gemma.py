@@ -39,8 +39,8 @@ def server(tmp_path_factory, model_path):
 
 @pytest.fixture(scope="module")
 def mode(http):
-    r = http.post("/v1/subspaces", json={"name": MODE, "kind": "math", "rank": 8,
-                                         "calibration": {"dataset": "gsm8k", "limit": 4}})
+    r = http.post("/v1/modes", json={"name": MODE, "task": "math", "rank": 8,
+                                     "calibration": {"dataset": "gsm8k", "limit": 4}})
     assert r.status_code == 202, r.text
     done = wait_job(http, r.json()["id"])
     assert done["state"] == "succeeded", done

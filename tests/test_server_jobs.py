@@ -20,8 +20,8 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
     server = Server(tmp_path, extra=LORA).start()
     try:
         with server.client() as http:
-            r = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
-                "name": "pipe", "task_kind": "math", "calibration": {"data": CALIBRATION},
+            r = http.post("/v1/jobs", json={"type": "pipeline", "params": {
+                "name": "pipe", "task": "math", "calibration": {"data": CALIBRATION},
                 "calibration_params": {"rank": 8}, "prompts": {"data": PROMPTS}, "max_tokens": 12,
                 "epochs": 1, "lr": 0.05, "lora_rank": 8, "adapter_name": "pipe-lora", "controls": ["self-distill"]}})
             assert r.status_code == 202, r.text
@@ -45,7 +45,7 @@ def test_pipeline_job_ends_with_a_hot_loaded_adapter_that_changes_outputs(tmp_pa
             assert sd["modes"] == [] and sd["generation"]["capability"] == []
             control = (server.data / "jobs" / job["id"] / "corpus_self-distill.jsonl").read_text().splitlines()
             assert len(control) == 2
-            assert "pipe" in [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]]
+            assert "pipe" in [s["name"] for s in http.get("/v1/modes").json()["data"] if s["loaded"]]
             tar = http.get(f"/v1/jobs/{job['id']}/artifact")
             assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
             corpus = (server.data / "jobs" / job["id"] / "corpus.jsonl").read_text().splitlines()
@@ -90,12 +90,12 @@ def _crash(server: Server) -> None:
 def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_and_leaves_no_partial_pack(tmp_path):
     server = Server(tmp_path).start()
     with server.client() as http:
-        first = http.post("/v1/subspaces", json={"name": "first", "kind": "math", "rank": 4,
-                                                 "calibration": {"data": CALIBRATION}}).json()
-        second = http.post("/v1/subspaces", json={"name": "second", "kind": "math", "rank": 4,
-                                                  "calibration": {"data": CALIBRATION}}).json()
-        third = http.post("/v1/subspaces", json={"name": "third", "kind": "math", "rank": 4,
-                                                 "calibration": {"data": CALIBRATION}}).json()
+        first = http.post("/v1/modes", json={"name": "first", "task": "math", "rank": 4,
+                                             "calibration": {"data": CALIBRATION}}).json()
+        second = http.post("/v1/modes", json={"name": "second", "task": "math", "rank": 4,
+                                              "calibration": {"data": CALIBRATION}}).json()
+        third = http.post("/v1/modes", json={"name": "third", "task": "math", "rank": 4,
+                                             "calibration": {"data": CALIBRATION}}).json()
         assert http.delete(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
         wait_job(http, first["id"], timeout=120, states=("running",))
     _crash(server)
@@ -112,10 +112,10 @@ def test_kill_9_during_a_job_then_restart_fails_it_clearly_runs_the_queued_one_a
             assert done["state"] == "succeeded", done
             assert http.get(f"/v1/jobs/{third['id']}").json()["state"] == "cancelled"
             assert {j["id"] for j in http.get("/v1/jobs").json()["data"]} == {first["id"], second["id"], third["id"]}
-            assert [s["name"] for s in http.get("/v1/subspaces").json()["data"]] == ["second"]
+            assert [s["name"] for s in http.get("/v1/modes").json()["data"]] == ["second"]
             # no hidden half-written pack (the retained bases of admitted requests live in .by-digest)
             assert sorted(p.name for p in server.store.iterdir() if p.name != ".by-digest") == ["second"]
-            assert [s["name"] for s in http.get("/v1/subspaces").json()["data"] if s["loaded"]] == ["second"]
+            assert [s["name"] for s in http.get("/v1/modes").json()["data"] if s["loaded"]] == ["second"]
     finally:
         server.stop()
 
@@ -124,10 +124,10 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
     server = Server(tmp_path).start()
     try:
         with server.client() as http:
-            gen = http.post("/v1/jobs", json={"kind": "generate", "params": {
-                "task_kind": "math", "prompts": {"data": PROMPTS}, "max_tokens": 8}}).json()
-            ev = http.post("/v1/jobs", json={"kind": "evaluate", "params": {
-                "task_kind": "math", "data": {"data": CALIBRATION}, "max_tokens": 8}}).json()
+            gen = http.post("/v1/jobs", json={"type": "generate", "params": {
+                "task": "math", "prompts": {"data": PROMPTS}, "max_tokens": 8}}).json()
+            ev = http.post("/v1/jobs", json={"type": "evaluate", "params": {
+                "task": "math", "data": {"data": CALIBRATION}, "max_tokens": 8}}).json()
             g, e = wait_job(http, gen["id"]), wait_job(http, ev["id"])
             assert g["state"] == e["state"] == "succeeded", (g, e)
             assert (g["done"], g["total"]) == (2, 2)
@@ -135,7 +135,7 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
             assert len(rows) == 2
             report = http.get(f"/v1/jobs/{ev['id']}/artifact").json()
             assert report["n"] == 3 and report["metric"] == "accuracy"
-            dist = http.post("/v1/jobs", json={"kind": "distill", "params": {"corpus_job": ev["id"]}})
+            dist = http.post("/v1/jobs", json={"type": "distill", "params": {"corpus_job": ev["id"]}})
             assert dist.status_code == 409 and dist.json()["error"]["param"] == "params.corpus_job"
             # an adapter needs LoRA, which this server was started without: 409 naming the flag
             from server.harness import write_random_lora
@@ -145,8 +145,8 @@ def test_generate_and_evaluate_jobs_run_through_the_serving_backend(tmp_path):
             lora = http.post("/v1/adapters", json={"name": "a1", "directory": "a1"})
             assert lora.status_code == 409 and "--enable-lora" in lora.json()["error"]["message"], lora.text
             # and a job that would end by loading one is refused before it runs
-            pipe = http.post("/v1/jobs", json={"kind": "pipeline", "params": {
-                "name": "p", "task_kind": "math", "calibration": {"data": CALIBRATION}, "prompts": {"data": PROMPTS}}})
+            pipe = http.post("/v1/jobs", json={"type": "pipeline", "params": {
+                "name": "p", "task": "math", "calibration": {"data": CALIBRATION}, "prompts": {"data": PROMPTS}}})
             assert pipe.status_code == 409 and pipe.json()["error"]["param"] == "params.adapter_name", pipe.text
             assert "--enable-lora" in pipe.json()["error"]["message"]
     finally:
@@ -159,7 +159,7 @@ def _hidden_files(server: Server, job_id: str) -> list[str]:
     return sorted(p.name for p in (server.data / "jobs" / job_id).glob(".*"))
 
 
-def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_the_others_cleanly(tmp_path):
+def test_kill_9_during_each_job_type_then_restart_resumes_generation_and_fails_the_others_cleanly(tmp_path):
     """generate resumes from its partial corpus; distill, evaluate and pipeline fail as interrupted
     with no hidden temporaries and no published half-artifact (calibrate: the test above)."""
     n = 130  # three chunks of the job's 64 requests: the kill lands while the second one runs
@@ -169,8 +169,8 @@ def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_t
     server = Server(tmp_path, extra=LORA).start()
     try:
         with server.client() as http:
-            gen = http.post("/v1/jobs", json={"kind": "generate", "params": {
-                "task_kind": "math", "prompts": {"data": data}, "max_tokens": 24}}).json()
+            gen = http.post("/v1/jobs", json={"type": "generate", "params": {
+                "task": "math", "prompts": {"data": data}, "max_tokens": 24}}).json()
             deadline = time.time() + 300
             while http.get(f"/v1/jobs/{gen['id']}").json()["done"] < 64 and time.time() < deadline:
                 time.sleep(0.2)
@@ -184,31 +184,31 @@ def test_kill_9_during_each_job_kind_then_restart_resumes_generation_and_fails_t
             assert sorted(r["id"] for r in corpus) == sorted(r["id"] for r in rows)
 
             started = {
-                "distill": http.post("/v1/jobs", json={"kind": "distill", "params": {
+                "distill": http.post("/v1/jobs", json={"type": "distill", "params": {
                     "corpus_job": gen["id"], "epochs": 20, "adapter_name": "never"}}).json(),
-                "evaluate": http.post("/v1/jobs", json={"kind": "evaluate", "params": {
-                    "task_kind": "math", "data": {"data": data}, "max_tokens": 24}}).json(),
-                "pipeline": http.post("/v1/jobs", json={"kind": "pipeline", "params": {
-                    "name": "piped", "task_kind": "math", "calibration": {"data": CALIBRATION},
+                "evaluate": http.post("/v1/jobs", json={"type": "evaluate", "params": {
+                    "task": "math", "data": {"data": data}, "max_tokens": 24}}).json(),
+                "pipeline": http.post("/v1/jobs", json={"type": "pipeline", "params": {
+                    "name": "piped", "task": "math", "calibration": {"data": CALIBRATION},
                     "prompts": {"data": data}, "max_tokens": 24, "epochs": 20}}).json(),
             }
-        for kind, job in started.items():
+        for job_type, job in started.items():
             with server.client() as http:
                 wait_job(http, job["id"], timeout=400, states=("running",))
                 time.sleep(3)  # well inside the job (each takes minutes)
-                assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running", kind
+                assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running", job_type
             _crash(server)
             server.start()
             with server.client() as http:
                 after = http.get(f"/v1/jobs/{job['id']}").json()
-                assert (after["state"], after["error"]) == ("failed", "interrupted: the server stopped while it ran"), kind
-                assert http.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409, kind
-                assert _hidden_files(server, job["id"]) == [], kind
-                assert not (server.data / "jobs" / job["id"] / "adapter").exists(), kind
-                assert not (server.data / "jobs" / job["id"] / "report.json").exists(), kind
+                assert (after["state"], after["error"]) == ("failed", "interrupted: the server stopped while it ran"), job_type
+                assert http.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409, job_type
+                assert _hidden_files(server, job["id"]) == [], job_type
+                assert not (server.data / "jobs" / job["id"] / "adapter").exists(), job_type
+                assert not (server.data / "jobs" / job["id"] / "report.json").exists(), job_type
         with server.client() as http:
             # the store holds only whole packs (the pipeline's mode, if its calibration had finished)
-            names = [s["name"] for s in http.get("/v1/subspaces").json()["data"]]
+            names = [s["name"] for s in http.get("/v1/modes").json()["data"]]
             stored = server.store.iterdir() if server.store.exists() else []
             assert sorted(p.name for p in stored if p.name != ".by-digest") == sorted(names)
             assert http.get("/v1/adapters").json()["data"] == []

@@ -42,8 +42,8 @@ def _complete(http: httpx.Client, model: str, prompt: str, **extra) -> httpx.Res
 
 
 def _random_mode(http: httpx.Client, name: str, seed: int = 0) -> None:
-    r = http.post("/v1/subspaces", json={"name": name, "kind": "math", "method": "random", "rank": 2,
-                                         "layers": list(range(seed % 3, 30, 3)), "calibration": {"data": CALIBRATION}})
+    r = http.post("/v1/modes", json={"name": name, "task": "math", "method": "random", "rank": 2,
+                                     "layers": list(range(seed % 3, 30, 3)), "calibration": {"data": CALIBRATION}})
     assert r.status_code == 202, r.text
     assert wait_job(http, r.json()["id"])["state"] == "succeeded"
 
@@ -86,8 +86,8 @@ def test_two_api_server_processes_serve_every_adapter_either_one_loaded_each_und
 def test_two_api_server_processes_run_one_job_system_and_a_cancel_reaching_either_stops_the_job(two_api_servers):
     a, b = _one_client_per_process(two_api_servers)
     for http, other in ((a, b), (b, a)):  # submitted to one process, cancelled through each
-        r = http.post("/v1/subspaces", json={"name": f"slow-{id(http)}", "kind": "math", "rank": 4,
-                                             "calibration": {"data": SLOW_CALIBRATION}})
+        r = http.post("/v1/modes", json={"name": f"slow-{id(http)}", "task": "math", "rank": 4,
+                                         "calibration": {"data": SLOW_CALIBRATION}})
         assert r.status_code == 202, r.text
         job = wait_job(other, r.json()["id"], states=("running", "succeeded", "failed"))
         assert job["state"] == "running", job
@@ -95,7 +95,7 @@ def test_two_api_server_processes_run_one_job_system_and_a_cancel_reaching_eithe
         assert wait_job(http, job["id"], timeout=60)["state"] == "cancelled"
     _random_mode(a, "both-see-it")
     assert [j["state"] for j in b.get("/v1/jobs").json()["data"]].count("failed") == 0  # no start-up recovery hit
-    assert "both-see-it" in {s["name"] for s in b.get("/v1/subspaces").json()["data"]}
+    assert "both-see-it" in {s["name"] for s in b.get("/v1/modes").json()["data"]}
     for c in (a, b):
         c.close()
 
@@ -151,8 +151,8 @@ def test_a_dead_engine_makes_the_server_exit_non_zero_within_seconds_and_a_resta
         with s.client() as http:
             ids = []
             for i in range(2):
-                r = http.post("/v1/subspaces", json={"name": f"q{i}", "kind": "math", "rank": 4,
-                                                     "calibration": {"data": CALIBRATION}})
+                r = http.post("/v1/modes", json={"name": f"q{i}", "task": "math", "rank": 4,
+                                                 "calibration": {"data": CALIBRATION}})
                 assert r.status_code == 202, r.text
                 ids.append(r.json()["id"])
         os.kill(_engine_core_pid(s), signal.SIGKILL)

@@ -31,8 +31,8 @@ def modes(http):
     """Four random modes (rank 2 on many layers: they change greedy tokens)."""
     names = ["m1", "m2", "m3", "m4"]
     for i, name in enumerate(names):
-        r = http.post("/v1/subspaces", json={"name": name, "kind": "math", "method": "random", "rank": 2,
-                                             "layers": list(range(i % 3, 30, 3)), "calibration": {"data": CALIBRATION}})
+        r = http.post("/v1/modes", json={"name": name, "task": "math", "method": "random", "rank": 2,
+                                         "layers": list(range(i % 3, 30, 3)), "calibration": {"data": CALIBRATION}})
         assert r.status_code == 202, r.text
         assert wait_job(http, r.json()["id"])["state"] == "succeeded"
     return names
@@ -102,8 +102,8 @@ def test_a_client_that_disconnects_gets_its_generation_aborted(server, http, pro
 
 
 def test_deleting_a_mode_fails_its_requests_in_flight_and_none_finishes_unprojected(server, http, modes):
-    tar = http.get("/v1/subspaces/m1/export").content
-    assert http.post("/v1/subspaces/import", files={"file": ("t.tar", tar)}, data={"name": "doomed"}).status_code == 201
+    tar = http.get("/v1/modes/m1/export").content
+    assert http.post("/v1/modes/import", files={"file": ("t.tar", tar)}, data={"name": "doomed"}).status_code == 201
     results = []
 
     def ask(i):
@@ -116,7 +116,7 @@ def test_deleting_a_mode_fails_its_requests_in_flight_and_none_finishes_unprojec
     for t in threads:
         t.start()
     time.sleep(3)
-    assert http.delete("/v1/subspaces/doomed").status_code == 200
+    assert http.delete("/v1/modes/doomed").status_code == 200
     for t in threads:
         t.join()
     for r in results:  # each either failed clearly or was cut short by the abort: none ran to the end
@@ -132,14 +132,14 @@ def test_deleting_a_mode_fails_its_requests_in_flight_and_none_finishes_unprojec
 def test_job_queue_is_capped_and_a_finished_job_is_deleted_with_its_files(server, http):
     ids = []
     for i in range(2):
-        r = http.post("/v1/jobs", json={"kind": "generate", "params": {
-            "task_kind": "math", "prompts": {"data": '{"prompt": "What is 1+1?"}\n'}, "max_tokens": 4}})
+        r = http.post("/v1/jobs", json={"type": "generate", "params": {
+            "task": "math", "prompts": {"data": '{"prompt": "What is 1+1?"}\n'}, "max_tokens": 4}})
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
     # the worker may have started the first already; fill the queue to its cap
     while True:
-        r = http.post("/v1/jobs", json={"kind": "generate", "params": {
-            "task_kind": "math", "prompts": {"data": '{"prompt": "What is 2+2?"}\n'}, "max_tokens": 4}})
+        r = http.post("/v1/jobs", json={"type": "generate", "params": {
+            "task": "math", "prompts": {"data": '{"prompt": "What is 2+2?"}\n'}, "max_tokens": 4}})
         if r.status_code == 429:
             break
         assert r.status_code == 202, r.text
@@ -152,8 +152,8 @@ def test_job_queue_is_capped_and_a_finished_job_is_deleted_with_its_files(server
     assert job_dir.is_dir()
     assert http.delete(f"/v1/jobs/{ids[0]}").json() == {"id": ids[0], "deleted": True}
     assert not job_dir.exists() and http.get(f"/v1/jobs/{ids[0]}").status_code == 404
-    too_long = http.post("/v1/jobs", json={"kind": "generate", "params": {
-        "task_kind": "math", "prompts": {"data": '{"prompt": "' + "word " * 2100 + '"}\n'}, "max_tokens": 4}})
+    too_long = http.post("/v1/jobs", json={"type": "generate", "params": {
+        "task": "math", "prompts": {"data": '{"prompt": "' + "word " * 2100 + '"}\n'}, "max_tokens": 4}})
     assert too_long.status_code == 422 and "served context" in too_long.json()["error"]["message"]
 
 
@@ -188,7 +188,7 @@ def test_300_mixed_requests_with_two_adapters_at_concurrency_32_each_equal_the_s
 
 
 def test_sigterm_requeues_the_running_job_and_a_restart_loads_the_adapters_again(server, http, adapters):
-    r = http.post("/v1/subspaces", json={"name": "late", "kind": "math", "rank": 4, "calibration": {"data": CALIBRATION}})
+    r = http.post("/v1/modes", json={"name": "late", "task": "math", "rank": 4, "calibration": {"data": CALIBRATION}})
     assert r.status_code == 202, r.text
     job = wait_job(http, r.json()["id"], states=("running",))
     server.stop()  # SIGTERM

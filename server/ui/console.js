@@ -246,10 +246,10 @@ async function stream(path, body, signal, col, out, foot) {
   }
 }
 
-// ------------------------------------------------------------------ subspaces
+// ------------------------------------------------------------------ modes
 
 async function refreshModes() {
-  const list = (await getJSON("v1/subspaces")).data;
+  const list = (await getJSON("v1/modes")).data;
   S.modes = list.filter((s) => s.loaded).map((s) => s.name);
   // the picker keeps what was checked
   const checked = new Set($$("#play-modes input:checked").map((c) => c.value));
@@ -258,8 +258,8 @@ async function refreshModes() {
     el("label", {}, el("input", { type: "checkbox", value: m, checked: checked.has(m) }), ` ${m}`)));
   if (!S.modes.length) picker.append(el("span", { class: "muted", text: "none loaded" }));
 
-  $("#sub-table tbody").replaceChildren(...list.map(subspaceRow));
-  if (!list.length) $("#sub-table tbody").append(el("tr", {}, el("td", { colspan: 6, class: "muted", text: "no subspaces yet: upload a calibration file below" })));
+  $("#sub-table tbody").replaceChildren(...list.map(modeRow));
+  if (!list.length) $("#sub-table tbody").append(el("tr", {}, el("td", { colspan: 6, class: "muted", text: "no modes yet: upload a calibration file below" })));
   for (const id of ["#spec-pack", "#ang-a", "#ang-b"]) fillSelect($(id), list.filter((s) => s.valid).map((s) => s.name));
   if ($("#ang-b").options.length > 1 && $("#ang-b").selectedIndex === 0 && $("#ang-a").value === $("#ang-b").value) $("#ang-b").selectedIndex = 1;
   if ($("#spec-pack").value && $("#spec-pack").value !== S.shownPack) showSpectrum($("#spec-pack").value);
@@ -271,13 +271,13 @@ function fillSelect(sel, names) {
   if (names.includes(prev)) sel.value = prev;
 }
 
-function subspaceRow(s) {
+function modeRow(s) {
   if (!s.valid) return el("tr", {}, el("td", { text: s.name }), el("td", { class: "error", colspan: 5, text: `invalid: ${s.error}` }));
   const ranks = Object.entries(s.ranks).map(([site, r]) => `${site}: ${r.join("/")}`).join(", ");
   return el("tr", { class: "clickable", onclick: () => { $("#spec-pack").value = s.name; showSpectrum(s.name); } },
     el("td", {}, el("b", { text: s.name })),
     el("td", { class: s.loaded ? "ok" : "muted", text: s.loaded ? "yes" : "no (other model)" }),
-    el("td", { text: `${s.method}, ${s.task_kind}, rank ${s.rank_rule}, ${s.granularity} granularity` }),
+    el("td", { text: `${s.method}, ${s.task}, rank ${s.rank_rule}, ${s.granularity} granularity` }),
     el("td", { text: `${s.layers.join(", ")} · ${s.kinds.join("")}` }),
     el("td", { class: "small", text: ranks }),
     el("td", { class: "small", text: s.created.replace("T", " ").slice(0, 19) }));
@@ -287,7 +287,7 @@ async function showSpectrum(name) {
   S.shownPack = name;
   let pack;
   try {
-    pack = await getJSON(`v1/subspaces/${encodeURIComponent(name)}`);
+    pack = await getJSON(`v1/modes/${encodeURIComponent(name)}`);
   } catch (e) {
     $("#spec-plot").replaceChildren(el("p", { class: "error", text: e.message }));
     return;
@@ -352,10 +352,10 @@ function axis(x, y0, y1, ticks, side) {
 async function drawAngles() {
   const a = $("#ang-a").value, b = $("#ang-b").value, box = $("#ang-plot");
   say($("#ang-msg"), "");
-  if (!a || !b) return say($("#ang-msg"), "pick two subspaces");
+  if (!a || !b) return say($("#ang-msg"), "pick two modes");
   let res;
   try {
-    res = await getJSON(`v1/subspaces/${encodeURIComponent(a)}/angles/${encodeURIComponent(b)}`);
+    res = await getJSON(`v1/modes/${encodeURIComponent(a)}/angles/${encodeURIComponent(b)}`);
   } catch (e) {
     return say($("#ang-msg"), e.message);
   }
@@ -386,7 +386,7 @@ async function uploadCalibration(ev) {
   for (const [k, v] of new FormData(form)) if (v !== "" && !(v instanceof File && !v.name)) data.append(k, v);
   say(msg, "uploading…", true);
   try {
-    const job = await (await api("v1/subspaces", { method: "POST", body: data })).json();
+    const job = await (await api("v1/modes", { method: "POST", body: data })).json();
     say(msg, `calibrate job ${job.id} queued: follow it in Jobs; the mode appears when it succeeds`, true);
     form.reset();
     refreshJobs();
@@ -410,8 +410,8 @@ async function refreshJobs() {
   for (const j of jobs) {
     const before = S.jobs.get(j.id);
     if (before && before.state !== "succeeded" && j.state === "succeeded") {
-      if (j.kind === "calibrate" || j.kind === "pipeline") modesChanged = true;
-      if (j.kind === "distill" || j.kind === "pipeline") adaptersChanged = true;
+      if (j.type === "calibrate" || j.type === "pipeline") modesChanged = true;
+      if (j.type === "distill" || j.type === "pipeline") adaptersChanged = true;
     }
     S.jobs.set(j.id, j);
   }
@@ -420,10 +420,10 @@ async function refreshJobs() {
   $("#jobs-table tbody").replaceChildren(...jobs.map(jobRow));
   if (!jobs.length) $("#jobs-table tbody").append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "no jobs yet" })));
   fillSelect($("#ad-form select[name=job_id]"),
-    jobs.filter((j) => (j.kind === "distill" || j.kind === "pipeline") && j.state === "succeeded").map((j) => j.id));
+    jobs.filter((j) => (j.type === "distill" || j.type === "pipeline") && j.state === "succeeded").map((j) => j.id));
   if (modesChanged) await refreshModes();
   if (adaptersChanged) await refreshAdapters();
-  renderArms(jobs.find((j) => j.kind === "pipeline" && j.state === "succeeded"));
+  renderArms(jobs.find((j) => j.type === "pipeline" && j.state === "succeeded"));
 }
 
 // The latest finished pipeline: accuracy of base, self-distill and spd on its evaluation set, each a
@@ -456,7 +456,7 @@ function jobRow(j) {
   const result = j.error ?? (j.result ? summary(j.result) : "");
   return el("tr", { "data-job": j.id, "data-state": j.state },
     el("td", { class: "mono", text: j.id.replace(/^job-/, ""), title: j.id }),
-    el("td", { text: j.kind }),
+    el("td", { text: j.type }),
     el("td", {}, el("span", { class: `state ${j.state}`, text: j.state })),
     el("td", {}, el("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": pct },
       el("div", { class: `fill ${j.state}`, style: `width: ${pct}%` }), el("span", { text: `${pct}%${j.total ? ` (${j.done}/${j.total})` : ""}` }))),
@@ -507,7 +507,7 @@ async function dataSpec(row) {
 async function startPipeline(ev) {
   ev.preventDefault();
   const form = ev.target, msg = $(".msg", form), f = new FormData(form);
-  const params = { name: f.get("name"), task_kind: f.get("task_kind") };
+  const params = { name: f.get("name"), task: f.get("task") };
   for (const k of ["strength", "max_tokens", "epochs"]) if (f.get(k) !== "") params[k] = Number(f.get(k));  // empty: the server's default
   if (f.get("rank")) params.calibration_params = { rank: Number(f.get("rank")) };
   if (f.get("adapter_name")) params.adapter_name = f.get("adapter_name");
@@ -518,7 +518,7 @@ async function startPipeline(ev) {
     else if (!row.dataset.optional) return say(msg, `${row.dataset.role}: choose a file or name a data set`);
   }
   try {
-    const job = await sendJSON("v1/jobs", "POST", { kind: "pipeline", params });
+    const job = await sendJSON("v1/jobs", "POST", { type: "pipeline", params });
     say(msg, `pipeline job ${job.id} queued`, true);
     refreshJobs();
   } catch (e) {
