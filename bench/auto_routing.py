@@ -1,14 +1,10 @@
-"""17. `capability: "auto"`: which mode the server picks for held-out prompts of three domains, and
-what picking costs.
-
-`spd serve` (its defaults) with three modes calibrated through the API on real data (rank 16,
-the first items of each set): GSM8K (math), BIG-bench date_understanding (multiple choice),
-HumanEval (code). Held-out prompts (the items after the calibration ones, through the chat
-template) are sent with `capability: "auto"`; the response's `x-spd-capability` header says what
-was applied: the confusion table (domain x chosen mode). Cost: the same prompts, made unique per
-repetition (a numbered first line, so neither arm serves them from the prefix cache), at
-concurrency 32, each with `capability: "auto"` against each naming the mode auto chose for it;
-tokens/s, interleaved.
+"""17. `capability: "auto"`: which mode `spd serve` picks for held-out prompts of three domains, and
+what picking costs. Three rank-16 modes calibrated through the API on the first items of GSM8K
+(math), BIG-bench date_understanding (multiple choice) and HumanEval (code); the items after those,
+through the chat template, sent with `capability: "auto"`: the `x-spd-capability` header says what
+was applied (the confusion table). Cost: the same prompts at concurrency 32, each with "auto"
+against each naming the mode auto chose for it, tokens/s interleaved; a numbered first line makes
+each unique per repetition, so neither arm is served from the prefix cache.
 """
 from __future__ import annotations
 
@@ -18,32 +14,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from common import MODEL, Context, Goal, headline, interleave, ratios
-from procs import spd_server
+from procs import spd_server, wait_job
 
 from spd_engine.data import load_examples, resolve_data
 from spd_engine.tasks import user_message
 
-NAME = "auto_routing"
 TITLE = "capability auto: the mode chosen per domain (confusion table) and tokens/s against naming the mode"
 GOAL = Goal(">=", 0.95)
-USES: set[str] = set()
 DOMAINS = {"math": ("gsm8k", "math"), "mcq": ("bigbench/date_understanding", "mcq"), "code": ("humaneval", "code")}
 RANK = 16
 
 
 def _calibrate(http: httpx.Client, n: int) -> float:
     t0 = time.perf_counter()
-    jobs = []
-    for name, (dataset, kind) in DOMAINS.items():
-        r = http.post("/v1/subspaces", json={"name": name, "kind": kind, "rank": RANK,
-                                             "calibration": {"dataset": dataset, "limit": n}})
-        r.raise_for_status()
-        jobs.append(r.json()["id"])
-    for job in jobs:
-        while (state := http.get(f"/v1/jobs/{job}").json())["state"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(2)
-        if state["state"] != "succeeded":
-            raise RuntimeError(f"calibration {job}: {state}")
+    posted = [http.post("/v1/subspaces", json={"name": name, "kind": kind, "rank": RANK, "calibration": {
+        "dataset": dataset, "limit": n}}) for name, (dataset, kind) in DOMAINS.items()]  # the jobs run meanwhile
+    for r in posted:
+        wait_job(http, r.raise_for_status().json()["id"], 2.0)
     return time.perf_counter() - t0
 
 

@@ -1,16 +1,12 @@
 """5. Calibration: seconds per example / a plain forward+backward with parameter gradients of the
-same batches (interleaved, in this process); and peak memory as the calibration set grows 10x,
-one fresh subprocess per size (the Gram route keeps a (w x w) float64 matrix per site, never the
-gradient rows, so the peak should not grow with the set). Every batch of the memory runs has the
-same shape: the set is one batch of the shortest GSM8K examples repeated (10x more examples =
-10x more batches, each identical), because the activation peak of one batch grows with its
-longest sequence, and a larger set of distinct examples holds longer ones (a first run on the
-first 4 vs 40 distinct GSM8K examples, longest 216 vs 401 tokens, measured a 1.42x peak).
-
-Peak memory: the process's RSS high-water mark (VmHWM) over the calibration alone: reset after
-the model is loaded by writing 5 to /proc/self/clear_refs, read when calibration returns. The
-whole-process ru_maxrss is reported too (it includes model loading).
-"""
+same batches (interleaved, in this process); and peak memory as the set grows 10x, one fresh
+subprocess per size. The Gram route keeps a (w x w) float64 matrix per site, never the gradient
+rows, so the peak should not grow with the set. Every batch of the memory runs is the same batch of
+the shortest GSM8K examples: one batch's activation peak grows with its longest sequence, and a
+larger set of distinct examples holds longer ones (4 vs 40 distinct examples, 216 vs 401 tokens at
+most, measured a 1.42x peak). The peak is the RSS high-water mark over the calibration alone
+(VmHWM, reset through /proc/self/clear_refs once the model is loaded); ru_maxrss, which includes
+loading, is reported too."""
 from __future__ import annotations
 
 import json
@@ -20,19 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH, REPO, Context, Goal, headline, interleave, ratios, spread
+from common import BENCH, MODEL, REPO, Context, Goal, headline, interleave, ratios, spread
 
-NAME = "calibration"
 TITLE = "calibration: seconds/example vs a plain forward+backward; peak memory as the set grows 10x"
 GOAL = Goal("<=", 1.3)
 MEMORY_GOAL = Goal("<=", 1.1)  # "flat": peak RSS at 10x the examples within 10%
-USES: set[str] = set()
 TAG = "@@bench "
 
 
-def _status(field: str) -> int | None:
+def _status(key: str) -> int | None:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return None
 
@@ -44,27 +38,25 @@ def child(n: int, batch_size: int) -> None:
     from spd_engine.data import load_examples, resolve_data
     from spd_engine.formatting import calibration_ids
 
-    path = models.resolve("smollm2-135m")
-    info = models.info(path)
+    path = models.resolve(MODEL)
     model, tok = models.load(path, "cpu")
-    gsm = load_examples(resolve_data("gsm8k"), "math")
-    base = sorted(gsm, key=lambda ex: len(calibration_ids(tok, "math", ex)[0]))[:batch_size]
-    examples = [base[i % len(base)] for i in range(n)]  # identical batches: only their number grows
-    longest = max(len(calibration_ids(tok, "math", ex)[0]) for ex in base)
-    rss_loaded = _status("VmRSS")
-    reset = True
+    length = lambda ex: len(calibration_ids(tok, "math", ex)[0])  # noqa: E731
+    base = sorted(load_examples(resolve_data("gsm8k"), "math"), key=length)[:batch_size]
+    rss_loaded, reset = _status("VmRSS"), True
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except OSError:
         reset = False
     t0 = time.perf_counter()
-    pack = calibrate(model, tok, info, "math", examples, "mem", CalibrationConfig(batch_size=batch_size))
-    seconds = time.perf_counter() - t0
-    out = {"examples": n, "batch_size": batch_size, "longest_tokens": longest, "seconds": seconds, "rows": pack.manifest.calibration.n_rows,
-           "rss_after_load_bytes": rss_loaded, "peak_rss_calibration_bytes": _status("VmHWM") if reset else None,
-           "hwm_reset": reset, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    out["peak_above_loaded_bytes"] = (out["peak_rss_calibration_bytes"] - rss_loaded) if reset else None
-    print(TAG + json.dumps(out), flush=True)
+    pack = calibrate(model, tok, models.info(path), "math", [base[i % len(base)] for i in range(n)], "mem",
+                     CalibrationConfig(batch_size=batch_size))  # identical batches: only their number grows
+    peak = _status("VmHWM") if reset else None
+    print(TAG + json.dumps({
+        "examples": n, "batch_size": batch_size, "longest_tokens": max(map(length, base)),
+        "seconds": time.perf_counter() - t0, "rows": pack.manifest.calibration.n_rows, "rss_after_load_bytes": rss_loaded,
+        "peak_rss_calibration_bytes": peak, "hwm_reset": reset,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_above_loaded_bytes": peak - rss_loaded if reset else None}), flush=True)
 
 
 def _child_run(n: int, batch_size: int) -> dict:
@@ -81,23 +73,24 @@ def run(ctx: Context) -> dict:
     from spd_engine.data import load_examples, resolve_data
     from spd_engine.hf_backend import HFBackend
 
-    be = HFBackend("smollm2-135m")
+    be = HFBackend(MODEL)
     model, tok = be.model, be.tokenizer
     gsm = load_examples(resolve_data("gsm8k"), "math")
     n, bs, reps = ctx.size(2, 4), ctx.size(2, 4), ctx.size(1, 3)
 
+    def chunk(i):
+        return gsm[max(i, 0) * n: max(i, 0) * n + n]
+
     def calib(i):
-        examples = gsm[max(i, 0) * n : max(i, 0) * n + n]
         t0 = time.perf_counter()
-        calibrate(model, tok, be.model_info, "math", examples, "bench", CalibrationConfig(batch_size=bs))
+        calibrate(model, tok, be.model_info, "math", chunk(i), "bench", CalibrationConfig(batch_size=bs))
         return (time.perf_counter() - t0) / n
 
     def forward_backward(i):
-        examples = gsm[max(i, 0) * n : max(i, 0) * n + n]
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(True)  # calibration turns them off
         t0 = time.perf_counter()
-        for ids, mask, _ in batches(tok, "math", examples, bs):
+        for ids, mask, _ in batches(tok, "math", chunk(i), bs):
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
         dt = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
@@ -107,10 +100,9 @@ def run(ctx: Context) -> dict:
 
     sec = interleave({"calibration": calib, "forward_backward": forward_backward}, reps)
     r = ratios(sec["calibration"], sec["forward_backward"])
-    del be, model
+    be = model = None  # freed before the memory runs
 
-    sizes = ctx.size([1, 10], [4, 40])
-    mem_bs = ctx.size(1, 4)
+    sizes, mem_bs = ctx.size([1, 10], [4, 40]), ctx.size(1, 4)
     mem = [_child_run(s, mem_bs) for s in sizes]
     key = "peak_rss_calibration_bytes" if all(m["hwm_reset"] for m in mem) else "ru_maxrss_bytes"
     growth = spread([mem[-1][key] / mem[0][key]])
@@ -129,10 +121,5 @@ def run(ctx: Context) -> dict:
     }
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]), int(sys.argv[3]))
-    else:
-        import run as runner
-
-        sys.exit(runner.main(["--only", NAME, *sys.argv[1:]]))
+if __name__ == "__main__":  # the memory runs' fresh process
+    child(int(sys.argv[2]), int(sys.argv[3]))

@@ -1,10 +1,8 @@
-"""What every benchmark shares: the suite's registry, the machine, interleaved repetition, median
-and spread, goals, CPU time, and writing `<out>/<name>.json` atomically.
+"""What every benchmark shares: the registry, the machine, interleaved repetitions, ratios with their
+spread, goals, a process group's CPU time, and the result JSON.
 
-Every figure is a ratio against a baseline measured in the same run: the arms are interleaved
-(A B A B ...) so drift in the machine's load hits both alike, each repetition gives one ratio, and
-the median and [min, max] of those are reported.
-"""
+Every figure is a ratio against a baseline measured in the same run, the arms interleaved
+(A B A B ...) so drift in the machine's load hits both alike; each repetition gives one ratio."""
 from __future__ import annotations
 
 import os
@@ -26,27 +24,23 @@ MODEL = "smollm2-135m"
 if str(REPO) not in sys.path:  # this worktree's code, not another checkout's install
     sys.path.insert(0, str(REPO))
 
-from spd_engine.atomic import write_json  # noqa: E402
-
-# The suite in run order, each benchmark with its row number in the results table (issue 5's 1-8,
-# then in the order they were added). Transformers-only ones first, then those sharing vLLM
-# engines, then the servers: start-up timed first with nothing else running, vLLM's compiled
-# server last.
+# The suite in run order, each with its row number in the results table. Transformers-only ones
+# first, then those sharing vLLM engines, then the servers: start-up timed while nothing else of
+# the suite runs, vLLM's compiled server last.
 SUITE = {"hooked_generation": 4, "calibration": 5, "projection_overhead": 1, "mixed_modes": 2, "many_modes": 11,
          "server_start": 10, "corpus_job": 6, "server_overhead": 7, "hot_paths": 8, "soak": 13, "auto_routing": 17,
          "server_defaults": 9}
 
-# The engine-level arms (bench/engine_worker.py): VLLMBackend's defaults (eager, float32, in-process
-# `uni` executor, prefix caching) with 64 sequences, LoRA off. The servers run `spd serve`'s own.
+# The engine-level arms: VLLMBackend's defaults (eager, float32, in-process `uni` executor, prefix
+# caching), 64 sequences, LoRA off. The servers run `spd serve`'s own.
 KV_CACHE_GIB = "2"
 ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "max_num_seqs": 64,
           "enable_prefix_caching": True, "seed": 0}
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
 
 
 def spd_serve_vllm(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The vLLM command `spd serve ARGV` runs and the VLLM_* settings it sets (but VLLM_PLUGINS and
-    the API key), from server.__main__ itself so the baselines cannot drift from it."""
+    """The vLLM command `spd serve ARGV` runs and its VLLM_* settings (but the plugin list and API
+    key), from server.__main__ itself so the baselines cannot drift from it."""
     from server.__main__ import vllm_command
 
     cmd, env = vllm_command(argv, {})
@@ -55,8 +49,8 @@ def spd_serve_vllm(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def server_engine() -> tuple[dict, dict[str, str]]:
     """`spd serve`'s engine as `LLM` arguments and environment, with the OpenAI server's CPU
-    scheduler defaults (vLLM 0.32 engine/arg_utils.py: 128 sequences, 2048 batched tokens; `LLM`
-    would take 256 / 4096), so an offline `LLM` does the server's work."""
+    scheduler defaults (vLLM 0.32: 128 sequences, 2048 batched tokens, where `LLM` takes 256 / 4096)
+    so an offline `LLM` does the server's work."""
     cmd, env = spd_serve_vllm([])
     return {"dtype": cmd[cmd.index("--dtype") + 1], "enforce_eager": "--enforce-eager" in cmd,
             "max_model_len": int(cmd[cmd.index("--max-model-len") + 1]), "max_num_seqs": 128,
@@ -96,6 +90,25 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def random_pack(info, name: str, **cfg):
+    """A random pack, rank d/2 at the paper's layers unless told: a projection's cost does not
+    depend on its basis."""
+    from spd_engine.calibrate import CalibrationConfig, calibrate
+
+    return calibrate(None, None, info, "math", [], name, CalibrationConfig(method="random", **cfg))
+
+
+def hf_tok_s(be, prompts: list[list[int]], capability: tuple[str, ...], max_tokens: int) -> float:
+    """Greedy tokens/s of the transformers backend, every row in `capability`, EOS ignored so every
+    arm does the same work (generate returns host lists: a device has finished)."""
+    from spd_engine.backend import GenerationRequest
+
+    reqs = [GenerationRequest(p, capability=capability, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+    t = time.perf_counter()
+    outs = be.generate(reqs)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+
+
 # ---------------------------------------------------------------- repetitions and statistics
 
 
@@ -113,17 +126,16 @@ def by_key(runs: dict[str, list[dict]], key: str) -> dict[str, list[float]]:
 
 
 def run_ratios(num: list[dict], den: list[dict]) -> tuple[dict, dict]:
-    """Ratios of two arms' runs: tokens per wall-clock second, and per CPU-second of the processes
-    measured (which does not count the time other jobs of a shared machine held the cores)."""
+    """Ratios of two arms' runs per wall-clock second and per CPU-second of the processes measured
+    (the latter does not count the time other jobs of a shared machine held the cores)."""
     return tuple(ratios([x[k] for x in num], [x[k] for x in den]) for k in ("tok_s", "tok_per_cpu_s"))
 
 
 def interleave(arms: dict[str, Callable[[int], float]], reps: int, warmup: bool = True) -> dict[str, list]:
-    """Run the arms A B C A B C ... `reps` times, after one untimed warm-up round unless told
-    otherwise; each arm gets the repetition index (-1: warm-up). Every value, by arm."""
-    if warmup:
-        for f in arms.values():
-            f(-1)
+    """The arms A B C A B C ... `reps` times, after an untimed warm-up round (index -1) unless told
+    otherwise; every value, by arm."""
+    for f in arms.values() if warmup else ():
+        f(-1)
     out: dict[str, list] = {k: [] for k in arms}
     for i in range(reps):
         for k, f in arms.items():
@@ -145,15 +157,12 @@ class Goal:
 
 
 def headline(label: str, value: dict, goal: Goal | None, unit: str = "ratio", cpu: dict | None = None) -> dict:
-    """One row of the results table: a median with its spread, against its goal (or none); `cpu`:
-    the same ratio from CPU time, judged against the same goal."""
-    row = {"label": label, "median": value["median"], "min": value["min"], "max": value["max"],
-           "unit": goal.unit if goal else unit, "goal": str(goal) if goal else None,
-           "met": goal.met(value["median"]) if goal else None}
-    if cpu is not None:
-        row["cpu"] = {"median": cpu["median"], "min": cpu["min"], "max": cpu["max"],
-                      "met": goal.met(cpu["median"]) if goal else None}
-    return row
+    """One row of the results table: a median with its spread against its goal; `cpu`: the same
+    ratio from CPU time, judged against the same goal."""
+    judge = lambda v: {"median": v["median"], "min": v["min"], "max": v["max"],  # noqa: E731
+                       "met": goal.met(v["median"]) if goal else None}
+    row = {"label": label, **judge(value), "unit": goal.unit if goal else unit, "goal": str(goal) if goal else None}
+    return {**row, "cpu": judge(cpu)} if cpu is not None else row
 
 
 @dataclass
@@ -165,14 +174,6 @@ class Context:
 
     def size(self, quick, full):
         return quick if self.quick else full
-
-
-def write_result(ctx: Context, name: str, title: str, goal: str, started: float, payload: dict) -> Path:
-    path = Path(ctx.out) / f"{name}.json"
-    write_json(path, {"benchmark": name, "title": title, "goal": goal, "date": now(), "quick": ctx.quick,
-                      "wall_seconds": round(time.perf_counter() - started, 1), "machine": machine(), "model": MODEL,
-                      "notes": ctx.notes, "git": git_state(), **payload})
-    return path
 
 
 # ---------------------------------------------------------------- CPU time and memory of a process group
@@ -194,9 +195,9 @@ def _group_stats(pgid: int) -> list[tuple[str, list[str]]]:
 
 
 def group_cpu_by_process(pgid: int) -> dict[str, float]:
-    """CPU seconds (user + system, all threads) of the live processes of group `pgid`, by command
-    name (VLLM::EngineCore, VLLM::Worker; the API server is `python`). Every engine and server of the
-    suite leads its own group, so two readings' difference is the work it did in between."""
+    """CPU seconds (user + system, all threads) of group `pgid`'s live processes by command name
+    (VLLM::EngineCore, VLLM::Worker, python). Every engine and server of the suite leads its own
+    group, so two readings' difference is the work it did in between."""
     out: dict[str, float] = {}
     for comm, f in _group_stats(pgid):  # fields 14, 15: utime, stime
         out[comm] = out.get(comm, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")

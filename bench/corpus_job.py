@@ -1,14 +1,9 @@
-"""6. Corpus generation through the server (`spd serve`: POST /v1/jobs kind `generate`, polled to
-completion) / vLLM's offline `LLM.generate` on the same token-id prompts (the chat template, as
-the job builds them), greedy, the same max_tokens and stop strings. The job's batch joins the
-server's continuous batch (up to 64 requests at a time), then it writes the corpus file.
-
-The offline arm is vLLM's `LLM` with its own process model (engine core in a process of its own,
-as the server's), no plugin, and the server's engine settings (`common.server_engine`); all prompts
-of a repetition go to `LLM.generate` in one call. Each repetition uses prompts neither engine has
-seen (the prefix cache is warm for the shared system prompt only). Ratio: offline seconds / job
-seconds, the job's from POST to the poll (every 0.1 s) that sees it succeed; the same greedy work
-in both, checked by the token counts. Also per CPU-second of the server's / the `LLM`'s processes.
+"""6. Corpus generation through `spd serve` (POST /v1/jobs kind `generate`, polled every 0.1 s to
+completion, the file fetched) / vLLM's offline `LLM.generate` on the same token-id prompts (the
+chat template, as the job builds them), greedy, the same max_tokens and stop strings, all prompts in
+one call. The offline `LLM` runs the server's engine settings (`common.server_engine`) and process
+model, no plugin: the job's own cost is what differs. Each repetition's prompts are new to both
+engines; the token counts check the work is the same. Also per CPU-second of each one's processes.
 """
 from __future__ import annotations
 
@@ -17,8 +12,8 @@ import time
 import httpx
 
 from common import MODEL, Context, Goal, headline, interleave, ratios, server_engine, spread
+from procs import wait_job
 
-NAME = "corpus_job"
 TITLE = "corpus generation job through spd serve / offline vLLM LLM.generate"
 GOAL = Goal(">=", 0.9)
 USES = {"spd_server", "offline_engine"}
@@ -33,8 +28,7 @@ def run(ctx: Context) -> dict:
     from spd_engine.formatting import text_prompt_ids
     from spd_engine.tasks import stop_strings, user_message
 
-    ctx.resources.start("spd_server", "offline_engine")
-    srv, offline_engine = ctx.resources.get("spd_server"), ctx.resources.get("offline_engine")
+    srv, offline_engine = ctx.resources.get("spd_server", "offline_engine")
     tok = AutoTokenizer.from_pretrained(models.resolve(MODEL))
     gsm = load_examples(resolve_data("gsm8k"), "math")
     n, max_tokens, reps = ctx.size(4, 64), ctx.size(8, 64), ctx.size(1, 3)
@@ -53,13 +47,9 @@ def run(ctx: Context) -> dict:
         c0, t0 = srv.cpu(), time.perf_counter()
         r = client.post("/v1/jobs", json=body)
         r.raise_for_status()
-        jid = r.json()["id"]
-        while (j := client.get(f"/v1/jobs/{jid}").json())["state"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.1)
+        j = wait_job(client, jid := r.json()["id"], 0.1)
         dt = time.perf_counter() - t0
         cpu_sec["job"].append(srv.cpu() - c0)
-        if j["state"] != "succeeded":
-            raise RuntimeError(f"generate job {jid} {j['state']}: {j['error']}")
         art = client.get(f"/v1/jobs/{jid}/artifact")
         art.raise_for_status()
         (path := srv.root / "tmp-corpus.jsonl").write_bytes(art.content)

@@ -1,16 +1,14 @@
-"""One vLLM engine in its own process, driven by the benchmark parent (bench/procs.py EngineClient).
+"""One vLLM engine in its own process, driven by bench/procs.py EngineClient: one JSON command per
+stdin line, each reply a stdout line starting `@@bench ` (vLLM logs to stdout too).
 
     python bench/engine_worker.py '{"arm": "plugin"|"stock"|"offline", "engine": {...}}'
 
-`plugin`: the library's VLLMBackend (vLLM's `LLM` with the spd_kv_projection plugin, loaded through
-its entry point); a mode is a random pack saved into its store (a projection's cost does not
-depend on its basis), which the plugin admits requests against and the worker loads at its first
-request. `stock`: vLLM's `LLM` with the same settings and `VLLM_PLUGINS=none`, checked to hold no
-trace of ours. Both run the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor
-`uni`) driven by the same add_request + step loop, so the plugin is the only difference.
-`offline`: vLLM's `LLM` with its own process model and no plugin, for `LLM.generate` against a
-server. One JSON command per stdin line; each reply is a stdout line starting with `@@bench ` (vLLM
-logs to stdout too).
+`plugin`: the library's VLLMBackend (vLLM's `LLM` with the plugin, through its entry point); a mode
+is a random pack saved into its store (a projection's cost does not depend on its basis). `stock`:
+vLLM's `LLM` with the same settings and `VLLM_PLUGINS=none`, checked to hold no trace of ours. Both
+run the engine in this process (executor `uni`) through the same add_request + step loop, so the
+plugin is the only difference. `offline`: `LLM` with its own process model, no plugin, for
+`LLM.generate` against a server.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from common import MODEL, group_cpu_seconds  # noqa: E402
+from common import MODEL, group_cpu_seconds, random_pack  # noqa: E402
 
 TAG = "@@bench "
 
@@ -35,8 +33,7 @@ def cpu_now() -> float:
 
 
 def engine_plugin():
-    """The engine plugin's in-process state: the one place a benchmark reaches into the plugin (to
-    read and swap the worker's loaded modes, plugin arm only)."""
+    """The engine plugin's in-process state: the one place a benchmark reaches into the plugin."""
     from server import vllm_plugin
 
     return vllm_plugin.PLUGIN
@@ -49,11 +46,10 @@ class Worker:
 
         self.arm, self.path = arm, models.resolve(MODEL)
         self.info = models.info(self.path)
-        self.ids = 0
+        self.ids, self.be = 0, None
         self.stash: dict[str, object] = {}  # the worker's mode sets by key (use_worker_modes)
         self.current_modes = "default"
         t0 = time.perf_counter()
-        self.be = None
         if arm == "plugin":
             from spd_engine.vllm_backend import VLLMBackend
 
@@ -90,23 +86,19 @@ class Worker:
 
     # -------------------------------------------------------------- modes (plugin arm)
 
-    def add_mode(self, name: str, rank: int, layers: list[int], kinds: list[str], seed: int = 0) -> dict:
-        from spd_engine.calibrate import CalibrationConfig, calibrate
-
-        pack = calibrate(None, self.tok, self.info, "math", [], name,
-                         CalibrationConfig(rank=rank, layers=layers, kinds=tuple(kinds), method="random", seed=seed))
-        t0 = time.perf_counter()
-        self.be.add_subspace(pack)  # saved into the store the plugin serves
-        return {"add_seconds": time.perf_counter() - t0}
-
     def add_modes(self, names: list[str], rank: int, layers: list[int], kinds: list[str]) -> dict:
-        t0 = time.perf_counter()
-        for i, n in enumerate(names):
-            self.add_mode(n, rank, layers, kinds, seed=i)
-        return {"seconds": time.perf_counter() - t0, "store_modes": len(self.be.capabilities())}
+        """Random packs (mode i seeded i) saved into the store the plugin serves."""
+        t0, adding = time.perf_counter(), 0.0
+        for i, name in enumerate(names):
+            pack = random_pack(self.info, name, rank=rank, layers=layers, kinds=tuple(kinds), seed=i)
+            t1 = time.perf_counter()
+            self.be.add_subspace(pack)
+            adding += time.perf_counter() - t1
+        return {"seconds": time.perf_counter() - t0, "add_seconds": adding, "store_modes": len(self.be.capabilities())}
 
-    def remove_mode(self, name: str) -> dict:
-        self.be.remove_subspace(name)
+    def remove_modes(self, names: list[str]) -> dict:
+        for name in names:
+            self.be.remove_subspace(name)
         return {}
 
     def worker_modes(self) -> dict:
@@ -118,9 +110,9 @@ class Worker:
                 "columns_per_site": {f"{layer}{kind}": int(sb.W.shape[1]) for (layer, kind), sb in m.bank.sites.items()}}
 
     def use_worker_modes(self, key: str) -> dict:
-        """Swap the worker's loaded-mode set (`ModeCache`) for the one kept under `key` (a new, empty
-        one the first time), keeping the current one under its own key: two states of one engine
-        (64 modes loaded vs one) measured alternately with the same model, KV cache and scheduler."""
+        """Swap the worker's loaded-mode set for the one kept under `key` (empty the first time),
+        keeping the current one under its own key: two states of one engine (64 modes loaded vs
+        one) measured alternately with the same model, KV cache and scheduler."""
         if self.arm != "plugin" or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             raise RuntimeError("use_worker_modes needs the plugin arm with its worker in this process")
         self.stash[self.current_modes] = engine_plugin().use_modes(self.stash.get(key))
@@ -129,30 +121,24 @@ class Worker:
 
     # -------------------------------------------------------------- generation
 
-    def prompts(self, offset: int, n: int, style: str = "chat") -> list[list[int]]:
-        """`chat`: the math task's prompt through the chat template (as jobs build them: a shared
-        system prompt); `raw`: the bare GSM8K question, sharing no prefix block with the others."""
-        from spd_engine.formatting import prompt_ids
-
-        exs = [self.gsm[(offset + i) % len(self.gsm)] for i in range(n)]
-        return [self.tok(e.prompt).input_ids if style == "raw" else prompt_ids(self.tok, "math", e) for e in exs]
-
-    def run(self, batch: int, max_tokens: int, caps: list[list[str]] | None = None, offset: int = 0,
-            reset_cache: bool = True, style: str = "chat", strength: float = 1.0) -> dict:
+    def run(self, batch: int, max_tokens: int, caps: list[list[str]] | None = None, style: str = "chat") -> dict:
         """`batch` requests of exactly `max_tokens` tokens (EOS ignored), request i in the mode(s)
-        caps[i] (several: a composition; none: no mode); tokens/s of the whole batch, prefill
-        included. The plugin's front end admits and salts each request: only extra_args say the mode."""
+        caps[i] (several: a composition); tokens/s of the whole batch, prefill included. Prompts:
+        `chat`, the math task's through the chat template (a shared system prompt, as jobs build
+        them); `raw`, the bare GSM8K question (no prefix block shared)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        from spd_engine.formatting import prompt_ids
         from spd_engine.vllm_requests import extra_args_for
 
         caps = caps or [[] for _ in range(batch)]
-        if reset_cache:
-            self.engine.reset_prefix_cache()  # every arm prefills its prompts
-        reqs = [(TokensPrompt(prompt_token_ids=ids), SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra_args_for(tuple(sorted(cap)), strength)))
-            for ids, cap in zip(self.prompts(offset, batch, style), caps)]
+        self.engine.reset_prefix_cache()  # every arm prefills its prompts
+        exs = [self.gsm[i % len(self.gsm)] for i in range(batch)]
+        ids = [self.tok(e.prompt).input_ids if style == "raw" else prompt_ids(self.tok, "math", e) for e in exs]
+        reqs = [(TokensPrompt(prompt_token_ids=p), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                                                  extra_args=extra_args_for(tuple(sorted(cap)), 1.0)))
+                for p, cap in zip(ids, caps)]
         c0, t0 = cpu_now(), time.perf_counter()
         pending = set()
         for prompt, params in reqs:
@@ -167,15 +153,14 @@ class Worker:
                     tokens += len(o.outputs[0].token_ids)
         dt, cpu = time.perf_counter() - t0, cpu_now() - c0
         return {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "cpu_seconds": cpu,
-                "tok_per_cpu_s": tokens / max(cpu, 1e-9), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p, _ in reqs)}
+                "tok_per_cpu_s": tokens / max(cpu, 1e-9), "prompt_tokens": sum(map(len, ids))}
 
-    def offline_generate(self, prompt_ids: list[list[int]], max_tokens: int, stop: list[str] | None,
-                         temperature: float = 0.0) -> dict:
-        """vLLM's own offline entry point, `LLM.generate`, on token-id prompts."""
+    def offline_generate(self, prompt_ids: list[list[int]], max_tokens: int, stop: list[str] | None) -> dict:
+        """vLLM's own offline entry point, `LLM.generate`, greedy on token-id prompts."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop or None)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop or None)
         c0, t0 = cpu_now(), time.perf_counter()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         dt, cpu = time.perf_counter() - t0, cpu_now() - c0

@@ -1,23 +1,20 @@
-"""The library on a device, without vLLM: calibration, projection equal to the CPU's, the
-capture-safe projection captured and replayed with new routes, hooked / unhooked generation with
-the transformers backend, and a few distillation steps. Imports torch, transformers, peft and the
-spd_engine modules built on them only (no vLLM: it runs where vLLM is not installed or would not
-load), and prints one JSON object.
+"""The library on a device without vLLM (torch, transformers, peft only: it runs where vLLM is not
+installed or would not load): calibration, projection equal to the CPU's, the capture-safe op
+captured and replayed with new routes, hooked / unhooked tokens/s, a few distillation steps; one
+JSON object.
 
     python bench/gpu_check.py --device cuda [--out F]          # one H200: well under 8 minutes
     python bench/gpu_check.py --device cpu --quick [--out F]   # this CPU: about a minute
 
-On a GPU the capture-safe op (`project_routed` over `RouteBuffers`) is captured in a CUDA graph; on
-the CPU, which has no CUDA graphs, it is compiled with torch.compile(fullgraph=True) instead: both
-need one graph of tensor ops with no host reads, and both are fed new routes by writing into the
-same buffers in place ("capture" in the JSON says which).
+The CPU has no CUDA graphs, so there the op is compiled with torch.compile(fullgraph=True) instead:
+both need one graph of tensor ops with no host reads, fed new routes written into the same buffers
+in place ("capture" says which).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,10 +23,11 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import hf_tok_s, interleave, random_pack, ratios  # noqa: E402
 
 from spd_engine.atomic import write_json  # noqa: E402
-from spd_engine.backend import GenerationRequest  # noqa: E402
 from spd_engine.bank import ProjectionBank  # noqa: E402
 from spd_engine.calibrate import CalibrationConfig, calibrate  # noqa: E402
 from spd_engine.data import load_examples, resolve_data  # noqa: E402
@@ -37,7 +35,6 @@ from spd_engine.distill import DistillConfig, distill, training_ids  # noqa: E40
 from spd_engine.formatting import prompt_ids  # noqa: E402
 from spd_engine.hf_backend import HFBackend  # noqa: E402
 from spd_engine.projection import NO_MODE, RouteBuffers, SiteBank, project_routed  # noqa: E402
-from spd_engine.subspace import Subspace  # noqa: E402
 from spd_engine.tasks import Example, user_message  # noqa: E402
 
 TOL = 1e-4  # float32 on both sides (TF32 is off by default in torch): differences are rounding only
@@ -67,14 +64,6 @@ def on(bank: SiteBank, device: str) -> SiteBank:
     return SiteBank(bank.W.to(device), bank.col_slot.to(device), bank.covers.to(device))
 
 
-def calibration(be: HFBackend, examples: list[Example], device: str) -> tuple[Subspace, dict]:
-    """Gradient calibration (the paper's layers, rank d/2) with the model on the device."""
-    pack, seconds = timed(lambda: calibrate(be.model, be.tokenizer, be.model_info, "math", examples, "gc-math",
-                                            CalibrationConfig(batch_size=4)), device)
-    return pack, {"examples": len(examples), "seconds": round(seconds, 2),
-                  "rows": pack.manifest.calibration.n_rows, "ranks": pack.manifest.ranks}
-
-
 def projection(bank: ProjectionBank, device: str, n: int = 256) -> dict:
     """`SiteBank.apply` (the grouped form) on the device against the CPU, at every site, for a
     mixed route: every slot, NO_MODE rows, strengths 0..1, a slot that skips some sites."""
@@ -85,8 +74,7 @@ def projection(bank: ProjectionBank, device: str, n: int = 256) -> dict:
         want = sb.apply(x, slot, strength)
         got = on(sb, device).apply(x.to(device), slot.to(device), strength.to(device)).cpu()
         diffs[f"L{site[0]}.{site[1]}"] = float((got - want).abs().max())
-    worst = max(diffs.values())
-    return {"rows": n, "slots": [list(c) for c in bank.slots], "max_abs_diff": diffs, "ok": worst < TOL}
+    return {"rows": n, "slots": [list(c) for c in bank.slots], "max_abs_diff": diffs, "ok": max(diffs.values()) < TOL}
 
 
 def captured(sb: SiteBank, device: str, n: int = 64, count: int = 4) -> dict:
@@ -134,21 +122,11 @@ def captured(sb: SiteBank, device: str, n: int = 64, count: int = 4) -> dict:
 
 
 def generation(be: HFBackend, prompts: list[list[int]], tokens: int, reps: int, mode: str) -> dict:
-    """Greedy tokens/s with every row in `mode` / without, arms interleaved (drift hits both)."""
-    def arm(cap: tuple[str, ...], n: int = tokens) -> float:
-        reqs = [GenerationRequest(p, capability=cap, max_tokens=n, ignore_eos=True) for p in prompts]
-        t = time.perf_counter()
-        outs = be.generate(reqs)  # returns host lists: the device has finished
-        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
-
-    arm((mode,), 2), arm((), 2)  # warm-up: kernels, allocator, the bank's first use
-    tok_s: dict[str, list[float]] = {"unhooked": [], "hooked": []}
-    for _ in range(reps):
-        tok_s["unhooked"].append(round(arm(()), 1))
-        tok_s["hooked"].append(round(arm((mode,)), 1))
-    ratio = statistics.median(h / u for h, u in zip(tok_s["hooked"], tok_s["unhooked"]))
+    """Greedy tokens/s with every row in `mode` / without, interleaved after a short warm-up."""
+    arm = lambda cap: lambda i: round(hf_tok_s(be, prompts, cap, tokens if i >= 0 else 2), 1)  # noqa: E731
+    tok_s = interleave({"unhooked": arm(()), "hooked": arm((mode,))}, reps)
     return {"batch": len(prompts), "max_tokens": tokens, "reps": reps, "tok_s": tok_s,
-            "hooked_over_unhooked": round(ratio, 3)}
+            "hooked_over_unhooked": round(ratios(tok_s["hooked"], tok_s["unhooked"])["median"], 3)}
 
 
 def mean_loss(model: torch.nn.Module, data: list[tuple[list[int], list[int]]]) -> float:
@@ -186,29 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     be = HFBackend(args.model, batch_size=size(2, 8), device=args.device)
     gsm = load_examples(resolve_data("gsm8k"), "math")
-    pack, calib = calibration(be, gsm[: size(4, 8)], args.device)
+    examples = gsm[: size(4, 8)]  # gradient calibration with the model on the device
+    pack, seconds = timed(lambda: calibrate(be.model, be.tokenizer, be.model_info, "math", examples, "gc-math",
+                                            CalibrationConfig(batch_size=4)), args.device)
     # a second mode on the last layer only, and their composition: slots that skip a site
     last = be.model_info.n_layers - 1
-    rand = calibrate(None, be.tokenizer, be.model_info, "math", [], "gc-rand",
-                     CalibrationConfig(method="random", rank=16, layers=[last]))
+    rand = random_pack(be.model_info, "gc-rand", rank=16, layers=[last])
     bank = ProjectionBank({pack.name: pack, rand.name: rand}, slots=[(pack.name, rand.name)])
     be.add_subspace(pack)
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "quick": args.quick, "model": args.model, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "calibration": calib,
+        "calibration": {"examples": len(examples), "seconds": round(seconds, 2),
+                        "rows": pack.manifest.calibration.n_rows, "ranks": pack.manifest.ranks},
         "projection": projection(bank, args.device),
         "captured": captured(bank.sites[(last, "k")], args.device),
         "generation": generation(be, [prompt_ids(be.tokenizer, "math", ex) for ex in gsm[20 : 20 + size(2, 8)]],
                                  size(8, 64), size(1, 3), pack.name),
-        "distillation": distillation(be, gsm[: size(4, 8)], size(3, 10), args.device),
+        "distillation": distillation(be, examples, size(3, 10), args.device),
     }
     result["capture"] = result["captured"]["capture"]
     result["vllm_imported"] = sys.modules.get("vllm") is not None  # the check is that it never is
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the timings
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)
     ok = result["projection"]["ok"] and result["captured"]["ok"] and not result["vllm_imported"]

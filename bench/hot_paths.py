@@ -1,10 +1,8 @@
-"""8. Hot paths on a running `spd serve --enable-lora --max-lora-rank 8 --max-loras 2` (an adapter
-needs them; LoRA is off by default): the time to add a mode (POST /v1/subspaces/import of an
-existing pack, validated and installed in the store the server serves; no engine call: the workers
-load it when a request first names it), the time to load a LoRA adapter (POST /v1/adapters from the
-adapters dir, vLLM's runtime LoRA loading), and the latency of the first request using each (the
-mode's pays for the worker loading the pack) against a plain request just before. Each repetition
-uses a new mode and adapter name, deleted afterwards.
+"""8. Hot paths on a running `spd serve --enable-lora` (LoRA is off by default): the time to add a mode
+(POST /v1/subspaces/import of a pack: validated and installed in the store, no engine call; the
+worker loads it when a request first names it), to load a LoRA adapter (POST /v1/adapters, vLLM's
+runtime loading), and the latency of the first request using each against a plain request just
+before. Each repetition uses a new mode and adapter name, deleted afterwards.
 """
 from __future__ import annotations
 
@@ -15,26 +13,22 @@ from pathlib import Path
 import httpx
 
 from common import MODEL, Context, Goal, headline, ratios, spread
+from procs import save_random_mode
 
-NAME = "hot_paths"
 TITLE = "hot paths: add a mode, load an adapter, first request after each"
-GOAL = None
 USES = {"spd_server_lora"}
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
 
 
-def pack_tar(rank: int) -> tuple[bytes, dict]:
+def pack_tar() -> tuple[bytes, dict]:
+    """A random rank-d/2 pack, as the import endpoint takes it."""
     from server.archive import export_pack
-    from spd_engine import models
-    from spd_engine.calibrate import CalibrationConfig, calibrate
     from spd_engine.subspace import Store
 
-    pack = calibrate(None, None, models.info(models.resolve(MODEL)), "math", [], "hp-src",
-                     CalibrationConfig(rank=rank, method="random"))
-    store = Store(Path(tempfile.mkdtemp(prefix="bench-hp-store-")))
-    store.save(pack)
-    data = export_pack(store, "hp-src")
-    return data, {"rank": rank, "layers": pack.manifest.layers, "kinds": pack.manifest.kinds, "tar_bytes": len(data)}
+    store = Path(tempfile.mkdtemp(prefix="bench-hp-store-"))
+    info = save_random_mode(store, "hp-src")
+    data = export_pack(Store(store), "hp-src")
+    return data, {**info, "tar_bytes": len(data)}
 
 
 def run(ctx: Context) -> dict:
@@ -42,7 +36,7 @@ def run(ctx: Context) -> dict:
     from spd_engine import models
 
     srv = ctx.resources.get("spd_server_lora")
-    tar, pack_info = pack_tar(models.info(models.resolve(MODEL)).kv_width // 2)
+    tar, pack_info = pack_tar()
     write_random_lora(models.resolve(MODEL), srv.root / "data" / "adapters" / "bench-lora")
     reps, max_tokens = ctx.size(1, 3), ctx.size(4, 8)
     client = httpx.Client(base_url=srv.url, timeout=600)

@@ -1,33 +1,21 @@
-"""11. Many modes on the vLLM backend: a batch of 64 requests spread over 8, 32 or 64 distinct modes
-/ the same batch all in one mode; 256 modes used, one of them used now / only that one loaded; a
-composition of 4 modes / one mode; and the curve beside EasySteer's.
+"""11. Many modes on the plugin engine: a batch of 64 requests over 8, 32 or 64 distinct modes (request
+i in mode i mod k) / the same batch in one mode; 256 modes used, one used now / only that one
+loaded; a composition of 4 modes / one mode; and the curve beside EasySteer's. Every mode a random
+rank-d/2 pack at the paper's layers; bare GSM8K questions, so the per-mode prefix-cache salts cannot
+favour the one-mode batch.
 
-On the plugin engine (64 sequences), every mode a random pack of rank d/2 = 96 at layers 15 and 29,
-K and V, in its store; request i of a batch over k modes is in mode i mod k. Bare GSM8K questions
-(no shared prefix block, so the per-mode prefix-cache salts cannot favour the one-mode batch; the
-cache is reset before every arm anyway), exactly `max_tokens` tokens each, greedy; tokens/s of the
-whole batch, prefill included, per wall-clock and per CPU-second.
-
-The worker keeps at most 64 modes (`ModeCache(max_modes=64)`, least recently used evicted), so
-"256 loaded" is 256 packs in the store, each admitted and loaded once (4 batches of 64 distinct
-modes), after which the worker's bank holds 64 slots while the batch measured uses one. Its
-baseline is the same engine with a worker mode set that has loaded only that mode
-(`use_worker_modes` swaps them: same process, model, KV cache and scheduler). A composition of 4
-is one slot spanning the 4 bases' union: four random rank-96 bases span all 192 dimensions (the cost
-of a rank-192 projection).
-
-EasySteer (github.com/ZJU-REAL/EasySteer, its efficiency README), a batch of 256 on a GPU: tokens/s
-30,633 with no steering, 23,211 with 1 configuration, 19,923 with 8, 15,851 with 32, 5,620 with 256.
-Plotted beside ours, each relative to its own no-steering throughput (other hardware, model and
-batch: the curves' shapes compare, not their numbers).
+The worker keeps at most 64 modes (least recently used evicted), so "256 loaded" is 256 packs each
+used once, after which the bank holds 64 slots while the batch uses one; its baseline is the same
+engine with a worker mode set that loaded only that mode (`use_worker_modes`: same process, KV cache
+and scheduler). Four random rank-96 bases span all 192 dimensions: a composition of 4 costs a
+rank-192 projection. EasySteer's published numbers (GPU, batch 256) stand beside ours, each curve
+relative to its own no-steering throughput: their shapes compare, not their numbers.
 """
 from __future__ import annotations
 
 from common import Context, Goal, by_key, headline, interleave, run_ratios
 
-NAME = "many_modes"
 TITLE = "vLLM: 1-64 distinct modes in a batch of 64 / one mode; 256 loaded, one used / one loaded; 4 composed / one"
-GOAL = None  # one goal per row
 GOALS = {"distinct_32": Goal(">=", 0.95), "loaded": Goal(">=", 0.98), "composition": Goal(">=", 0.95)}
 USES = {"plugin_engine"}
 EASYSTEER = {"source": "EasySteer, efficiency README (github.com/ZJU-REAL/EasySteer)",
@@ -42,7 +30,7 @@ def run(ctx: Context) -> dict:
     batch, ks, n_store = ctx.size(8, 64), ctx.size([8], [8, 32, 64]), ctx.size(16, 256)
     tokens, reps = ctx.size(4, 16), ctx.size(1, 5)
     names = [f"mm-{i:03d}" for i in range(n_store)]
-    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: no other benchmark's modes
+    plugin.call("use_worker_modes", key=__name__)  # a worker mode set of its own: no other benchmark's modes
     added = plugin.call("add_modes", names=names, rank=rank, layers=layers, kinds=["k", "v"])
 
     def arm(caps):
@@ -64,11 +52,10 @@ def run(ctx: Context) -> dict:
             return plugin.call("run", batch=batch, max_tokens=tokens if i >= 0 else 1, caps=[[used]] * batch, style="raw")
         return f
 
-    loaded_runs = interleave({"many_loaded": in_state(NAME), "one_loaded": in_state(f"{NAME}-one")}, reps)
-    state_one = plugin.call("use_worker_modes", key=f"{NAME}-one")
-    state_many_after = plugin.call("use_worker_modes", key=NAME)
-    for n in names:
-        plugin.call("remove_mode", name=n)
+    loaded_runs = interleave({"many_loaded": in_state(__name__), "one_loaded": in_state(f"{__name__}-one")}, reps)
+    state_one = plugin.call("use_worker_modes", key=f"{__name__}-one")
+    state_many_after = plugin.call("use_worker_modes", key=__name__)
+    plugin.call("remove_modes", names=names)
     plugin.call("use_worker_modes", key="default")
 
     rows, heads = {}, []

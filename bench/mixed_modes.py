@@ -1,17 +1,13 @@
 """2. Mixed modes: one batch spread over 4 modes and no mode / the same batch all in one mode, on the
-plugin engine (4 modes in its store, each loaded by the worker before the measurement).
-
-The plugin salts each request's prefix cache per mode, as served: with the chat template every
-prompt starts with the same system prompt, so a batch in one mode shares those prefix blocks and a
-mixed one only within each mode (K/V computed under one mode differ under another). A second pair of
-arms uses the bare questions (no shared prefix block), leaving only the cost of routing and
-projecting several modes in one step.
-"""
+plugin engine (each mode loaded by the worker before the measurement). With the chat template every
+prompt shares a system prompt, and the plugin salts the prefix cache per mode (K/V computed under
+one mode differ under another), so a batch in one mode shares those blocks and a mixed one only
+within each mode; a second pair of arms on the bare questions (no prefix block shared) leaves only
+the cost of routing and projecting several modes in one step."""
 from __future__ import annotations
 
 from common import Context, Goal, by_key, headline, interleave, run_ratios
 
-NAME = "mixed_modes"
 TITLE = "vLLM: a batch over 4 modes + none / the same batch in one mode"
 GOAL = Goal(">=", 0.97)
 USES = {"plugin_engine"}
@@ -22,9 +18,8 @@ def run(ctx: Context) -> dict:
     plugin = ctx.resources.get("plugin_engine")
     width, n = plugin.state["kv_width"], plugin.state["n_layers"]
     layers = sorted({n // 2, n - 1})
-    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only these modes loaded
-    for i, m in enumerate(MODES):
-        plugin.call("add_mode", name=m, rank=width // 2, layers=layers, kinds=["k", "v"], seed=i)
+    plugin.call("use_worker_modes", key=__name__)  # a worker mode set of its own: only these modes loaded
+    plugin.call("add_modes", names=MODES, rank=width // 2, layers=layers, kinds=["k", "v"])
     batch, tokens, reps = ctx.size(10, 32), ctx.size(4, 24), ctx.size(1, 4)
     groups = [[m] for m in MODES] + [[]]
     mixed, one = [groups[i % len(groups)] for i in range(batch)], [[MODES[0]]] * batch
@@ -38,8 +33,7 @@ def run(ctx: Context) -> dict:
     r, r_cpu = run_ratios(runs["mixed"], runs["one_mode"])
     r_raw, r_raw_cpu = run_ratios(runs["mixed_raw"], runs["one_mode_raw"])
     worker = plugin.call("worker_modes")
-    for m in MODES:
-        plugin.call("remove_mode", name=m)
+    plugin.call("remove_modes", names=MODES)
     plugin.call("use_worker_modes", key="default")
     return {
         "settings": {"batch": batch, "max_tokens": tokens, "reps": reps, "ignore_eos": True, "greedy": True,

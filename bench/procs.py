@@ -1,11 +1,11 @@
-"""The processes a benchmark run drives and the load it puts on them: vLLM engines in worker
-processes (bench/engine_worker.py), `spd serve` and stock vLLM's OpenAI server (server/harness.py,
-the tests' harness). Each is started on first use, shared by the benchmarks of one run that need
-it, and stopped (its process group) when no later benchmark needs it, or at the end.
+"""The processes a run drives and the load it puts on them: vLLM engines in worker processes
+(bench/engine_worker.py), `spd serve` and stock vLLM's OpenAI server (server/harness.py, the tests'
+harness). Each starts on first use, is shared by the benchmarks that need it, and is stopped (its
+process group) when no later one does.
 
-Every child runs with cwd and PYTHONPATH this worktree, so it imports the code under test (not
-another checkout's editable install); vLLM's spawned processes inherit both. Stock arms set
-`VLLM_PLUGINS=none`, a list naming no installed plugin: unset, vLLM would load ours too.
+Children run with cwd and PYTHONPATH this worktree, so they import the code under test, not
+another checkout's install. Stock arms set `VLLM_PLUGINS=none` (a list naming no installed
+plugin): unset, vLLM would load ours too.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import (BENCH, ENGINE, ENGINE_ENV, KV_CACHE_GIB, MODEL, REPO, group_cpu_by_process, group_cpu_seconds,
+from common import (BENCH, ENGINE, KV_CACHE_GIB, MODEL, REPO, group_cpu_by_process, group_cpu_seconds, random_pack,
                     server_engine, spd_serve_vllm)
 
 from server.harness import ServerProcess, stop_group
@@ -29,13 +30,12 @@ TAG = "@@bench "
 NO_PLUGINS = "none"
 PROBE = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
 # LoRA on (hot_paths loads an adapter), float32 and eager: the soak compares each answer with the
-# same request alone, which vLLM's bfloat16 kernels do not keep (the tests' servers run so too)
+# same request alone, which vLLM's bfloat16 kernels do not keep
 LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32", "--enforce-eager"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This worktree first on the import path; no plugin selection, store or vLLM CPU setting
-    inherited from the caller."""
+    """This worktree first on the import path; no plugin list, store or vLLM CPU setting inherited."""
     drop = ("VLLM_PLUGINS", "SPD_STORE_DIR", "SPD_SERVER_DATA", "SPD_API_KEY", "VLLM_API_KEY",
             "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
             "VLLM_CPU_NUM_OF_RESERVED_CPU")
@@ -50,7 +50,7 @@ class EngineClient:
     def __init__(self, arm: str, logdir: Path, engine: dict | None = None, env: dict[str, str] | None = None):
         extra = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, **(env or {})}
         if arm in ("plugin", "stock"):
-            extra["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
+            extra["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in the worker: the same loop in both
         if arm != "plugin":
             extra["VLLM_PLUGINS"] = NO_PLUGINS
         self.arm, self.log = arm, open(Path(logdir) / f"engine-{arm}.log", "w")
@@ -91,8 +91,8 @@ class EngineClient:
 
 
 class BenchServer(ServerProcess):
-    """A server child, ready at its first answer (`start_seconds` from the spawn to it, polled every
-    0.25 s; `start_cpu_seconds`: its processes' CPU work until then)."""
+    """A server child, ready at its first answer: `start_seconds` from the spawn (polled every
+    0.25 s), `start_cpu_seconds` its processes' CPU work until then."""
 
     SHOWN = ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "SPD_STORE_DIR", "SPD_SERVER_DATA", "OMP_NUM_THREADS",
              "OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
@@ -108,9 +108,6 @@ class BenchServer(ServerProcess):
     def cpu(self) -> float:
         return group_cpu_seconds(self.proc.pid)
 
-    def cpu_by_process(self) -> dict[str, float]:
-        return group_cpu_by_process(self.proc.pid)
-
     def describe(self) -> dict:
         return {"command": " ".join(self.cmd[1:]), "env": self.env_shown,
                 "start_to_first_answer_seconds": round(self.start_seconds, 2),
@@ -119,18 +116,17 @@ class BenchServer(ServerProcess):
     close = ServerProcess.stop
 
 
-def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd", env: dict[str, str] | None = None):
+def spd_server(logdir: Path, extra: list[str] | None = None, name: str = "spd") -> BenchServer:
     """`spd serve --port P EXTRA` (`python -m server`, its defaults for the rest) on a fresh store."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     (root / "store").mkdir()
-    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"), **(env or {}))
+    env = child_env(SPD_STORE_DIR=str(root / "store"), SPD_SERVER_DATA=str(root / "data"))
     return BenchServer(name, [sys.executable, "-m", "server", "--port", "{port}", *(extra or [])], env, logdir, root=root)
 
 
 def vllm_server(logdir: Path, defaults: bool = False) -> BenchServer:
     """Stock vLLM's OpenAI server, no plugin: `spd serve`'s flags and vLLM settings, or vLLM's own
-    defaults (compiled, bfloat16 on x86, the model's max length) with VLLM_CPU_KVCACHE_SPACE set
-    (its CPU default refuses to start on this machine)."""
+    defaults with VLLM_CPU_KVCACHE_SPACE set (its CPU default refuses to start on this machine)."""
     if defaults:
         from spd_engine import models
 
@@ -164,25 +160,17 @@ class Resources:
 
     def start(self, *names: str) -> None:
         """Start the missing ones concurrently (an engine's start is mostly waiting on one core)."""
-        errors: list[BaseException] = []
+        with ThreadPoolExecutor() as pool:
+            started = {n: pool.submit(FACTORIES[n], self.logdir) for n in names if n not in self.live}
+        self.live.update({n: f.result() for n, f in started.items() if f.exception() is None})  # closed later
+        for f in started.values():
+            if f.exception() is not None:
+                raise f.exception()
 
-        def boot(n: str) -> None:
-            try:
-                self.live[n] = FACTORIES[n](self.logdir)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-
-        threads = [threading.Thread(target=boot, args=(n,)) for n in names if n not in self.live]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-    def get(self, name: str):
-        self.start(name)
-        return self.live[name]
+    def get(self, *names: str):
+        """The named processes (started if need be): one, or a tuple of several."""
+        self.start(*names)
+        return self.live[names[0]] if len(names) == 1 else tuple(self.live[n] for n in names)
 
     def keep_only(self, names: set[str]) -> None:
         for n in [n for n in self.live if n not in names]:
@@ -203,16 +191,10 @@ def short_prompts() -> list[str]:
     return [s if s.endswith((".", "?")) else s + "." for s in firsts]
 
 
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def latency(runs: list[dict]) -> dict[str, float]:
-    xs = [v for x in runs for v in x["latencies"]]
-    return {"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99), "mean": sum(xs) / len(xs)}
+    xs = [v for x in runs for v in x["latencies"]]  # "inclusive": linear between the order statistics
+    return {"p50": statistics.median(xs), "p99": statistics.quantiles(xs, n=100, method="inclusive")[98],
+            "mean": statistics.fmean(xs)}
 
 
 async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
@@ -244,9 +226,9 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, 
 
 def measured(srv: BenchServer, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None) -> dict:
     """`load` on a server, with the CPU seconds its processes used meanwhile, in all and by process."""
-    c0 = srv.cpu_by_process()
+    c0 = group_cpu_by_process(srv.proc.pid)
     out = asyncio.run(load(srv.url, prompts, concurrency, max_tokens, extra))
-    c1 = srv.cpu_by_process()
+    c1 = group_cpu_by_process(srv.proc.pid)
     out["cpu_seconds_by_process"] = {k: round(v - c0.get(k, 0.0), 2) for k, v in c1.items()}
     out["cpu_seconds"] = sum(c1.values()) - sum(c0.values())
     out["tok_per_cpu_s"] = out["tokens"] / max(out["cpu_seconds"], 1e-9)
@@ -256,7 +238,7 @@ def measured(srv: BenchServer, prompts: list[str], concurrency: int, max_tokens:
 def settle(servers, idle_share: float = 0.05, interval: float = 0.5, limit: float = 30.0) -> float:
     """Wait (at most `limit` s) until the servers together use under `idle_share` of a core over
     `interval` s; the seconds waited. A server stays busy for 1.5-2 s after a burst, which would
-    otherwise be measured against whichever server runs next."""
+    otherwise be charged to whichever server runs next."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < limit:
         c0 = sum(s.cpu() for s in servers)
@@ -266,39 +248,49 @@ def settle(servers, idle_share: float = 0.05, interval: float = 0.5, limit: floa
     return time.perf_counter() - t0
 
 
-def rotation(items: list, k: int) -> list:
-    """Round k's order: `items` rotated by k, so no arm always runs right after another."""
-    return items[k % len(items):] + items[:k % len(items)]
-
-
 def rotated_rounds(targets: dict, servers: list, rounds: int, levels: dict[int, int], max_tokens: int) -> dict:
     """Rounds of `measured` on every target (name: (server, extra body)) at each concurrency level
-    (concurrency: requests), the order rotating round by round, each run once all `servers` are
-    idle; each round and level its own prompts. Runs by target, then level."""
-    prompts_all = short_prompts()
+    (concurrency: requests), each run once all `servers` are idle, each round and level its own
+    prompts; the order rotates round by round so no arm always runs right after another. Runs by
+    target, then level."""
+    prompts_all, items = short_prompts(), list(targets.items())
     runs = {name: {str(c): [] for c in levels} for name in targets}
     for rnd in range(rounds):
         for c, n in levels.items():
             prompts = [prompts_all[(rnd * 41 + c * 7 + j) % len(prompts_all)] for j in range(n)]
-            for name, (srv, extra) in rotation(list(targets.items()), rnd):
+            for name, (srv, extra) in items[rnd % len(items):] + items[:rnd % len(items)]:
                 waited = settle(servers)
                 runs[name][str(c)].append({**measured(srv, prompts, c, max_tokens, extra), "settle_seconds": waited})
     return runs
 
 
+def warm_up(targets, n: int, max_tokens: int = 4) -> None:
+    """`n` short requests to every (server, extra body): kernels, caches, a mode's first load."""
+    for srv, extra in targets:
+        asyncio.run(load(srv.url, short_prompts()[:n], n, max_tokens, extra))
+
+
+def wait_job(client: httpx.Client, job: str, poll: float) -> dict:
+    """Poll a server's job until it ends: its final record, or RuntimeError if it did not succeed."""
+    while (j := client.get(f"/v1/jobs/{job}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(poll)
+    if j["state"] != "succeeded":
+        raise RuntimeError(f"job {job} {j['state']}: {j.get('error')}")
+    return j
+
+
 def save_random_mode(store_dir: Path, name: str, seed: int = 0) -> dict:
-    """A random pack of rank d/2 at the default layers saved into a server's store (the next request
-    can name it); one already there under that name is kept (the same seed made it)."""
+    """A random rank-d/2 pack at the paper's layers in a server's store (the next request can name
+    it); one already there under that name is kept (the same seed made it)."""
     from spd_engine import models
-    from spd_engine.calibrate import CalibrationConfig, calibrate, default_layers
     from spd_engine.subspace import Store
 
     info = models.info(models.resolve(MODEL))
-    layers = default_layers(info.n_layers)
+    pack = random_pack(info, name, seed=seed)
     if name not in Store(store_dir).names():
-        Store(store_dir).save(calibrate(None, None, info, "math", [], name, CalibrationConfig(
-            rank=info.kv_width // 2, layers=layers, method="random", seed=seed)))
-    return {"name": name, "rank": info.kv_width // 2, "layers": layers, "kinds": ["k", "v"], "basis": "random"}
+        Store(store_dir).save(pack)
+    return {"name": name, "rank": info.kv_width // 2, "layers": pack.manifest.layers, "kinds": ["k", "v"],
+            "basis": "random"}
 
 
 def mode_check(spd_url: str, vllm_url: str, prompt: str, mode: str) -> dict:
@@ -312,4 +304,3 @@ def mode_check(spd_url: str, vllm_url: str, prompt: str, mode: str) -> dict:
 
     out = {"prompt": prompt, "spd": text(spd_url), "vllm": text(vllm_url), "spd_mode": text(spd_url, {"capability": mode})}
     return {**out, "no_mode_equals_vllm": out["spd"] == out["vllm"], "mode_changes_output": out["spd_mode"] != out["spd"]}
-

@@ -1,15 +1,13 @@
-"""1. Projection overhead on vLLM: output tokens/s with every request in one mode (layers 15 and
-29, K and V, rank d/2) / stock vLLM without the plugin (its own engine process, `VLLM_PLUGINS=none`),
+"""1. Projection overhead on vLLM: output tokens/s with every request in one mode (rank d/2 at the
+paper's layers, K and V) / stock vLLM without the plugin (its own engine process, VLLM_PLUGINS=none)
 at batch 1, 8, 32; and the plugin engine's no-mode requests / stock: what the plugin costs loaded
-but unused. Both engines run the same loop (bench/engine_worker.py). Every request makes exactly
+but unused. Both engines run the same loop (bench/engine_worker.py), every request makes exactly
 `max_tokens` tokens and the prefix cache is reset before every arm, so every arm does the same
-prefill + decode; tokens per wall-clock second and per CPU-second of the engine process.
-"""
+prefill + decode."""
 from __future__ import annotations
 
 from common import Context, Goal, by_key, headline, interleave, run_ratios
 
-NAME = "projection_overhead"
 TITLE = "vLLM: every request in one mode / stock vLLM without the plugin"
 GOAL = Goal(">=", 0.98)
 USES = {"plugin_engine", "stock_engine"}
@@ -17,12 +15,11 @@ MODE = "po-half"
 
 
 def run(ctx: Context) -> dict:
-    ctx.resources.start("plugin_engine", "stock_engine")
-    plugin, stock = ctx.resources.get("plugin_engine"), ctx.resources.get("stock_engine")
+    plugin, stock = ctx.resources.get("plugin_engine", "stock_engine")
     width, n = plugin.state["kv_width"], plugin.state["n_layers"]  # d: n_kv_heads x head_dim
     layers = sorted({n // 2, n - 1})  # the paper's middle and last layers
-    plugin.call("use_worker_modes", key=NAME)  # a worker mode set of its own: only this mode loaded
-    add = plugin.call("add_mode", name=MODE, rank=width // 2, layers=layers, kinds=["k", "v"])
+    plugin.call("use_worker_modes", key=__name__)  # a worker mode set of its own: only this mode loaded
+    add = plugin.call("add_modes", names=[MODE], rank=width // 2, layers=layers, kinds=["k", "v"])
     batches = ctx.size([1, 8], [1, 8, 32])
     tokens = {1: ctx.size(4, 16), 8: ctx.size(4, 32), 32: ctx.size(4, 16)}  # a 30-minute suite on 2 cores
     reps = ctx.size(1, 5)
@@ -45,7 +42,7 @@ def run(ctx: Context) -> dict:
         heads.append(headline(f"one mode / stock, batch {b}", r, GOAL if b >= 8 else None, cpu=r_cpu))
         heads.append(headline(f"plugin loaded, no mode / stock, batch {b}", idle, None, cpu=idle_cpu))
     worker = plugin.call("worker_modes")
-    plugin.call("remove_mode", name=MODE)
+    plugin.call("remove_modes", names=[MODE])
     plugin.call("use_worker_modes", key="default")
     return {"settings": {"batches": batches, "max_tokens_by_batch": tokens, "reps": reps, "ignore_eos": True,
                          "greedy": True, "mode": {"rank": width // 2, "layers": layers, "kinds": ["k", "v"],

@@ -1,27 +1,16 @@
-"""9. `spd serve` with its defaults / `vllm serve` with its defaults, tokens/s at concurrency 32,
-and each one's start to its first answer (issue 15's goal: ours no slower).
-
-`spd serve` (`python -m server --port P`): on a CPU vLLM's compiled engine with its compile cache
-reloading (VLLM_USE_AOT_COMPILE=0), bfloat16 where the CPU has BF16 instructions, no reserved core
-on 2 CPUs, max-model-len 2048, 2 GiB KV cache, the plugins; its start is measured with the compile
-cache a previous start left. `vllm serve` (`vllm.entrypoints.openai.api_server --model DIR
---served-model-name smollm2-135m`, VLLM_PLUGINS=none): vLLM's defaults on this CPU, i.e. compiled
-(recompiling at every start: vLLM 0.32's compile cache does not reload here), bfloat16, the model's
-max length (8192), one core reserved for the scheduler; VLLM_CPU_KVCACHE_SPACE=2 because its CPU
-default refuses to start on this machine. How the defaults were chosen: README, Performance.
-
-server_overhead's load at concurrency 32, the servers taking turns round by round (the order
-rotating), each run once both are idle; 16 rounds, as the rounds vary by +-20% on this machine.
-Skipped in --quick runs (the compiled start alone takes minutes).
-"""
+"""9. `spd serve` with its defaults / `vllm serve` with its defaults: tokens/s at concurrency 32, and
+each one's start to its first answer (issue 15's goal: ours no slower). How the defaults were
+chosen: README, Performance. `spd serve` here runs vLLM's compiled engine with its compile cache
+reloading (its start is measured with the cache a previous start left); `vllm serve`
+(VLLM_PLUGINS=none) recompiles at every start (vLLM 0.32's cache does not reload here), with
+VLLM_CPU_KVCACHE_SPACE=2 because its CPU default refuses to start on this machine. server_overhead's
+load and rotation; 16 rounds, as rounds vary by +-20% here. Skipped in --quick runs: the compiled
+start alone takes minutes."""
 from __future__ import annotations
 
-import asyncio
-
 from common import Context, Goal, headline, run_ratios, spread
-from procs import latency, load, mode_check, rotated_rounds, save_random_mode, short_prompts
+from procs import latency, mode_check, rotated_rounds, save_random_mode, short_prompts, warm_up
 
-NAME = "server_defaults"
 TITLE = "spd serve (its defaults) / vllm serve (its defaults, compiled): tokens/s at concurrency 32"
 GOAL = Goal(">=", 1.3)  # issue 15; issue 11 asked >= 0.98
 USES = {"spd_server", "vllm_server_defaults"}
@@ -37,15 +26,13 @@ def cores_busy(runs: list[dict]) -> dict[str, float]:
 
 
 def run(ctx: Context) -> dict:
-    ctx.resources.start("spd_server")
-    ctx.resources.start("vllm_server_defaults")  # one start at a time: their start times are reported
+    # one start at a time (not get(a, b)): their start times are reported
     servers = {"spd": ctx.resources.get("spd_server"), "vllm_defaults": ctx.resources.get("vllm_server_defaults")}
     mode = save_random_mode(servers["spd"].root / "store", MODE)
     check = mode_check(servers["spd"].url, servers["vllm_defaults"].url, short_prompts()[0], MODE)
     concurrency = n_requests = 32
     max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 16)
-    for srv in servers.values():
-        asyncio.run(load(srv.url, short_prompts()[:32], 32, 4))
+    warm_up([(s, None) for s in servers.values()], 32)
     by_level = rotated_rounds({n: (s, None) for n, s in servers.items()}, list(servers.values()), rounds,
                               {concurrency: n_requests}, max_tokens)
     runs = {n: v[str(concurrency)] for n, v in by_level.items()}

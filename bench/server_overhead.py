@@ -1,29 +1,18 @@
-"""7. `spd serve` / `vllm serve` with the same flags: output tokens/s and requests/s of vLLM's
-OpenAI server with this project's plugins (`python -m server --port P`, `spd serve` with its
-defaults) / the same server without them (`vllm.entrypoints.openai.api_server` with the flags and
-vLLM settings `spd serve` passes, VLLM_PLUGINS=none). Both with `spd serve`'s CPU defaults on this
-machine, max-model-len 2048, a 2 GiB KV cache, no LoRA.
+"""7. `spd serve` / `vllm serve` with the same flags and vLLM settings (`spd serve`'s CPU defaults, no
+LoRA; VLLM_PLUGINS=none for vLLM): `spd serve` execs vLLM's own server, so this is what the two
+plugins cost in it (admission on every request, routing on every step, the capability-field
+middleware) for requests naming no mode. A third arm sends every `spd serve` request in one mode (a
+random rank-d/2 pack in its store): the whole cost of steered requests against the same baseline.
 
-`spd serve` execs vLLM's own server, so what is measured is what the two plugins cost in it (the
-admission hook on every request, the routing hook on every step, the capability-field middleware),
-with requests that name no mode. A third arm sends the same load to `spd serve` with every request
-in one mode (rank d/2 at layers 15 and 29, K and V; a random pack in its store): the whole cost of
-serving steered requests, against the same baseline.
-
-Load: closed-loop clients at concurrency 1, 8, 32, a fixed number of greedy /v1/completions per
-level (the first sentence of distinct GSM8K questions, 64 tokens each with ignore_eos), p50/p99
-latency. Round by round and level by level the arms take turns, the order rotating each round, each
-run starting once both servers are idle (procs.settle). Tokens per wall-clock second and per
-CPU-second of the server's processes (API server, engine core, worker).
-"""
+Closed-loop clients at concurrency 1, 8, 32, greedy /v1/completions of 64 tokens each (ignore_eos)
+on the first sentence of distinct GSM8K questions; round by round the arms take turns, the order
+rotating, each run once both servers are idle (procs.settle). Tokens per wall-clock second and per
+CPU-second of the server's processes; p50/p99 latency."""
 from __future__ import annotations
 
-import asyncio
-
 from common import Context, Goal, headline, ratios, run_ratios
-from procs import latency, load, mode_check, rotated_rounds, save_random_mode, short_prompts
+from procs import latency, mode_check, rotated_rounds, save_random_mode, short_prompts, warm_up
 
-NAME = "server_overhead"
 TITLE = "spd serve / vllm serve (same flags): tokens/s at concurrency 1, 8, 32"
 GOAL = Goal(">=", 0.98)
 USES = {"spd_server", "vllm_server"}
@@ -31,16 +20,13 @@ MODE = "so-half"
 
 
 def run(ctx: Context) -> dict:
-    ctx.resources.start("spd_server", "vllm_server")
-    spd, vllm = ctx.resources.get("spd_server"), ctx.resources.get("vllm_server")
+    spd, vllm = ctx.resources.get("spd_server", "vllm_server")
     mode = save_random_mode(spd.root / "store", MODE)
     targets = {"spd": (spd, None), "vllm": (vllm, None), "spd_mode": (spd, {"capability": MODE})}
-    prompts = short_prompts()
     levels = {1: ctx.size(2, 3), 8: ctx.size(8, 16), **({} if ctx.quick else {32: 32})}  # concurrency: requests
     max_tokens, rounds = ctx.size(8, 64), ctx.size(1, 4)
-    for srv, extra in targets.values():  # warm-up, and the worker's first load of the mode
-        asyncio.run(load(srv.url, prompts[:8], 8, 4, extra))
-    check = mode_check(spd.url, vllm.url, prompts[0], MODE)
+    warm_up(targets.values(), 8)  # and the worker's first load of the mode
+    check = mode_check(spd.url, vllm.url, short_prompts()[0], MODE)
     runs = rotated_rounds(targets, [spd, vllm], rounds, levels, max_tokens)
     per_level, heads = {}, []
     for c, k in ((c, str(c)) for c in levels):

