@@ -27,8 +27,8 @@ RANK = 16
 
 def _calibrate(http: httpx.Client, n: int) -> float:
     t0 = time.perf_counter()
-    posted = [http.post("/v1/subspaces", json={"name": name, "kind": kind, "rank": RANK, "calibration": {
-        "dataset": dataset, "limit": n}}) for name, (dataset, kind) in DOMAINS.items()]  # the jobs run meanwhile
+    posted = [http.post("/v1/modes", json={"name": name, "task": task, "rank": RANK, "calibration": {
+        "dataset": dataset, "limit": n}}) for name, (dataset, task) in DOMAINS.items()]  # the jobs run meanwhile
     for r in posted:
         wait_job(http, r.raise_for_status().json()["id"], 2.0)
     return time.perf_counter() - t0
@@ -36,9 +36,9 @@ def _calibrate(http: httpx.Client, n: int) -> float:
 
 def _held_out(n_cal: int, n: int) -> dict[str, list[str]]:
     out = {}
-    for name, (dataset, kind) in DOMAINS.items():
-        examples = load_examples(resolve_data(dataset) if dataset != "humaneval" else dataset, kind)
-        out[name] = [user_message(kind, ex) for ex in examples[n_cal:n_cal + n]]
+    for name, (dataset, task) in DOMAINS.items():
+        examples = load_examples(resolve_data(dataset) if dataset != "humaneval" else dataset, task)
+        out[name] = [user_message(task, ex) for ex in examples[n_cal:n_cal + n]]
     return out
 
 
@@ -80,7 +80,7 @@ def run(ctx: Context) -> dict:
         pool.shutdown()
         r = ratios(tok_s["auto"], tok_s["named"])
         return {
-            "settings": {"server": srv.describe(), "modes": {d: {"dataset": ds, "kind": k, "rank": RANK,
+            "settings": {"server": srv.describe(), "modes": {d: {"dataset": ds, "task": k, "rank": RANK,
                                                                 "calibration_items": n_cal}
                                                             for d, (ds, k) in DOMAINS.items()},
                          "held_out_per_domain": n_held, "cost": {"requests": requests, "concurrency": 32,

@@ -1,4 +1,4 @@
-"""6. Corpus generation through `spd serve` (POST /v1/jobs kind `generate`, polled every 0.1 s to
+"""6. Corpus generation through `spd serve` (POST /v1/jobs type `generate`, polled every 0.1 s to
 completion, the file fetched) / vLLM's offline `LLM.generate` on the same token-id prompts (the
 chat template, as the job builds them), greedy, the same max_tokens and stop strings, all prompts in
 one call. The offline `LLM` runs the server's engine settings (`common.server_engine`) and process
@@ -42,7 +42,7 @@ def run(ctx: Context) -> dict:
         return [gsm[((i + 1) * n + j) % len(gsm)] for j in range(n)]
 
     def job(i):
-        body = {"kind": "generate", "params": {"task_kind": "math", "max_tokens": max_tokens, "temperature": 0.0,
+        body = {"type": "generate", "params": {"task": "math", "max_tokens": max_tokens, "temperature": 0.0,
                 "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in chunk(i)]}}}
         c0, t0 = srv.cpu(), time.perf_counter()
         r = client.post("/v1/jobs", json=body)
@@ -76,7 +76,7 @@ def run(ctx: Context) -> dict:
     engine, engine_env = server_engine()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
-                     "task_kind": "math", "capability": "none (the offline arm is stock vLLM)", "server": srv.describe(),
+                     "task": "math", "capability": "none (the offline arm is stock vLLM)", "server": srv.describe(),
                      "offline": {"call": "LLM.generate, all prompts of the rep in one call",
                                  "engine": {**engine, **engine_env, "VLLM_PLUGINS": "none",
                                             "process_model": "vLLM default (engine core in its own process)"},

@@ -1,5 +1,5 @@
 """8. Hot paths on a running `spd serve --enable-lora` (LoRA is off by default): the time to add a mode
-(POST /v1/subspaces/import of a pack: validated and installed in the store, no engine call; the
+(POST /v1/modes/import of a pack: validated and installed in the store, no engine call; the
 worker loads it when a request first names it), to load a LoRA adapter (POST /v1/adapters, vLLM's
 runtime loading), and the latency of the first request using each against a plain request just
 before. Each repetition uses a new mode and adapter name, deleted afterwards.
@@ -58,14 +58,14 @@ def run(ctx: Context) -> dict:
     for i in range(reps):
         mode, adapter = f"hp-mode-{i}", f"hp-lora-{i}"
         out["plain_before_mode"].append(complete())
-        out["mode_add"].append(timed("POST", "/v1/subspaces/import", data={"name": mode},
+        out["mode_add"].append(timed("POST", "/v1/modes/import", data={"name": mode},
                                      files={"file": ("pack.tar", tar, "application/x-tar")}))
         out["first_with_mode"].append(complete(capability=mode))
         out["plain_before_adapter"].append(complete())
         out["adapter_load"].append(timed("POST", "/v1/adapters", json={"name": adapter, "directory": "bench-lora"}))
         out["first_with_adapter"].append(complete(model=adapter))
         client.delete(f"/v1/adapters/{adapter}").raise_for_status()
-        client.delete(f"/v1/subspaces/{mode}").raise_for_status()
+        client.delete(f"/v1/modes/{mode}").raise_for_status()
     client.close()
     after_mode = ratios(out["first_with_mode"], out["plain_before_mode"])
     after_adapter = ratios(out["first_with_adapter"], out["plain_before_adapter"])
@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict:
         "settings": {"reps": reps, "max_tokens": max_tokens, "pack": pack_info, "server": srv.describe(),
                      "adapter": {"rank": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
                                  "init": "random (not trained)"},
-                     "mode_add": "POST /v1/subspaces/import (multipart tar), client wall time",
+                     "mode_add": "POST /v1/modes/import (multipart tar), client wall time",
                      "adapter_load": "POST /v1/adapters {directory}, client wall time"},
         "seconds": out, "first_request_over_plain": {"mode": after_mode, "adapter": after_adapter},
         "headline": [headline("add a mode (pack import), seconds", spread(out["mode_add"]), Goal("<=", 1.0, "s")),

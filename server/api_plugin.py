@@ -305,8 +305,10 @@ class SPDEndpoints:
         if engine_client is None:
             log.warning("spd_api: no engine (render-only server): the resource routes are not served")
             return
+        from .jobs import JobStore
         from .settings import Settings
         from .state import SPDServer
+        from .steps import start_worker
         from .vllm_plugin import front_end
 
         admission = front_end()
@@ -314,7 +316,11 @@ class SPDEndpoints:
             raise RuntimeError("spd_api needs the spd_kv_projection plugin in this process: name both in "
                                "VLLM_PLUGINS (spd serve does)")
 
-        state.spd = SPDServer(engine_client, state, args, Settings.from_env(), admission)
+        # the job system is built here, beside the server it serves: the state does not know the steps
+        settings = Settings.from_env()
+        jobs = JobStore(settings.db_path)
+        state.spd = SPDServer(engine_client, state, args, settings, admission, jobs)
+        state.spd.worker = start_worker(state.spd, jobs)
         state.spd_adapters = asyncio.get_running_loop().create_task(state.spd.follow_adapters())  # kept: not collected
 
 

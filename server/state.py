@@ -20,8 +20,8 @@ from spd_engine.paths import child
 from spd_engine.subspace import Store, Subspace
 from spd_engine.vllm_requests import completion_of, sampling_params, tokens_prompt
 
+from .jobs import JobStore, Worker
 from .settings import Settings
-from .steps import start_job_system
 
 log = logging.getLogger("spd.server")
 
@@ -110,7 +110,7 @@ class AdapterError(Exception):
 class SPDServer:
     """The resource API's state, one per vLLM API server process (`app.state.spd`)."""
 
-    def __init__(self, engine_client, app_state, args, settings: Settings, admission: Admission):
+    def __init__(self, engine_client, app_state, args, settings: Settings, admission: Admission, jobs: JobStore):
         self.engine, self.app_state, self.settings = engine_client, app_state, settings
         self.stopping = False  # vLLM is shutting the engine down (SIGTERM/SIGINT): its end is not a death
         shutdown = engine_client.shutdown
@@ -134,7 +134,8 @@ class SPDServer:
         for d in (settings.data_dir, settings.adapters_dir, settings.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.backend = EngineClientBackend(self)
-        self.jobs, self.worker = start_job_system(self)  # the steps see this server as their `JobHost`
+        self.jobs = jobs
+        self.worker: Worker | None = None  # started by init_state once this server exists (it is the steps' host)
         self._adapters_lock = asyncio.Lock()  # this process's adapter changes and syncs, one at a time
         self._adapters_seen: tuple | None = None  # the adapters file's stat when this process last read it
         if self.lora_enabled:
@@ -320,4 +321,5 @@ class SPDServer:
         return self.engine.errored and not self.stopping
 
     def close(self) -> None:
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()

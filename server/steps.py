@@ -48,12 +48,12 @@ class JobHost(Protocol):
     def call(self, coro: Awaitable) -> Any: ...
 
 
-def start_job_system(host: JobHost) -> tuple[JobStore, Worker]:
-    """The job store and its worker (started) for a server; one job system per data dir."""
-    jobs = JobStore(host.settings.db_path)
+def start_worker(host: JobHost, jobs: JobStore) -> Worker:
+    """The job worker (started) of a server's job store: it runs the steps below with the server as
+    their host; one running worker per data dir (the jobs lock)."""
     worker = Worker(jobs, host.settings.jobs_dir, make_runners(host, jobs), host.settings.jobs_lock)
     worker.start()
-    return jobs, worker
+    return worker
 
 
 # ---------------------------------------------------------------- inputs (validated at submission)

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import CalibrationConfig, Method, default_layers  # noqa: F401 - the config is also imported from here
+from .config import CalibrationConfig, Method  # noqa: F401 - the config is also imported from here
 from .formatting import calibration_ids
 from .hf_backend import SiteCache, rows
 from .models import ModelInfo

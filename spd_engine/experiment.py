@@ -36,6 +36,7 @@ import random
 import sys
 import time
 import tomllib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from . import models
 from .atomic import write_json
 from .calibrate import CalibrationConfig, calibrate
-from .config import CalibrationShape, LoraTraining, MaxTokens, Strength, narrow
+from .config import CalibrationShape, LoraTraining, MaxTokens, Strength, TaskField, narrow
 from .corpus import generate_corpus, read_corpus
 from .data import data_sha256, load_examples, resolve_data
 from .distill import DistillConfig, distill
@@ -56,7 +57,7 @@ from .hf_backend import HFBackend
 from .paths import check_name
 from .stats import detectable_difference
 from .subspace import Store
-from .tasks import SHORT_ANSWER_KINDS, Example, Kind, correctness_span, stop_strings, with_answer_format
+from .tasks import SHORT_ANSWER_TASKS, Example, Task, correctness_span, stop_strings, with_answer_format
 
 CONDITIONS = ("base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca")
 TRAINED = ("self-distill", "spd", "spd-random", "spd-pca")
@@ -73,7 +74,7 @@ class _Strict(BaseModel):
 
 class DomainConfig(_Strict):
     name: str
-    kind: Literal["math", "mcq", "code", "custom"]
+    task: TaskField
     data: list[str]
     train: bool = True  # false: an evaluation set only (out of domain for every trained arm), no arms of its own
     calibration: int = Field(default=0, ge=0)
@@ -86,6 +87,17 @@ class DomainConfig(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "domain name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_kind(cls, v):
+        # `kind` was this key's name until the glossary's rename; accepted for one release
+        if isinstance(v, dict) and "kind" in v:
+            if "task" in v:
+                raise ValueError("give `task` only (`kind` is its deprecated name)")
+            warnings.warn("domain key `kind` is deprecated: write `task`", DeprecationWarning, stacklevel=2)
+            v = {("task" if k == "kind" else k): x for k, x in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _splits(self):
@@ -214,8 +226,8 @@ class _Stages:
 def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
     """Disjoint calibration / generation / evaluation sets, shuffled with the experiment's seed; gold
     answers in the fixed answer format of `tasks.with_answer_format`."""
-    items = [with_answer_format(domain.kind, ex)
-             for src in domain.data for ex in load_examples(resolve_data(src), domain.kind)]
+    items = [with_answer_format(domain.task, ex)
+             for src in domain.data for ex in load_examples(resolve_data(src), domain.task)]
     need = domain.calibration + domain.generation + domain.evaluation
     if len(items) < need:
         raise ValueError(f"domain {domain.name!r} has {len(items)} items, its splits need {need}")
@@ -224,26 +236,26 @@ def split(domain: DomainConfig, seed: int) -> dict[str, list[Example]]:
     return {"calibration": items[:a], "generation": items[a:b], "evaluation": items[b:need]}
 
 
-def eval_set_baselines(kind: Kind, examples: list[Example]) -> dict:
+def eval_set_baselines(task: Task, examples: list[Example]) -> dict:
     """What an evaluation set gives away without skill: for multiple choice, the gold letters' counts,
     the accuracy of always answering the most common gold letter, and chance (mean 1 / options)."""
-    out: dict = {"kind": kind, "n": len(examples),
+    out: dict = {"task": task, "n": len(examples),
                  "detectable_difference": detectable_difference(len(examples)) if examples else None}
-    if kind == "mcq" and examples:
-        golds = Counter(ex.answer[slice(*correctness_span(kind, ex))] for ex in examples)  # type: ignore[index]
+    if task == "mcq" and examples:
+        golds = Counter(ex.answer[slice(*correctness_span(task, ex))] for ex in examples)  # type: ignore[index]
         top, count = golds.most_common(1)[0]
         out.update(gold_letters=dict(sorted(golds.items())), constant_letter=top, constant_accuracy=count / len(examples),
                    chance=sum(1 / len(ex.options) for ex in examples) / len(examples))
     return out
 
 
-def _corpus_quality(kind: Kind, prompts: list[Example], path: Path) -> dict:
+def _corpus_quality(task: Task, prompts: list[Example], path: Path) -> dict:
     """The generated corpus scored against the prompts' gold answers, and (math, mcq) its most common
     answer's share: a model that answers one letter whatever the question shows it here."""
     rows = {r["id"]: r for r in read_corpus(path)}
-    r = score_completions(kind, prompts, [rows[ex.id]["completion"] for ex in prompts])
+    r = score_completions(task, prompts, [rows[ex.id]["completion"] for ex in prompts])
     tokens = sum(rows[ex.id].get("n_tokens", 0) for ex in prompts)
-    if kind not in SHORT_ANSWER_KINDS:
+    if task not in SHORT_ANSWER_TASKS:
         return {**r.summary(), "top_answer": None, "top_answer_share": None, "completion_tokens": tokens}
     top, count = Counter(it["answer"] for it in r.items).most_common(1)[0]
     return {**r.summary(), "top_answer": top, "top_answer_share": count / r.n, "completion_tokens": tokens}
@@ -346,14 +358,15 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
         d = domains[arm.domain]  # type: ignore[index]
         method = _MODE_OF[arm.condition]
         seed = arm.seed if method == "random" else None  # a random subspace is drawn per training seed
+        # the cache keys spell the task "kind", as before the rename, so existing caches stay valid
         key = {"model": model_key[arm], "data": sources[d.name], "examples": _content(splits[d.name]["calibration"]),
-               "kind": d.kind, "method": method, "layers": c.layers, "kinds": c.kinds, "granularity": c.granularity,
+               "kind": d.task, "method": method, "layers": c.layers, "kinds": c.kinds, "granularity": c.granularity,
                "batch_size": c.batch_size, "rank": arm.rank, "seed": seed, "version": CALIBRATION_VERSION}
         name = f"{d.name}-{method}-r{arm.rank}" + (f"-s{seed}" if seed is not None else "") + (
             f"-round{arm.round}" if arm.round > 1 else "")
 
         def do_calibrate(where: Path) -> dict:
-            pack = calibrate(backend.model, backend.tokenizer, backend.model_info, d.kind,
+            pack = calibrate(backend.model, backend.tokenizer, backend.model_info, d.task,
                              splits[d.name]["calibration"], name,
                              CalibrationConfig(**narrow(c, CalibrationShape).model_dump(exclude={"rank"}), method=method,
                                                rank=arm.rank, seed=seed if seed is not None else cfg.seed))
@@ -374,13 +387,13 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
         d = domains[arm.domain]  # type: ignore[index]
         capability = (mode,) if mode else ()
         gen_key = {"model": model_key[arm], "data": sources[d.name], "examples": _content(splits[d.name]["generation"]),
-                   "kind": d.kind, "mode": calib_key.get(arm), "strength": cfg.strength if mode else 0.0,
-                   "max_tokens": d.max_tokens, "stop": stop_strings(d.kind), "seed": cfg.seed}
+                   "kind": d.task, "mode": calib_key.get(arm), "strength": cfg.strength if mode else 0.0,
+                   "max_tokens": d.max_tokens, "stop": stop_strings(d.task), "seed": cfg.seed}
 
         def do_generate(where: Path) -> dict:
             prompts = splits[d.name]["generation"]
             with tqdm(total=len(prompts), desc=f"{arm.name}: generate", unit="ex", file=sys.stderr) as bar:
-                return generate_corpus(backend, d.kind, prompts, where / "corpus.jsonl", capability=capability,
+                return generate_corpus(backend, d.task, prompts, where / "corpus.jsonl", capability=capability,
                                        strength=cfg.strength, max_tokens=d.max_tokens, seed=cfg.seed,
                                        chunk=cfg.batch_size, progress=bar.update)
 
@@ -392,7 +405,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             seeded = _MODE_OF.get(arm.condition) == "random" or arm.round > 1
             corpora.append({"domain": d.name, "arm": replace(arm, seed=None).label, "condition": arm.condition,
                             "rank": arm.rank, "round": arm.round, "seed": arm.seed if seeded else None,
-                            **_corpus_quality(d.kind, splits[d.name]["generation"], corpus)})
+                            **_corpus_quality(d.task, splits[d.name]["generation"], corpus)})
 
         key = {"corpus": gen_key, "model": model_key[arm], "distill": cfg.distill.model_dump(), "seed": arm.seed}
 
@@ -422,22 +435,22 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                 continue
             items = splits[e.name]["evaluation"]
             for metric in e.metrics or cfg.metrics:
-                if metric == "letter-accuracy" and e.kind != "mcq":
+                if metric == "letter-accuracy" and e.task != "mcq":
                     continue  # letters exist only in multiple choice
                 key = {"version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
                        "merged": True, "mode": calib_key.get(arm) if capability else None,
                        "strength": cfg.strength if capability else 0.0,
-                       "eval": e.name, "kind": e.kind, "examples": _content(items), "data": sources[e.name],
+                       "eval": e.name, "kind": e.task, "examples": _content(items), "data": sources[e.name],
                        "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
 
                 def do_eval(where: Path, e=e, metric=metric, items=items) -> dict:
                     if metric == "accuracy":
-                        r = accuracy(backend, e.kind, items, capability=capability, strength=cfg.strength,
+                        r = accuracy(backend, e.task, items, capability=capability, strength=cfg.strength,
                                      max_tokens=e.max_tokens)
                     elif metric == "letter-accuracy":
                         r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength)
                     else:
-                        r = span_nll_eval(backend, e.kind, items, capability=capability, strength=cfg.strength)
+                        r = span_nll_eval(backend, e.task, items, capability=capability, strength=cfg.strength)
                     return {"summary": r.summary(), "items": r.items}
 
                 res = stages.run("evaluate", key, do_eval)
@@ -488,6 +501,6 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
     from .experiment_report import write_report
 
-    baselines = {d.name: eval_set_baselines(d.kind, splits[d.name]["evaluation"]) for d in cfg.domains}
+    baselines = {d.name: eval_set_baselines(d.task, splits[d.name]["evaluation"]) for d in cfg.domains}
     write_report(root, cfg, config_path, results, corpora, training, baselines, store, stages.timings)
     return root

@@ -1,9 +1,11 @@
 """The experiment's report: per condition the mean over training seeds and its spread, tests across
 seeds and across items with a Holm correction over the whole report, the rank sweep and the rounds,
 what each condition trained on (corpus quality, training tokens), the subspaces' spectra and principal
-angles (plots), stage wall times; JSON beside it."""
+angles (plots), stage wall times; JSON and every per-item output beside it."""
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
 import shlex
@@ -17,6 +19,7 @@ from .stats import holm, mcnemar_exact, one_sample_t, paired_bootstrap, sign_tes
 from .subspace import Store, principal_angles
 
 LOWER_IS_BETTER = {"span-nll"}
+ITEMS_FILE = "items.jsonl.gz"  # the per-item outputs, beside report.md
 HEADLINE = ("letter-accuracy", "accuracy", "span-nll")  # an eval set's headline score: the first of these it has
 # The paper's claims (SPD_SPEC section 1), as it states them ("up to"; it does not say absolute or relative)
 PAPER = {"over self-distill": "up to +13%", "over base": "+16%", "out of domain": "+15%"}
@@ -150,7 +153,9 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
              "moved each way; `items p`: paired test over items of the seed-averaged values (exact McNemar "
              "for one seed of a 0/1 metric, else paired bootstrap), which treats the adapters as fixed. Every "
              f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
-             f"{len(comparisons)} item-level tests). Span NLL: lower is better.", ""]
+             f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
+             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, seed, eval set, metric "
+             "and item).", ""]
 
     # ---- headline: what survives Holm across seeds
     lines += ["## What survives the multiplicity correction", ""]
@@ -172,16 +177,16 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     lines += ["## Evaluation sets", "",
               "Detectable difference: the smallest accuracy difference between two arms that a two-sided 5% test "
               "finds with 80% power on this many items (unpaired, at accuracy 0.5: the conservative figure).", "",
-              "| eval set | kind | n | detectable difference | gold letters | always the most common letter | chance |",
+              "| eval set | task | n | detectable difference | gold letters | always the most common letter | chance |",
               "|---|---|---|---|---|---|---|"]
     for name, b in baselines.items():
         dd = f"{b['detectable_difference']:.3f}" if b.get("detectable_difference") else "-"
-        if b["kind"] == "mcq":
+        if b["task"] == "mcq":
             letters = " ".join(f"{k}:{v}" for k, v in b["gold_letters"].items())
             lines.append(f"| {name} | mcq | {b['n']} | {dd} | {letters} | {b['constant_accuracy']:.3f} "
                          f"({b['constant_letter']}) | {b['chance']:.3f} |")
         else:
-            lines.append(f"| {name} | {b['kind']} | {b['n']} | {dd} | - | - | - |")
+            lines.append(f"| {name} | {b['task']} | {b['n']} | {dd} | - | - | - |")
     lines.append("")
 
     # ---- main tables: per training domain and metric, every arm on every eval set
@@ -199,7 +204,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
 
     for dom in (d for d in cfg.domains if d.train):
         d = dom.name
-        lines += [f"## Trained on `{d}` ({dom.kind}: {', '.join(dom.data)})", ""]
+        lines += [f"## Trained on `{d}` ({dom.task}: {', '.join(dom.data)})", ""]
         for metric in metrics:
             rows_here = [(arm, e.name) for arm, (cond, _, _) in arms_info.items() for e in cfg.domains
                          if (arm, None if cond == "base" else d, e.name, metric) in groups]
@@ -380,6 +385,18 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         "results": [{k: v for k, v in r.items() if k != "items"} for r in results], "comparisons": comparisons,
         "corpora": corpora, "training": training, "angles": angles, "timings": timings, "paper_table": paper_rows,
     })
+    write_items(root / ITEMS_FILE, results)
+
+
+def write_items(path: Path, results: list[dict]) -> None:
+    """Every per-item output (one JSON line per arm x eval set x metric x item: its id, score, extracted
+    answer and completion), committed beside the report so each number in it can be recomputed. gzip
+    with no timestamp, so the same results give the same bytes."""
+    lines = []
+    for r in results:
+        head = {k: r[k] for k in ("arm", "seed", "eval", "metric")}
+        lines += [json.dumps({**head, **it}, ensure_ascii=False) for it in r["items"]]
+    write_bytes(path, gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
 
 
 def _gain(c: dict | None, metric: str, ref: float | None) -> dict | None:
@@ -400,7 +417,7 @@ def _paper_table(cfg, groups: dict, arms_info: dict, by_key: dict) -> tuple[list
     """The paper's layout: condition x (trained on, evaluated on), in and out of domain, on each eval set's
     headline score; then SPD's gains over self-distillation and over the base model beside the paper's claims."""
     sets = {d.name: m for d in cfg.domains if (m := next((m for m in HEADLINE if m in (d.metrics or cfg.metrics)
-                                                            and (m != "letter-accuracy" or d.kind == "mcq")), None))}
+                                                            and (m != "letter-accuracy" or d.task == "mcq")), None))}
     trained = [d.name for d in cfg.domains if d.train and d.name in sets]
     cols = [(d, e) for d in trained for e in [d] + [x for x in sets if x != d]]
     mean = lambda rows: sum(r["value"] for r in rows.values()) / len(rows)  # noqa: E731

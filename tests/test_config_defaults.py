@@ -67,7 +67,7 @@ def test_the_openapi_schema_states_the_configs_defaults(model):
 
 def test_the_experiment_loader_gives_the_configs_defaults():
     cfg = ExperimentConfig.model_validate({"name": "x", "domains": [
-        {"name": "d", "kind": "math", "data": ["gsm8k"], "calibration": 1, "generation": 1, "evaluation": 1}]})
+        {"name": "d", "task": "math", "data": ["gsm8k"], "calibration": 1, "generation": 1, "evaluation": 1}]})
     assert cfg.calibration.model_dump(include=set(CalibrationShape.model_fields)) == CalibrationShape().model_dump()
     assert cfg.distill.model_dump() == LoraTraining().model_dump() == DistillConfig().model_dump(
         include=set(LoraTraining.model_fields))

@@ -87,7 +87,7 @@ def test_the_console_is_public_static_files_served_by_the_server_while_the_api_n
     assert httpx.get(f"{server.url}/ui/").status_code == 200  # no key needed for the page itself
     for f in ("console.js", "console.css"):
         assert httpx.get(f"{server.url}/ui/{f}").status_code == 200
-    assert httpx.get(f"{server.url}/v1/subspaces").status_code == 401
+    assert httpx.get(f"{server.url}/v1/modes").status_code == 401
     with server.client() as http:  # what the page shows of a random pack: no spectrum (not a NaN)
         shown = http.get("/v1/modes/rnd")
         assert shown.status_code == 200, shown.text

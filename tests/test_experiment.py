@@ -1,5 +1,6 @@
 """End to end: the experiment runner on the tiny config produces a complete report, and a rerun is
 served entirely from the stage cache."""
+import gzip
 import importlib.util
 import json
 import shutil
@@ -24,8 +25,16 @@ def test_splits_are_disjoint_and_reproducible():
 
 def test_bad_config_is_refused_naming_the_field(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(TINY.read_text().replace('kind = "math"', 'kind = "maths"'))
-    with pytest.raises(ValueError, match="domains.0.kind"):
+    bad.write_text(TINY.read_text().replace('task = "math"', 'task = "maths"'))
+    with pytest.raises(ValueError, match="domains.0.task"):
+        load_config(bad)
+    # the key's deprecated name still loads, with a warning; both names at once is refused
+    old = tmp_path / "old.toml"
+    old.write_text(TINY.read_text().replace('task = "', 'kind = "'))
+    with pytest.warns(DeprecationWarning, match="`kind` is deprecated"):
+        assert [d.task for d in load_config(old).domains] == [d.task for d in load_config(TINY).domains]
+    bad.write_text(TINY.read_text().replace('task = "math"', 'task = "math"\nkind = "math"'))
+    with pytest.raises(ValueError, match="give `task` only"):
         load_config(bad)
     bad.write_text(TINY.read_text() + "\nunknown_key = 1\n")
     with pytest.raises(ValueError, match="unknown_key"):
@@ -47,6 +56,14 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
     assert [(c["domain"], c["condition"]) for c in report["corpora"]] == [(d, c) for d in ("math", "mcq") for c in trained]
     assert all(c["n"] == 3 and 0 <= c["value"] <= 1 and 0 < c["top_answer_share"] <= 1 for c in report["corpora"])
     assert all(t["trained_tokens"] > 0 for t in report["training"])
+    # every number is recomputable from the committed per-item outputs
+    items = [json.loads(line) for line in gzip.decompress((root / "items.jsonl.gz").read_bytes()).splitlines()]
+    assert len(items) == sum(r["n"] for r in report["results"])
+    for r in report["results"]:
+        mine = [it for it in items if (it["arm"], it["seed"], it["eval"], it["metric"])
+                == (r["arm"], r["seed"], r["eval"], r["metric"])]
+        vals = [it["span_nll"] if r["metric"] == "span-nll" else float(it["correct"]) for it in mine]
+        assert len(mine) == r["n"] and sum(vals) / len(vals) == pytest.approx(r["value"])
     md = (root / "report.md").read_text()
     assert "vs self-distill" in md and "(out of domain)" in md and "Self-generated training corpora" in md
     assert "Holm" in md and "Training budget" in md

@@ -203,9 +203,9 @@ def _tiny_llama_config(tmp_path: Path, tiny_path: Path, **extra) -> Path:
              'metrics = ["span-nll", "letter-accuracy"]', 'conditions = ["base", "hooks-only", "self-distill", "spd", "spd-random"]',
              "rounds = 2", 'round_conditions = ["self-distill", "spd"]']
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    lines += ["", "[[domains]]", 'name = "mcq"', 'kind = "mcq"', 'data = ["bigbench/date_understanding"]',
+    lines += ["", "[[domains]]", 'name = "mcq"', 'task = "mcq"', 'data = ["bigbench/date_understanding"]',
               "calibration = 3", "generation = 3", "evaluation = 4", "max_tokens = 4",
-              "", "[[domains]]", 'name = "nav"', 'kind = "mcq"', 'data = ["bigbench/navigate"]', "train = false",
+              "", "[[domains]]", 'name = "nav"', 'task = "mcq"', 'data = ["bigbench/navigate"]', "train = false",
               "evaluation = 3", "max_tokens = 4",
               "", "[calibration]", "layers = [1]", "rank = 4", "ranks = [2, 4]", 'sweep = ["spd"]',
               "", "[distill]", "steps = 2", "batch_size = 2", "lr = 1e-3"]
