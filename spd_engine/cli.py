@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from . import __version__, models, paths
-from .config import (TASK_HELP, CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig, add_flags,
-                     from_args)
+from .config import (TASK_HELP, BackendConfig, CalibrationConfig, DistillConfig, EvaluationConfig, GenerationConfig,
+                     add_flags, from_args)
 from .tasks import TASKS
 
 if TYPE_CHECKING:
@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
             task.add_argument("--kind", dest="task", choices=TASKS, action=_Deprecated, help=argparse.SUPPRESS)
             sp.add_argument("--limit", type=_positive, help="use only the first N examples")
         if batch:
-            sp.add_argument("--batch-size", type=_positive, default=8, help="prompts the backend runs at once")
+            add_flags(sp, BackendConfig)
 
     m = sub.add_parser("model", help="the bundled models")
     m.add_argument("action", choices=["pull"])

@@ -22,7 +22,7 @@ from .paths import NAME_PATTERN
 from .tasks import Task
 
 __all__ = ["Config", "ConfigError", "CalibrationShape", "CalibrationConfig", "GenerationConfig", "EvaluationConfig",
-           "LoraTraining", "DistillConfig", "PipelineConfig", "Method", "Granularity", "KVKind", "Task", "TaskField",
+           "LoraTraining", "DistillConfig", "BackendConfig", "BatchSize", "PipelineConfig", "Method", "Granularity", "KVKind", "Task", "TaskField",
            "TASK_HELP", "ModeName", "add_flags", "defaults", "from_args", "narrow"]
 
 Method = Literal["gradient", "random", "activation-pca"]
@@ -67,6 +67,14 @@ Strength = Annotated[float, Field(
 MaxTokens = Annotated[int, Field(
     default=256, ge=1, le=4096,
     description="most tokens generated per prompt (generation stops earlier at the task's stop strings)")]
+BatchSize = Annotated[int, Field(default=8, ge=1, le=1024, description="prompts the backend runs at once")]
+
+
+class BackendConfig(Config):
+    """How the library's backend runs the model (`spd_engine.hf_backend.HFBackend`): the CLI's
+    generate, eval and serve, and an experiment's top-level keys."""
+
+    batch_size: BatchSize
 
 
 # ---------------------------------------------------------------- calibration

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import models
 from .atomic import write_json
 from .calibrate import CalibrationConfig, calibrate
-from .config import CalibrationShape, LoraTraining, MaxTokens, Strength, TaskField, narrow
+from .config import BatchSize, CalibrationShape, LoraTraining, MaxTokens, Strength, TaskField, narrow
 from .corpus import generate_corpus, read_corpus
 from .data import data_sha256, load_examples, resolve_data
 from .distill import DistillConfig, distill
@@ -135,7 +135,7 @@ class ExperimentConfig(_Strict):
     seeds: list[int] | None = None  # training seeds (each trained condition once per seed); None: [seed]
     estimated_minutes: int | None = None  # what the config was sized for, on a 2-core CPU
     strength: Strength
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: BatchSize
     metrics: list[Metric] = ["accuracy", "span-nll"]
     conditions: list[Literal["base", "hooks-only", "self-distill", "spd", "spd-random", "spd-pca"]] = list(CONDITIONS)
     out_of_domain: bool = True  # evaluate every condition on the other domains' evaluation sets too

@@ -8,8 +8,8 @@ import argparse
 import pytest
 
 from spd_engine import cli
-from spd_engine.config import (CalibrationConfig, CalibrationShape, DistillConfig, EvaluationConfig, GenerationConfig,
-                               LoraTraining, PipelineConfig, defaults, from_args)
+from spd_engine.config import (BackendConfig, CalibrationConfig, CalibrationShape, DistillConfig, EvaluationConfig,
+                               GenerationConfig, LoraTraining, PipelineConfig, defaults, from_args)
 from spd_engine.experiment import ExperimentConfig
 
 CONCEPTS = {"calibrate": CalibrationConfig, "generate": GenerationConfig, "distill": DistillConfig,
@@ -73,6 +73,8 @@ def test_the_experiment_loader_gives_the_configs_defaults():
         include=set(LoraTraining.model_fields))
     assert cfg.domains[0].max_tokens == GenerationConfig().max_tokens == EvaluationConfig().max_tokens
     assert cfg.strength == GenerationConfig().strength
+    assert cfg.batch_size == BackendConfig().batch_size == _subcommand("generate").get_default("batch_size") \
+        == _subcommand("eval").get_default("batch_size")
 
 
 def test_the_pipeline_uses_the_distillation_settings_it_is_given():
