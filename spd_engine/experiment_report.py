@@ -496,22 +496,14 @@ def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
         for site, spectra in sorted(p.spectra.items()):
             s = spectra[0].double()
             ax.semilogy((s**2 / (s**2).sum()).numpy(), label=f"{p.name} {site[0]}.{site[1]}")
-    ax.set_xlabel("eigen-direction")
-    ax.set_ylabel("share of energy")
-    ax.legend(fontsize=5)
-    fig.tight_layout()
-    _save(fig, root / "spectra.png")
+    _save(fig, root / "spectra.png", ax, "eigen-direction", "share of energy")
     made.append("spectra")
     if angles:
         fig, ax = plt.subplots(figsize=(7, 4))
         for pair, sites in angles.items():
             for site, v in sites.items():
                 ax.plot(v, label=f"{pair} {site}")
-        ax.set_xlabel("principal angle index")
-        ax.set_ylabel("degrees")
-        ax.legend(fontsize=5)
-        fig.tight_layout()
-        _save(fig, root / "angles.png")
+        _save(fig, root / "angles.png", ax, "principal angle index", "degrees")
         made.append("angles")
     panels = [(k, v) for k, v in sweep.items() if any(c != "__ref__" for c in v)]
     if panels:
@@ -526,11 +518,8 @@ def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
             for i, (name, (m, _)) in enumerate(series.get("__ref__", {}).items()):
                 ax.axhline(m, linestyle="--", color=f"C{7 + i}", label=name)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("subspace rank")
-            ax.set_ylabel(metric)
             ax.set_title(f"{dom}: {metric}", fontsize=9)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
+            _labels(ax, "subspace rank", metric, legend=6)
         _save(fig, root / "ranks.png")
         made.append("ranks")
     pts = [g for g in paper_rows if g["claim"] == "plot"]
@@ -546,20 +535,27 @@ def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
                     ax.scatter(*zip(*xy), color=f"C{i}", marker="osD^v<>"[j % 7], label=f"{arm}: {d} -> {e}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("in-domain gain over base, % of base")
-        ax.set_ylabel("out-of-domain gain over base, % of base")
-        ax.legend(fontsize=5)
-        fig.tight_layout()
-        _save(fig, root / "transfer.png")
+        _save(fig, root / "transfer.png", ax, "in-domain gain over base, % of base",
+              "out-of-domain gain over base, % of base")
         made.append("transfer")
     return made
 
 
-def _save(fig, path: Path) -> None:
+def _labels(ax, x: str, y: str, legend: int = 5) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=legend)
+
+
+def _save(fig, path: Path, ax=None, x: str = "", y: str = "") -> None:
+    """Write the figure as PNG (with `ax`: its axis labels and legend first)."""
     import io
 
     import matplotlib.pyplot as plt
 
+    if ax is not None:
+        _labels(ax, x, y)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
