@@ -123,11 +123,7 @@ class Server(ServerProcess):
             dtype = [] if given("--dtype") else ["--dtype", "float32"]
             eager = [] if given("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config") else ["--enforce-eager"]
             return [sys.executable, "-m", "server", "--port", str(self.port), *dtype, *eager, *self.extra]
-        from spd_engine import models
-
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
-                "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-                "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
+        return stock_command(self.port, "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", *self.extra)
 
     def start(self, timeout: float = 400) -> "Server":
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -151,13 +147,22 @@ class Server(ServerProcess):
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
 
-def wait_job(http: httpx.Client, job_id: str, timeout: float = 400, states=("succeeded", "failed", "cancelled")) -> dict:
+def stock_command(port: int | str, *flags: str) -> list[str]:
+    """Plain vLLM's OpenAI server on the bundled model at 127.0.0.1:`port`, vLLM's defaults but `flags`."""
+    from spd_engine import models
+
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.resolve(MODEL)),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), *flags]
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout: float = 400, states=("succeeded", "failed", "cancelled"),
+             poll: float = 0.3) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if job["state"] in states:
             return job
-        time.sleep(0.3)
+        time.sleep(poll)
     raise TimeoutError(f"job {job_id} still {job['state']}")
 
 
