@@ -154,8 +154,8 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
              "for one seed of a 0/1 metric, else paired bootstrap), which treats the adapters as fixed. Every "
              f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
              f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
-             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, seed, eval set, metric "
-             "and item).", ""]
+             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, "
+             "eval set, metric and item).", ""]
 
     # ---- headline: what survives Holm across seeds
     lines += ["## What survives the multiplicity correction", ""]
@@ -389,12 +389,12 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
 
 
 def write_items(path: Path, results: list[dict]) -> None:
-    """Every per-item output (one JSON line per arm x eval set x metric x item: its id, score, extracted
-    answer and completion), committed beside the report so each number in it can be recomputed. gzip
-    with no timestamp, so the same results give the same bytes."""
+    """Every per-item output, one JSON line per arm x training domain x seed x round x eval set x metric
+    x item (its id, score, extracted answer and completion), committed beside the report so each
+    number in it can be recomputed. gzip with no timestamp: the same results give the same bytes."""
     lines = []
     for r in results:
-        head = {k: r[k] for k in ("arm", "seed", "eval", "metric")}
+        head = {k: r[k] for k in ("arm", "train_domain", "seed", "round", "eval", "metric")}
         lines += [json.dumps({**head, **it}, ensure_ascii=False) for it in r["items"]]
     write_bytes(path, gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
 

@@ -60,8 +60,8 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
     items = [json.loads(line) for line in gzip.decompress((root / "items.jsonl.gz").read_bytes()).splitlines()]
     assert len(items) == sum(r["n"] for r in report["results"])
     for r in report["results"]:
-        mine = [it for it in items if (it["arm"], it["seed"], it["eval"], it["metric"])
-                == (r["arm"], r["seed"], r["eval"], r["metric"])]
+        key = ("arm", "train_domain", "seed", "round", "eval", "metric")
+        mine = [it for it in items if all(it[k] == r[k] for k in key)]
         vals = [it["span_nll"] if r["metric"] == "span-nll" else float(it["correct"]) for it in mine]
         assert len(mine) == r["n"] and sum(vals) / len(vals) == pytest.approx(r["value"])
     md = (root / "report.md").read_text()
