@@ -1,18 +1,15 @@
-"""6. Corpus generation through `spd serve` (POST /v1/jobs type `generate`, polled every 0.1 s to
-completion, the file fetched) / vLLM's offline `LLM.generate` on the same token-id prompts (the
-chat template, as the job builds them), greedy, the same max_tokens and stop strings, all prompts in
-one call. The offline `LLM` runs the server's engine settings (`common.server_engine`) and process
-model, no plugin: the job's own cost is what differs. Each repetition's prompts are new to both
-engines; the token counts check the work is the same. Also per CPU-second of each one's processes.
-"""
-from __future__ import annotations
+"""6. Corpus generation through `spd serve` (POST /v1/jobs type `generate`, polled to completion, the
+file fetched) / vLLM's offline `LLM.generate` of the same token-id prompts with the same settings.
+The offline `LLM` runs the server's engine settings and process model, no plugin: the job's own
+cost is what differs. Each repetition's prompts are new to both; the token counts check the work is
+the same."""
 
 import time
 
 import httpx
 
-from common import MODEL, Context, Goal, headline, interleave, ratios, server_engine, spread
-from procs import wait_job
+from common import MODEL, Context, Goal, headline, interleave, ratios, spread
+from procs import job_record, server_engine
 
 TITLE = "corpus generation job through spd serve / offline vLLM LLM.generate"
 GOAL = Goal(">=", 0.9)
@@ -31,55 +28,43 @@ def run(ctx: Context) -> dict:
     srv, offline_engine = ctx.resources.get("spd_server", "offline_engine")
     tok = AutoTokenizer.from_pretrained(models.resolve(MODEL))
     gsm = load_examples(resolve_data("gsm8k"), "math")
-    n, max_tokens, reps = ctx.size(4, 64), ctx.size(8, 64), ctx.size(1, 3)
-    stop = stop_strings("math")
+    n, max_tokens, reps, stop = ctx.size(4, 64), ctx.size(8, 64), ctx.size(1, 3), stop_strings("math")
     client = httpx.Client(base_url=srv.url, timeout=900)
-    jobs: list[dict] = []
-    tokens: dict[str, list[int]] = {"job": [], "offline": []}
-    cpu_sec: dict[str, list[float]] = {"job": [], "offline": []}
-
-    def chunk(i):  # the warm-up (-1) on its own prompts, repetition i on fresh ones
-        return [gsm[((i + 1) * n + j) % len(gsm)] for j in range(n)]
+    jobs, tokens, cpu = [], {"job": [], "offline": []}, {"job": [], "offline": []}
+    chunk = lambda i: [gsm[((i + 1) * n + j) % len(gsm)] for j in range(n)]  # noqa: E731 - the warm-up's (-1) own
 
     def job(i):
         body = {"type": "generate", "params": {"task": "math", "max_tokens": max_tokens, "temperature": 0.0,
                 "prompts": {"examples": [{"id": e.id, "prompt": e.prompt} for e in chunk(i)]}}}
         c0, t0 = srv.cpu(), time.perf_counter()
-        r = client.post("/v1/jobs", json=body)
-        r.raise_for_status()
-        j = wait_job(client, jid := r.json()["id"], 0.1)
-        dt = time.perf_counter() - t0
-        cpu_sec["job"].append(srv.cpu() - c0)
-        art = client.get(f"/v1/jobs/{jid}/artifact")
-        art.raise_for_status()
-        (path := srv.root / "tmp-corpus.jsonl").write_bytes(art.content)
+        j = job_record(client, jid := client.post("/v1/jobs", json=body).raise_for_status().json()["id"], 0.1)
+        dt, dcpu = time.perf_counter() - t0, srv.cpu() - c0
+        (path := srv.root / "tmp-corpus.jsonl").write_bytes(client.get(f"/v1/jobs/{jid}/artifact").raise_for_status().content)
         if i >= 0:
             n_tok = sum(row["n_tokens"] for row in read_corpus(path))
             jobs.append({"id": jid, "client_seconds": dt, "server_seconds": j["finished"] - j["started"],
                          "queue_seconds": j["started"] - j["created"], "tokens": n_tok})
             tokens["job"].append(n_tok)
+            cpu["job"].append(dcpu)
         return dt
 
     def offline(i):
         ids = [text_prompt_ids(tok, user_message("math", e)) for e in chunk(i)]
         out = offline_engine.call("offline_generate", prompt_ids=ids, max_tokens=max_tokens, stop=stop)
-        cpu_sec["offline"].append(out["cpu_seconds"])
         if i >= 0:
             tokens["offline"].append(out["tokens"])
+            cpu["offline"].append(out["cpu_seconds"])
         return out["seconds"]
 
     sec = interleave({"job": job, "offline": offline}, reps)
     client.close()
-    cpu = {k: v[1:] for k, v in cpu_sec.items()}  # without the warm-up round
     r = ratios(sec["offline"], sec["job"])
     r_cpu = ratios(*([t / c for t, c in zip(tokens[k], cpu[k])] for k in ("job", "offline")))
     engine, engine_env = server_engine()
     return {
         "settings": {"prompts_per_rep": n, "max_tokens": max_tokens, "temperature": 0.0, "stop": stop, "reps": reps,
-                     "task": "math", "capability": "none (the offline arm is stock vLLM)", "server": srv.describe(),
-                     "offline": {"call": "LLM.generate, all prompts of the rep in one call",
-                                 "engine": {**engine, **engine_env, "VLLM_PLUGINS": "none",
-                                            "process_model": "vLLM default (engine core in its own process)"},
+                     "task": "math", "server": srv.describe(),
+                     "offline": {"engine": {**engine, **engine_env, "VLLM_PLUGINS": "none"},
                                  "start_seconds": offline_engine.state["start_seconds"]}},
         "seconds": sec, "cpu_seconds": cpu, "jobs": jobs, "tokens": tokens,
         "job_tok_s": spread([t / s for t, s in zip(tokens["job"], sec["job"])]),

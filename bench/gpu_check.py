@@ -1,16 +1,12 @@
 """The library on a device without vLLM (torch, transformers, peft only: it runs where vLLM is not
 installed or would not load): calibration, projection equal to the CPU's, the capture-safe op
-captured and replayed with new routes, hooked / unhooked tokens/s, a few distillation steps; one
-JSON object.
+captured and replayed with new routes (on the CPU, which has no CUDA graphs, compiled with
+torch.compile(fullgraph=True): both need one graph of tensor ops, no host reads), hooked / unhooked
+tokens/s, a few distillation steps; one JSON object.
 
     python bench/gpu_check.py --device cuda [--out F]          # one H200: well under 8 minutes
     python bench/gpu_check.py --device cpu --quick [--out F]   # this CPU: about a minute
-
-The CPU has no CUDA graphs, so there the op is compiled with torch.compile(fullgraph=True) instead:
-both need one graph of tensor ops with no host reads, fed new routes written into the same buffers
-in place ("capture" says which).
 """
-from __future__ import annotations
 
 import argparse
 import json
@@ -160,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu)")
-    size: Callable[[int, int], int] = lambda quick, full: quick if args.quick else full  # noqa: E731
+    size = lambda quick, full: quick if args.quick else full  # noqa: E731
     started = time.perf_counter()
     be = HFBackend(args.model, batch_size=size(2, 8), device=args.device)
     gsm = load_examples(resolve_data("gsm8k"), "math")
@@ -178,15 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {"examples": len(examples), "seconds": round(seconds, 2),
                         "rows": pack.manifest.calibration.n_rows, "ranks": pack.manifest.ranks},
         "projection": projection(bank, args.device),
-        "captured": captured(bank.sites[(last, "k")], args.device),
+        "captured": (cap := captured(bank.sites[(last, "k")], args.device)), "capture": cap["capture"],
         "generation": generation(be, [prompt_ids(be.tokenizer, "math", ex) for ex in gsm[20 : 20 + size(2, 8)]],
                                  size(8, 64), size(1, 3), pack.name),
         "distillation": distillation(be, examples, size(3, 10), args.device),
+        "vllm_imported": sys.modules.get("vllm") is not None,  # the check is that it never is
+        "seconds": round(time.perf_counter() - started, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews the timings
     }
-    result["capture"] = result["captured"]["capture"]
-    result["vllm_imported"] = sys.modules.get("vllm") is not None  # the check is that it never is
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    result["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the timings
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)

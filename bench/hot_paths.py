@@ -1,10 +1,7 @@
-"""8. Hot paths on a running `spd serve --enable-lora` (LoRA is off by default): the time to add a mode
-(POST /v1/modes/import of a pack: validated and installed in the store, no engine call; the
-worker loads it when a request first names it), to load a LoRA adapter (POST /v1/adapters, vLLM's
-runtime loading), and the latency of the first request using each against a plain request just
-before. Each repetition uses a new mode and adapter name, deleted afterwards.
-"""
-from __future__ import annotations
+"""8. Hot paths on a running `spd serve --enable-lora`: the time to add a mode (POST /v1/modes/import:
+into the store, no engine call; the worker loads it when a request first names it) and to load a
+LoRA adapter (POST /v1/adapters, vLLM's runtime loading), and the latency of the first request
+using each against a plain request just before. Each repetition a new mode and adapter name."""
 
 import tempfile
 import time
@@ -15,38 +12,30 @@ import httpx
 from common import MODEL, Context, Goal, headline, ratios, spread
 from procs import save_random_mode
 
+from server.harness import write_random_lora
+
 TITLE = "hot paths: add a mode, load an adapter, first request after each"
 USES = {"spd_server_lora"}
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
 
 
-def pack_tar() -> tuple[bytes, dict]:
-    """A random rank-d/2 pack, as the import endpoint takes it."""
+def run(ctx: Context) -> dict:
     from server.archive import export_pack
+    from spd_engine import models
     from spd_engine.subspace import Store
 
-    store = Path(tempfile.mkdtemp(prefix="bench-hp-store-"))
-    info = save_random_mode(store, "hp-src")
-    data = export_pack(Store(store), "hp-src")
-    return data, {**info, "tar_bytes": len(data)}
-
-
-def run(ctx: Context) -> dict:
-    from server.harness import write_random_lora
-    from spd_engine import models
-
     srv = ctx.resources.get("spd_server_lora")
-    tar, pack_info = pack_tar()
+    store = Path(tempfile.mkdtemp(prefix="bench-hp-store-"))  # the pack, as the import endpoint takes it
+    pack_info = save_random_mode(store, "hp-src")
+    tar = export_pack(Store(store), "hp-src")
     write_random_lora(models.resolve(MODEL), srv.root / "data" / "adapters" / "bench-lora")
     reps, max_tokens = ctx.size(1, 3), ctx.size(4, 8)
     client = httpx.Client(base_url=srv.url, timeout=600)
 
     def timed(method: str, path: str, **kw) -> float:
         t0 = time.perf_counter()
-        r = client.request(method, path, **kw)
-        dt = time.perf_counter() - t0
-        r.raise_for_status()
-        return dt
+        client.request(method, path, **kw).raise_for_status()
+        return time.perf_counter() - t0
 
     def complete(**extra) -> float:
         return timed("POST", "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens,
@@ -70,11 +59,10 @@ def run(ctx: Context) -> dict:
     after_mode = ratios(out["first_with_mode"], out["plain_before_mode"])
     after_adapter = ratios(out["first_with_adapter"], out["plain_before_adapter"])
     return {
-        "settings": {"reps": reps, "max_tokens": max_tokens, "pack": pack_info, "server": srv.describe(),
+        "settings": {"reps": reps, "max_tokens": max_tokens, "pack": {**pack_info, "tar_bytes": len(tar)},
+                     "server": srv.describe(),
                      "adapter": {"rank": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 "init": "random (not trained)"},
-                     "mode_add": "POST /v1/modes/import (multipart tar), client wall time",
-                     "adapter_load": "POST /v1/adapters {directory}, client wall time"},
+                                 "init": "random (not trained)"}},
         "seconds": out, "first_request_over_plain": {"mode": after_mode, "adapter": after_adapter},
         "headline": [headline("add a mode (pack import), seconds", spread(out["mode_add"]), Goal("<=", 1.0, "s")),
                      headline("load an adapter, seconds", spread(out["adapter_load"]), Goal("<=", 2.0, "s")),

@@ -1,72 +1,57 @@
 """Render `<results>/README.md` (one table: benchmark, median [min, max], goal, met?) and
 `ratios.png` from the JSON the suite wrote. `python bench/report.py [results dir]`."""
-from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, SUITE  # noqa: E402
+from common import RESULTS, SUITE
 
 # Sweeps whose decision is made and written in the project README (Performance): their modules
 # left the suite, their JSON and table rows stay, marked so.
 LEFT_THE_SUITE = {"cost_growth": 3, "many_modes_projection": 12, "cpu_defaults": 14, "cpu_preload": 15,
                   "cpu_compiled": 16}
 NUMBER = {**SUITE, **LEFT_THE_SUITE}
-BY_NUMBER = sorted(NUMBER, key=NUMBER.get)
 INTRO = ("Every ratio is measured against its baseline in the same run, arms interleaved (A B A B ...); median "
          "and [min, max] over the repetitions; details, settings and every repetition: `<benchmark>.json`. "
          "\"met?\" judges the median; where the spread crosses the goal the repetitions disagree and the row is "
          "inconclusive at this noise level. The \"from CPU time\" column is the same ratio per CPU-second of the "
          "processes under test (the engine process, or a server's process group; for start-up: the CPU seconds to "
          "the first answer), which does not count the time other jobs held the cores of a shared machine.")
-
-
-def _one_line(error: str) -> str:
-    """The last meaningful line of an error (a child's traceback ends with the exception)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return (lines[-1] if lines else "")[:200].replace("|", "/")
-
-
-def _fmt(h: dict, unit: str) -> str:
-    d, u = (3, "") if unit == "ratio" else (2, f" {unit}")
-    return f"{h['median']:.{d}f} [{h['min']:.{d}f}, {h['max']:.{d}f}]{u}"
-
-
-def _met(h: dict, goal: str) -> str:
-    """yes / no by the median, flagged when the [min, max] spread lies on both sides of the goal."""
-    if h.get("met") is None:
-        return ""
-    op, value = goal.split()[:2]
-    side = (lambda x: x >= float(value)) if op == ">=" else (lambda x: x <= float(value))
-    return ("yes" if h["met"] else "**no**") + (" (spread crosses the goal)" if side(h["min"]) != side(h["max"]) else "")
+LEFT = ("Rows marked \"left the suite\" come from sweeps whose decision is made: the project README's Performance "
+        "section says what each decided; their JSON stays here, their modules are gone.")
 
 
 def _row(i: int, name: str, h: dict) -> str:
+    d, u = (3, "") if h["unit"] == "ratio" else (2, f" {h['unit']}")
+    fmt = lambda v: f"{v['median']:.{d}f} [{v['min']:.{d}f}, {v['max']:.{d}f}]{u}"  # noqa: E731
+
+    def met(v: dict) -> str:  # by the median, flagged where the [min, max] spread lies on both sides of the goal
+        op, value = h["goal"].split()[:2]
+        side = lambda x: x >= float(value) if op == ">=" else x <= float(value)  # noqa: E731
+        return ("yes" if v["met"] else "**no**") + (" (spread crosses the goal)" if side(v["min"]) != side(v["max"]) else "")
+
     extra = f" (FLOP prediction {h['predicted']:.4f})" if "predicted" in h else ""
     if "p50" in h:
         extra = " (" + "; ".join(q + " " + ", ".join(f"{k} {v:.2f} s" for k, v in h[q].items()) for q in ("p50", "p99")) + ")"
-    cpu, met = "", _met(h, h["goal"])
-    if "cpu" in h:
-        cpu = _fmt(h["cpu"], h["unit"])
-        met += f" / {_met(h['cpu'], h['goal'])}" if h["cpu"].get("met") is not None else ""
-    return f"| {i} | {name} | {h['label']}{extra} | {_fmt(h, h['unit'])} | {cpu} | {h['goal'] or ''} | {met} |"
+    cpu, judged = h.get("cpu", {}), met(h) if h.get("met") is not None else ""
+    judged += f" / {met(cpu)}" if cpu.get("met") is not None else ""
+    return f"| {i} | {name} | {h['label']}{extra} | {fmt(h)} | {fmt(cpu) if cpu else ''} | {h['goal'] or ''} | {judged} |"
 
 
 def table(results: dict, skipped: dict) -> list[str]:
     lines = ["| # | benchmark | measure | median [min, max] | from CPU time: median [min, max] | goal | met? "
              "(wall / CPU) |", "|---|---|---|---|---|---|---|"]
-    for name in BY_NUMBER:
+    for name in sorted(NUMBER, key=NUMBER.get):
         i, r = NUMBER[name], results.get(name)
         if name in LEFT_THE_SUITE and r is None:
             continue
         label = f"{name} (left the suite)" if name in LEFT_THE_SUITE else name
         if name in skipped or r is None:
             lines.append(f"| {i} | {label} | {skipped.get(name, 'not run')} | | | | |")
-        elif r.get("error"):
-            lines.append(f"| {i} | {label} | FAILED: {_one_line(r['error'])} | | | {r.get('goal', '')} | no |")
+        elif r.get("error"):  # its last line: a child's traceback ends with the exception
+            error = ([ln.strip() for ln in r["error"].splitlines() if ln.strip()] or [""])[-1][:200].replace("|", "/")
+            lines.append(f"| {i} | {label} | FAILED: {error} | | | {r.get('goal', '')} | no |")
         else:
             lines += [_row(i, label, h) for h in r["headline"]]
     return lines
@@ -79,7 +64,7 @@ def ratios_plot(results: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    heads = [(n, h) for n in BY_NUMBER if n in results and not results[n].get("error")
+    heads = [(n, h) for n in sorted(results, key=NUMBER.get) if not results[n].get("error")
              for h in results[n]["headline"] if h["unit"] == "ratio"]
     if not heads:
         return False
@@ -117,11 +102,7 @@ def render(out: Path = RESULTS) -> Path:
                   + f". Model: {any_r.get('model')} (its dtype and engine settings: each benchmark's JSON).", ""]
     if notes := run.get("notes") or any_r.get("notes"):
         lines += ["Notes: " + " ".join(n if n.endswith(".") else n + "." for n in notes), ""]
-    lines += [INTRO, ""]
-    if any(n in results for n in LEFT_THE_SUITE):
-        lines += ["Rows marked \"left the suite\" come from sweeps whose decision is made: the project README's "
-                  "Performance section says what each decided; their JSON stays here, their modules are gone.", ""]
-    lines += table(results, skipped)
+    lines += [INTRO, ""] + ([LEFT, ""] if any(n in results for n in LEFT_THE_SUITE) else []) + table(results, skipped)
     if ratios_plot(results, out / "ratios.png"):
         lines += ["", "![ratios](ratios.png)"]
     (out / "README.md").write_text("\n".join(lines) + "\n")

