@@ -154,7 +154,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
              "for one seed of a 0/1 metric, else paired bootstrap), which treats the adapters as fixed. Every "
              f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
              f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
-             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, "
+             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, round, "
              "eval set, metric and item).", ""]
 
     # ---- headline: what survives Holm across seeds
