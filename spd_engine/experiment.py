@@ -91,11 +91,12 @@ class DomainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _deprecated_kind(cls, v):
-        # `kind` was this key's name until the glossary's rename; accepted for one release
+        # `kind` was this key's name until the glossary's rename; accepted for one release. A FutureWarning:
+        # Python shows it by default (a DeprecationWarning raised from here would be hidden from users)
         if isinstance(v, dict) and "kind" in v:
             if "task" in v:
                 raise ValueError("give `task` only (`kind` is its deprecated name)")
-            warnings.warn("domain key `kind` is deprecated: write `task`", DeprecationWarning, stacklevel=2)
+            warnings.warn("domain key `kind` is deprecated: write `task`", FutureWarning, stacklevel=2)
             v = {("task" if k == "kind" else k): x for k, x in v.items()}
         return v
 

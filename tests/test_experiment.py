@@ -31,7 +31,7 @@ def test_bad_config_is_refused_naming_the_field(tmp_path):
     # the key's deprecated name still loads, with a warning; both names at once is refused
     old = tmp_path / "old.toml"
     old.write_text(TINY.read_text().replace('task = "', 'kind = "'))
-    with pytest.warns(DeprecationWarning, match="`kind` is deprecated"):
+    with pytest.warns(FutureWarning, match="`kind` is deprecated"):
         assert [d.task for d in load_config(old).domains] == [d.task for d in load_config(TINY).domains]
     bad.write_text(TINY.read_text().replace('task = "math"', 'task = "math"\nkind = "math"'))
     with pytest.raises(ValueError, match="give `task` only"):
