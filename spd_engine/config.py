@@ -22,8 +22,8 @@ from .paths import NAME_PATTERN
 from .tasks import Task
 
 __all__ = ["Config", "ConfigError", "CalibrationShape", "CalibrationConfig", "GenerationConfig", "EvaluationConfig",
-           "LoraTraining", "DistillConfig", "BackendConfig", "BatchSize", "PipelineConfig", "Method", "Granularity", "KVKind", "Task", "TaskField",
-           "TASK_HELP", "ModeName", "add_flags", "defaults", "from_args", "narrow"]
+           "LoraTraining", "DistillConfig", "BackendConfig", "BatchSize", "PipelineConfig", "Method", "Granularity",
+           "KVKind", "Task", "TaskField", "TASK_HELP", "ModeName", "add_flags", "defaults", "from_args", "narrow"]
 
 Method = Literal["gradient", "random", "activation-pca"]
 Granularity = Literal["layer", "head"]
@@ -72,7 +72,7 @@ BatchSize = Annotated[int, Field(default=8, ge=1, le=1024, description="prompts 
 
 class BackendConfig(Config):
     """How the library's backend runs the model (`spd_engine.hf_backend.HFBackend`): the CLI's
-    generate, eval and serve, and an experiment's top-level keys."""
+    generate and eval flags, and an experiment's top-level `batch_size`."""
 
     batch_size: BatchSize
 

@@ -496,14 +496,16 @@ def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
         for site, spectra in sorted(p.spectra.items()):
             s = spectra[0].double()
             ax.semilogy((s**2 / (s**2).sum()).numpy(), label=f"{p.name} {site[0]}.{site[1]}")
-    _save(fig, root / "spectra.png", ax, "eigen-direction", "share of energy")
+    _labels(ax, "eigen-direction", "share of energy")
+    _save(fig, root / "spectra.png")
     made.append("spectra")
     if angles:
         fig, ax = plt.subplots(figsize=(7, 4))
         for pair, sites in angles.items():
             for site, v in sites.items():
                 ax.plot(v, label=f"{pair} {site}")
-        _save(fig, root / "angles.png", ax, "principal angle index", "degrees")
+        _labels(ax, "principal angle index", "degrees")
+        _save(fig, root / "angles.png")
         made.append("angles")
     panels = [(k, v) for k, v in sweep.items() if any(c != "__ref__" for c in v)]
     if panels:
@@ -535,8 +537,8 @@ def _plots(root: Path, packs, angles, sweep, paper_rows) -> list[str]:
                     ax.scatter(*zip(*xy), color=f"C{i}", marker="osD^v<>"[j % 7], label=f"{arm}: {d} -> {e}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
-        _save(fig, root / "transfer.png", ax, "in-domain gain over base, % of base",
-              "out-of-domain gain over base, % of base")
+        _labels(ax, "in-domain gain over base, % of base", "out-of-domain gain over base, % of base")
+        _save(fig, root / "transfer.png")
         made.append("transfer")
     return made
 
@@ -547,14 +549,12 @@ def _labels(ax, x: str, y: str, legend: int = 5) -> None:
     ax.legend(fontsize=legend)
 
 
-def _save(fig, path: Path, ax=None, x: str = "", y: str = "") -> None:
-    """Write the figure as PNG (with `ax`: its axis labels and legend first)."""
+def _save(fig, path: Path) -> None:
+    """Lay the figure out and write it as PNG."""
     import io
 
     import matplotlib.pyplot as plt
 
-    if ax is not None:
-        _labels(ax, x, y)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
