@@ -25,6 +25,7 @@ from spd_engine.subspace import Store
 from .jobs import JobContext, JobStore, Worker
 from .schemas import DataSpec, GenerateRecord, PipelineRecord, Source, load_record
 from .settings import Settings
+from .worker_proc import calibration_result
 
 INPUTS = "inputs"
 
@@ -149,13 +150,17 @@ def run_subprocess(ctx: JobContext, spec: dict, name: str) -> dict:
 
 
 def calibrate(server: JobHost, ctx: JobContext, name: str, task: str, cfg: CalibrationConfig, source: Source) -> dict:
+    label = f"job {ctx.id} ({source.dataset or 'upload'})"
     if name in server.store.names():
-        raise ValueError(f"a subspace named {name!r} already exists")
-    spec = {"step": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
-            "data": str(source_path(ctx.dir, source)), "limit": source.limit, "task": task, "name": name,
-            "cfg": narrow(cfg, CalibrationConfig).model_dump(mode="json"),
-            "data_label": f"job {ctx.id} ({source.dataset or 'upload'})"}
-    result = run_subprocess(ctx, spec, "calibrate")
+        manifest = server.store.load(name, server.model_info).manifest
+        if manifest.calibration.data != label:
+            raise ValueError(f"a subspace named {name!r} already exists")
+        result = calibration_result(manifest)  # this job wrote it, then a restart interrupted it: finish
+    else:
+        spec = {"step": "calibrate", "model": str(server.model_path), "store": str(server.store.root),
+                "data": str(source_path(ctx.dir, source)), "limit": source.limit, "task": task, "name": name,
+                "cfg": narrow(cfg, CalibrationConfig).model_dump(mode="json"), "data_label": label}
+        result = run_subprocess(ctx, spec, "calibrate")
     server.add_mode(name)  # hot: the next request can use it
     return result
 

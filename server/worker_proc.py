@@ -49,7 +49,11 @@ def calibrate(spec: dict) -> dict:
     if spec["name"] in store.names():
         raise ValueError(f"a subspace named {spec['name']!r} already exists")
     store.save(pack)
-    m = pack.manifest
+    return calibration_result(pack.manifest)
+
+
+def calibration_result(m) -> dict:
+    """A calibrate job's result, from the manifest of the pack it wrote."""
     return {"subspace": m.name, "ranks": m.ranks, "rank_rule": m.rank_rule, "seconds": m.calibration.seconds,
             "n_examples": m.calibration.n_examples}
 

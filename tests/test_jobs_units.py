@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from server import steps
 from server.jobs import JobContext, JobStore, Worker
 
@@ -157,3 +159,41 @@ def test_a_job_store_and_records_written_before_the_renames_load(tmp_path):
     store.create("job-new", "evaluate", {})  # the renamed column takes new jobs
     assert store.get("job-new")["type"] == "evaluate"
     assert _store(tmp_path).get("job-c")["type"] == "calibrate"  # opening it again finds nothing to rename
+
+
+def test_a_calibrate_job_interrupted_after_writing_its_pack_finishes_at_the_restart(tmp_path, tiny_path, tokenizer,
+                                                                                     monkeypatch):
+    """A restart found the job running after its subprocess had saved the pack (found by CI: the
+    resumed job failed with "already exists"). It now finishes with that pack; a pack of the same
+    name from anything else is still refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from server.schemas import Source
+    from spd_engine import models
+    from spd_engine.calibrate import CalibrationConfig, calibrate
+    from spd_engine.subspace import Store
+    from spd_engine.tasks import Example
+
+    info = models.info(tiny_path)
+    ex = [Example(id="a", prompt="What is 2 plus 2?", answer="The answer is 4.")]
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    store = Store(tmp_path / "subspaces")
+    added: list[str] = []
+    host = SimpleNamespace(store=store, model_info=info, add_mode=added.append)
+    monkeypatch.setattr(steps, "run_subprocess", lambda *a: (_ for _ in ()).throw(AssertionError("ran again")))
+    jobs = _store(tmp_path)
+    for job_id, name, label in [("job-mine", "m", "job job-mine (upload)"), ("job-other", "o", "job job-x (upload)")]:
+        store.save(calibrate(model, tokenizer, info, "math", ex, name, CalibrationConfig(layers=[0]), data=label))
+        jobs.create(job_id, "calibrate", {})
+    cfg, source = CalibrationConfig(layers=[0]), Source(file="inputs/calibration.jsonl")
+    mine = JobContext(jobs, jobs.get("job-mine"), tmp_path)
+    result = steps.calibrate(host, mine, "m", "math", cfg, source)
+    assert result["subspace"] == "m" and result["n_examples"] == 1 and added == ["m"]
+    other = JobContext(jobs, jobs.get("job-other"), tmp_path)
+
+
+    with pytest.raises(ValueError, match="already exists"):
+        steps.calibrate(host, other, "o", "math", cfg, source)
+    assert added == ["m"]
