@@ -10,7 +10,9 @@ in the store (`cancels`) and carried out by the running process within half a se
 States: queued -> running -> succeeded | failed | cancelled. Queued jobs survive a restart. A job
 found `running` at startup was interrupted by a crash: generation is resumed (its corpus file is
 append-only and resumable), every other type is marked failed with the reason, and its hidden
-temporary files are removed (artifacts are only ever published by an atomic rename).
+temporary files are removed (artifacts are only ever published by an atomic rename). A job put
+back in the queue at shutdown runs again from its first step; a step finds its own published
+output (a pack, an adapter) and does not redo it (`steps`).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from spd_engine.subspace import Store
 from .jobs import JobContext, JobStore, Worker
 from .schemas import DataSpec, GenerateRecord, PipelineRecord, Source, load_record
 from .settings import Settings
-from .worker_proc import calibration_result
+from .worker_proc import calibration_result, distill_result
 
 INPUTS = "inputs"
 
@@ -45,6 +45,8 @@ class JobHost(Protocol):
     def add_mode(self, name: str) -> None: ...
 
     def load_adapter(self, name: str, path: Path) -> Awaitable[None]: ...
+
+    def adapter_paths(self) -> dict[str, str]: ...
 
     def call(self, coro: Awaitable) -> Any: ...
 
@@ -166,9 +168,22 @@ def calibrate(server: JobHost, ctx: JobContext, name: str, task: str, cfg: Calib
 
 
 def distill(server: JobHost, ctx: JobContext, corpus: Path, out: Path, cfg: DistillConfig) -> dict:
+    report = out / "training_report.json"
+    if report.is_file():  # the job's adapter, published (by rename) before a restart interrupted the job
+        return distill_result(json.loads(report.read_text()))
     spec = {"step": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out),
             "cfg": cfg.model_dump(mode="json")}
     return run_subprocess(ctx, spec, "distill")
+
+
+def load_adapter(server: JobHost, name: str, path: Path) -> None:
+    """Hot-load a job's adapter. One already loaded under this name from this path is the job's
+    own, loaded before a restart interrupted the job."""
+    try:
+        server.call(server.load_adapter(name, path))
+    except Exception:
+        if server.adapter_paths().get(name) != str(path):
+            raise
 
 
 # ---------------------------------------------------------------- in-process steps
@@ -294,7 +309,7 @@ def make_runners(server: JobHost, store: JobStore):
         result = distill(server, ctx, corpus, ctx.dir / "adapter", cfg)
         write_provenance(server, ctx, ctx.dir / "adapter", corpus, made, cfg)
         if p.adapter_name:
-            server.call(server.load_adapter(p.adapter_name, ctx.dir / "adapter"))
+            load_adapter(server, p.adapter_name, ctx.dir / "adapter")
             result["adapter_loaded"] = p.adapter_name
         return result, "adapter"
 
@@ -318,7 +333,7 @@ def make_runners(server: JobHost, store: JobStore):
             result[f"generate{key}"] = generate(server, ctx, task, ins.prompts, gen, corpus)
             result[f"distill{key}"] = distill(server, ctx, ctx.dir / corpus, ctx.dir / out, cfg)
             write_provenance(server, ctx, ctx.dir / out, ctx.dir / corpus, gen, cfg)
-            server.call(server.load_adapter(name, ctx.dir / out))
+            load_adapter(server, name, ctx.dir / out)
         result["adapter_loaded"] = adapter
         ev = ins.eval_data or ins.calibration  # scored data needs gold answers
         reports = {"base": (None, "report_base.json"), **{arm: (name, "report.json" if arm == "spd" else

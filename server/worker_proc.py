@@ -72,7 +72,11 @@ def distill(spec: dict) -> dict:
     def progress(step: int, total: int, loss: float) -> None:
         emit({"progress": [step, total], "loss": loss})
 
-    report = run(model, tok, rows, Path(spec["out"]), cfg, progress)
+    return distill_result(run(model, tok, rows, Path(spec["out"]), cfg, progress))
+
+
+def distill_result(report: dict) -> dict:
+    """A distill step's result, from the training report saved beside its adapter."""
     return {k: v for k, v in report.items() if k != "config"}
 
 

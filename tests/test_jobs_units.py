@@ -1,5 +1,6 @@
-"""The job worker without a server: cancellation racing a job's start, shutdown re-queueing, and
-a worker subprocess that writes a lot to stderr."""
+"""The job worker without a server: cancellation racing a job's start, shutdown re-queueing, a
+worker subprocess that writes a lot to stderr, and steps re-run after a restart interrupted them
+past their output (a saved pack, a published adapter, a loaded adapter), which finish with it."""
 from __future__ import annotations
 
 import threading
@@ -192,8 +193,32 @@ def test_a_calibrate_job_interrupted_after_writing_its_pack_finishes_at_the_rest
     result = steps.calibrate(host, mine, "m", "math", cfg, source)
     assert result["subspace"] == "m" and result["n_examples"] == 1 and added == ["m"]
     other = JobContext(jobs, jobs.get("job-other"), tmp_path)
-
-
     with pytest.raises(ValueError, match="already exists"):
         steps.calibrate(host, other, "o", "math", cfg, source)
     assert added == ["m"]
+
+
+def test_a_distill_step_interrupted_after_publishing_its_adapter_returns_its_report_at_the_restart(tmp_path,
+                                                                                                    monkeypatch):
+    import json
+
+    monkeypatch.setattr(steps, "run_subprocess", lambda *a: (_ for _ in ()).throw(AssertionError("trained again")))
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "training_report.json").write_text(json.dumps({"steps": 3, "last_loss": 0.5, "config": {"lr": 1}}))
+    assert steps.distill(None, None, tmp_path / "corpus.jsonl", out, None) == {"steps": 3, "last_loss": 0.5}
+
+
+def test_a_jobs_adapter_loaded_before_a_restart_is_kept_and_any_other_of_that_name_still_refused(tmp_path):
+    from types import SimpleNamespace
+
+    def refuse(name, path):
+        raise RuntimeError(f"an adapter named {name!r} is already loaded")
+
+    loaded = {"mine": str(tmp_path / "adapter")}
+    host = SimpleNamespace(call=lambda x: x, load_adapter=refuse, adapter_paths=lambda: loaded)
+    steps.load_adapter(host, "mine", tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="already loaded"):
+        steps.load_adapter(host, "mine", tmp_path / "other-job" / "adapter")
+    with pytest.raises(RuntimeError, match="already loaded"):
+        steps.load_adapter(host, "theirs", tmp_path / "adapter")
