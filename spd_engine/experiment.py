@@ -206,12 +206,18 @@ class _Stages:
     def dir(self, stage: str, key: dict) -> Path:
         return self.root / f"{stage}-{_hash(key)}"
 
-    def run(self, stage: str, key: dict, fn: Callable[[Path], dict]) -> dict:
+    def cached(self, stage: str, key: dict) -> bool:
+        return (self.dir(stage, key) / "done.json").exists()
+
+    def run(self, stage: str, key: dict, fn: Callable[[Path], dict], needs: str | None = None) -> dict:
+        """`needs`: a file the caller reads from the stage's directory; a cached stage without it (a
+        committed cache keeps no adapters) runs again."""
         where = self.dir(stage, key)
-        if where.name in self._done:
+        have = needs is None or (where / needs).exists()
+        if where.name in self._done and have:
             return self._done[where.name]
         done = where / "done.json"
-        if done.exists():
+        if done.exists() and have:
             result = json.loads(done.read_text())
             self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": True})
         else:
@@ -419,8 +425,11 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             bar.close()
             return {"adapter": "adapter", "train": report}
 
-        res = stages.run("distill", key, do_distill)
         distill_key[arm] = key
+        # a committed cache keeps each adapter's training report, not the adapter: train again only
+        # when something still reads it (an evaluation not yet cached, a later round)
+        needs = "adapter" if cfg.rounds > 1 or pending(arm) else None
+        res = stages.run("distill", key, do_distill, needs=needs)
         adapter_dir[arm] = stages.dir("distill", key) / "adapter"
         t = res["train"]
         training.append({"domain": d.name, "arm": arm.label, "seed": arm.seed, "examples": t["examples"],
@@ -428,9 +437,8 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                          "trained_tokens": t.get("trained_tokens"), "first_loss": t["first_loss"],
                          "last_loss": t["last_loss"], "seconds": t["seconds"]})
 
-    def evaluate(backend: HFBackend, arm: Arm, mode: str | None) -> None:
-        """`backend` serves the arm's model as it is (a trained arm: its adapter already merged in)."""
-        capability = (mode,) if arm.condition == "hooks-only" and mode else ()
+    def evaluations(arm: Arm, capability: tuple[str, ...]):
+        """The arm's evaluations: (evaluation domain, metric, items, stage key) each."""
         for e in cfg.domains:
             if not cfg.out_of_domain and arm.domain is not None and e.name != arm.domain:
                 continue
@@ -438,27 +446,38 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             for metric in e.metrics or cfg.metrics:
                 if metric == "letter-accuracy" and e.task != "mcq":
                     continue  # letters exist only in multiple choice
-                key = {"version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
-                       "merged": True, "mode": calib_key.get(arm) if capability else None,
-                       "strength": cfg.strength if capability else 0.0,
-                       "eval": e.name, "kind": e.task, "examples": _content(items), "data": sources[e.name],
-                       "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
+                yield e, metric, items, {
+                    "version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
+                    "merged": True, "mode": calib_key.get(arm) if capability else None,
+                    "strength": cfg.strength if capability else 0.0,
+                    "eval": e.name, "kind": e.task, "examples": _content(items), "data": sources[e.name],
+                    "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
 
-                def do_eval(where: Path, e=e, metric=metric, items=items) -> dict:
-                    if metric == "accuracy":
-                        r = accuracy(backend, e.task, items, capability=capability, strength=cfg.strength,
-                                     max_tokens=e.max_tokens)
-                    elif metric == "letter-accuracy":
-                        r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength)
-                    else:
-                        r = span_nll_eval(backend, e.task, items, capability=capability, strength=cfg.strength)
-                    return {"summary": r.summary(), "items": r.items}
+    def pending(arm: Arm) -> bool:
+        """A trained arm has an evaluation not yet cached."""
+        return not all(stages.cached("evaluate", key) for *_, key in evaluations(arm, ()))
 
-                res = stages.run("evaluate", key, do_eval)
-                results.append({"arm": arm.label, "condition": arm.condition, "train_domain": arm.domain,
-                                "rank": arm.rank, "seed": arm.seed, "round": arm.round, "eval": e.name,
-                                "in_domain": arm.domain is None or arm.domain == e.name, "metric": metric,
-                                **res["summary"], "items": res["items"]})
+    def evaluate(backend: HFBackend | None, arm: Arm, mode: str | None) -> None:
+        """`backend` serves the arm's model as it is (a trained arm: its adapter already merged in);
+        None when every evaluation is cached."""
+        capability = (mode,) if arm.condition == "hooks-only" and mode else ()
+        for e, metric, items, key in evaluations(arm, capability):
+
+            def do_eval(where: Path, e=e, metric=metric, items=items) -> dict:
+                if metric == "accuracy":
+                    r = accuracy(backend, e.task, items, capability=capability, strength=cfg.strength,
+                                 max_tokens=e.max_tokens)
+                elif metric == "letter-accuracy":
+                    r = letter_accuracy(backend, items, capability=capability, strength=cfg.strength)
+                else:
+                    r = span_nll_eval(backend, e.task, items, capability=capability, strength=cfg.strength)
+                return {"summary": r.summary(), "items": r.items}
+
+            res = stages.run("evaluate", key, do_eval)
+            results.append({"arm": arm.label, "condition": arm.condition, "train_domain": arm.domain,
+                            "rank": arm.rank, "seed": arm.seed, "round": arm.round, "eval": e.name,
+                            "in_domain": arm.domain is None or arm.domain == e.name, "metric": metric,
+                            **res["summary"], "items": res["items"]})
 
     modes: dict[Arm, str] = {}
 
@@ -468,6 +487,9 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
             mode = modes[arm] if arm in modes else calibrate_mode(backend, arm)
         if arm.condition in TRAINED:
             train(backend, arm, mode)
+            if not pending(arm):
+                evaluate(None, arm, None)
+                return
             # evaluated with its adapter merged into a copy of the weights (the same function as the LoRA
             # applied on the fly, without peft's per-request adapter dispatch in every layer)
             trained = _merged_backend(cfg, lineage[arm] + [adapter_dir[arm]],

@@ -81,3 +81,20 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
     shutil.move(root, moved / root.name)
     run_experiment(TINY, moved)
     assert not [t for t in json.loads((moved / root.name / "report.json").read_text())["timings"] if not t["cached"]]
+    # a committed cache (its adapters are not committed): nothing trains again while every evaluation
+    # is cached; dropping one trained arm's evaluation trains that arm again, to the same answers
+    cache = moved / root.name / "cache"
+    adapters = sorted(cache.glob("distill-*/adapter"))
+    assert len(adapters) == len(report["training"])
+    for a in adapters:
+        shutil.rmtree(a)
+    run_experiment(TINY, moved)
+    assert not [t for t in json.loads((moved / root.name / "report.json").read_text())["timings"] if not t["cached"]]
+    trained_eval = next(d for d in sorted(cache.glob("evaluate-*"))
+                        if json.loads((d / "done.json").read_text())["key"]["adapter"] is not None)
+    before = json.loads((trained_eval / "done.json").read_text())["items"]
+    shutil.rmtree(trained_eval)
+    run_experiment(TINY, moved)
+    rerun = json.loads((moved / root.name / "report.json").read_text())["timings"]
+    assert [t["stage"] for t in rerun if not t["cached"]] == ["distill", "evaluate"]
+    assert json.loads((trained_eval / "done.json").read_text())["items"] == before
