@@ -168,7 +168,9 @@ def calibrate(server: JobHost, ctx: JobContext, name: str, task: str, cfg: Calib
 
 
 def distill(server: JobHost, ctx: JobContext, corpus: Path, out: Path, cfg: DistillConfig) -> dict:
-    report = out / "training_report.json"
+    from spd_engine.distill import TRAINING_REPORT
+
+    report = out / TRAINING_REPORT
     if report.is_file():  # the job's adapter, published (by rename) before a restart interrupted the job
         return distill_result(json.loads(report.read_text()))
     spec = {"step": "distill", "model": str(server.model_path), "corpus": str(corpus), "out": str(out),

@@ -16,6 +16,8 @@ import torch
 from .config import DistillConfig
 from .formatting import answer_ids, text_prompt_ids
 
+TRAINING_REPORT = "training_report.json"  # beside the adapter's PEFT files
+
 
 def training_ids(tok, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per corpus row; labels are -100 on prompt tokens."""
@@ -91,7 +93,7 @@ def distill(model, tok, rows: list[dict], out_dir: Path, cfg: DistillConfig,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(tmp)
-        (tmp / "training_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / TRAINING_REPORT).write_text(json.dumps(report, indent=2))
         tmp.chmod(0o755)
         tmp.rename(out_dir)  # atomic: a half-written adapter is never visible
     except BaseException:

@@ -185,10 +185,10 @@ def test_a_calibrate_job_interrupted_after_writing_its_pack_finishes_at_the_rest
     host = SimpleNamespace(store=store, model_info=info, add_mode=added.append)
     monkeypatch.setattr(steps, "run_subprocess", lambda *a: (_ for _ in ()).throw(AssertionError("ran again")))
     jobs = _store(tmp_path)
-    for job_id, name, label in [("job-mine", "m", "job job-mine (upload)"), ("job-other", "o", "job job-x (upload)")]:
-        store.save(calibrate(model, tokenizer, info, "math", ex, name, CalibrationConfig(layers=[0]), data=label))
-        jobs.create(job_id, "calibrate", {})
     cfg, source = CalibrationConfig(layers=[0]), Source(file="inputs/calibration.jsonl")
+    for job_id, name, label in [("job-mine", "m", "job job-mine (upload)"), ("job-other", "o", "job job-x (upload)")]:
+        store.save(calibrate(model, tokenizer, info, "math", ex, name, cfg, data=label))
+        jobs.create(job_id, "calibrate", {})
     mine = JobContext(jobs, jobs.get("job-mine"), tmp_path)
     result = steps.calibrate(host, mine, "m", "math", cfg, source)
     assert result["subspace"] == "m" and result["n_examples"] == 1 and added == ["m"]
@@ -202,10 +202,12 @@ def test_a_distill_step_interrupted_after_publishing_its_adapter_returns_its_rep
                                                                                                     monkeypatch):
     import json
 
+    from spd_engine.distill import TRAINING_REPORT
+
     monkeypatch.setattr(steps, "run_subprocess", lambda *a: (_ for _ in ()).throw(AssertionError("trained again")))
     out = tmp_path / "adapter"
     out.mkdir()
-    (out / "training_report.json").write_text(json.dumps({"steps": 3, "last_loss": 0.5, "config": {"lr": 1}}))
+    (out / TRAINING_REPORT).write_text(json.dumps({"steps": 3, "last_loss": 0.5, "config": {"lr": 1}}))
     assert steps.distill(None, None, tmp_path / "corpus.jsonl", out, None) == {"steps": 3, "last_loss": 0.5}
 
 
