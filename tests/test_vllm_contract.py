@@ -144,3 +144,18 @@ def test_the_cuda_graph_policy_and_the_lora_fixes_name_what_exists(release):
     assert "add_lora_logits" in release.fields(_file(CPU_PUNICA), "PunicaWrapperCPU")
     models = release.self_attributes("vllm/entrypoints/openai/models/serving.py", "OpenAIServingModels")
     assert {"lora_id_counter", "lora_requests"} <= models
+
+
+def test_plugin_logits_processors_are_dropped_under_speculative_decoding(release):
+    """Why routing reads the runner's requests and not a logits processor's per-row state
+    (`update_state(BatchUpdate)`, the public interface): with a speculative config,
+    `build_logitsprocs` returns before it loads any custom or plugin logits processor, so under
+    speculative decoding (which the plugin supports) a routing processor would never see a
+    request. When this test fails, vLLM has changed that and the public route is open."""
+    fn = next(f for f in release.tree("vllm/v1/sample/logits_processor/__init__.py").body
+              if isinstance(f, ast.FunctionDef) and f.name == "build_logitsprocs")
+    loads = [n.lineno for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "_load_custom_logitsprocs"]
+    early = [n for n in fn.body if isinstance(n, ast.If) and "speculative_config" in ast.unparse(n.test)
+             and any(isinstance(s, ast.Return) for s in n.body)]
+    assert loads and early and early[0].lineno < min(loads)
