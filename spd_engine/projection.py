@@ -312,3 +312,38 @@ class RouteBuffers:
         self.slot[n:].fill_(NO_MODE)
         self.strength[:n].copy_(strength)
         self.strength[n:].zero_()
+
+
+class SiteBuffers:
+    """One site's bank in persistent tensors of a fixed capacity (`max_rank` columns, `max_slots`
+    slots), allocated once on a device: what `project_routed` reads inside a captured graph, so a
+    bank change (a mode loaded, evicted or composed) is copied into these very tensors. Columns past
+    the bank's belong to no slot and slots past its cover nothing, so they project nothing."""
+
+    FREE = -2  # the owner of an unused column: never a row's slot (NO_MODE is -1)
+
+    def __init__(self, width: int, max_rank: int, max_slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.W = torch.zeros(width, max_rank, dtype=dtype, device=device)
+        self.col_slot = torch.full((max_rank,), self.FREE, dtype=torch.long, device=device)
+        self.covers = torch.zeros(max_slots, dtype=torch.bool, device=device)
+
+    def write(self, bank: SiteBank | None) -> None:
+        """Copy `bank` in place (None: this site projects nothing); ValueError if it does not fit."""
+        (width, max_rank), max_slots = self.W.shape, self.covers.shape[0]
+        rank, slots = (0, 0) if bank is None else (bank.W.shape[1], bank.covers.shape[0])
+        if bank is not None and (bank.W.shape[0] != width or rank > max_rank or slots > max_slots):
+            raise ValueError(f"a bank of width {bank.W.shape[0]}, rank {rank} and {slots} slots does not fit "
+                             f"site buffers of width {width}, rank {max_rank} and {max_slots} slots")
+        if bank is not None:
+            self.W[:, :rank].copy_(bank.W)
+            self.col_slot[:rank].copy_(bank.col_slot)
+            self.covers[:slots].copy_(bank.covers)
+        self.W[:, rank:].zero_()
+        self.col_slot[rank:].fill_(self.FREE)
+        self.covers[slots:].fill_(False)
+
+    def apply(self, x: torch.Tensor, route: RouteBuffers) -> torch.Tensor:
+        """`project_routed` of rows x (the first x.shape[0] of the route) with the bank written last."""
+        n = x.shape[0]
+        return project_routed(x, self.W, self.col_slot, self.covers, route.slot[:n], route.strength[:n])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from spd_engine.projection import NO_MODE, RouteBuffers, SiteBank, orthonormal_union, project_routed
+from spd_engine.projection import NO_MODE, RouteBuffers, SiteBank, SiteBuffers, orthonormal_union, project_routed
 
 W_, N = 24, 12  # width, rows (max tokens)
 
@@ -86,3 +86,34 @@ def test_routed_op_leaves_an_out_of_range_slot_unchanged_where_apply_refuses(ban
     assert torch.equal(out[1:], x[1:])
     with pytest.raises(IndexError):
         bank.apply(x, slot, strength)
+
+
+def test_compiled_routed_op_follows_banks_written_in_place_into_site_buffers_without_recompiling():
+    """The other half of a captured route: the bank too lives in persistent tensors (fixed capacity),
+    so modes loaded or evicted between steps are served by the same compiled graph."""
+    A, B, C, D = _basis(W_, 6, 1), _basis(W_, 3, 2), _basis(W_, 8, 3), _basis(W_, 5, 4)
+    banks = [SiteBank.build([A, B, None, orthonormal_union([A, C])]),  # 4 slots, rank 6+3+14
+             SiteBank.build([D]),  # a smaller bank after evictions: 1 slot, rank 5
+             SiteBank.build([C, None, D, A, B])]  # 5 slots, rank 22
+    x = torch.randn(N, W_, generator=torch.Generator().manual_seed(0))
+    site, route = SiteBuffers(W_, max_rank=24, max_slots=6), RouteBuffers(N)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: site.apply(x, route), fullgraph=True, dynamic=False)
+    outs = []
+    for i, (bank, (slots, strengths)) in enumerate(zip(banks, ROUTES)):
+        slots = [s % bank.covers.shape[0] if s != NO_MODE else s for s in slots]  # slots this bank has
+        slot, strength = torch.tensor(slots), torch.tensor(strengths)
+        site.write(bank)
+        route.write(slot, strength)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = compiled(x)
+        want = bank.apply(x, route.slot, route.strength)
+        assert torch.allclose(out, want, atol=1e-5, rtol=0), (i, float((out - want).abs().max()))
+        assert not torch.allclose(out, x, atol=1e-3)
+        outs.append(out)
+    for a, b in zip(outs, outs[1:]):
+        assert (a - b).abs().max() > 1e-2  # a graph holding an earlier bank would fail above
+    site.write(None)
+    assert torch.equal(compiled(x), x)  # no bank: nothing projected
+    with pytest.raises(ValueError):
+        site.write(SiteBank.build([_basis(W_, 20, 5), _basis(W_, 8, 6)]))  # rank 28 > 24
