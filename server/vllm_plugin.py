@@ -4,7 +4,8 @@ Registered as the `vllm.general_plugins` entry point `spd_kv_projection`, so vLL
 `register()` in every process it starts (API server, engine core, each worker). `register()`,
 once per process (idempotent):
 
-- wraps the V1 model runner's `execute_model`, so the attention patch knows the runner of the step;
+- wraps the V1 model runner's `_model_forward` (the hook vLLM documents for subclasses to run the
+  model), so each step's route is built once, before its forward, into persistent buffers;
 - patches the KV-cache write of the attention backends the model actually uses, when the worker
   has chosen them (`initialize_attn_backend`, before any request), through vLLM's backend
   interface rather than per backend. vLLM 0.32 writes the cache in a separate custom op,
@@ -13,10 +14,13 @@ once per process (idempotent):
   backend whose `forward_includes_kv_cache_update` is False (CPU, FlashAttention, FlashInfer,
   Triton, FlexAttention, ROCm, ...). That call receives K after rotary, so it is exactly the
   project's site. Each impl class in use is patched where `do_kv_cache_update` is defined
-  (subclasses inherit it). Once per step the tokens of the flattened batch are mapped to their
-  requests (`input_batch.req_ids` and `query_start_loc`), each request to a slot of the worker's
-  `ProjectionBank` (from its `SamplingParams.extra_args`), and every layer then projects all
-  tokens in one batched call.
+  (subclasses inherit it). Once per step, before the forward, the tokens of the flattened batch
+  are mapped to their requests (`input_batch.req_ids` and `query_start_loc`), each request to a
+  slot of the worker's `ProjectionBank` (from its `SamplingParams.extra_args`), and the per-token
+  slot and strength are written in place into the worker's `RouteBuffers`; every layer's KV write
+  then projects all tokens in one batched call, reading that route. Dummy, profiling and capture
+  runs do not go through `_model_forward` and project nothing; neither does a speculative
+  drafter's forward (its own model, after the target's).
   The plugin imports nothing that vLLM would not import itself: model-runner patches are applied
   when vLLM imports the runner's module (an import hook), and no attention backend module is
   imported by the plugin. Importing a backend the platform does not use can load a second build
@@ -38,16 +42,28 @@ once per process (idempotent):
 With no mode in a step (or no mode loaded) nothing is computed and vLLM's own write runs as is.
 
 Devices: per step the slot and strength of every token are built on the host (one entry per
-request, expanded with `repeat_interleave`) and copied once to the device of K; the token counts
-come from the runner's host copy of `query_start_loc`, so routing never waits on the device. The
+request, expanded with `repeat_interleave`) and copied once into the worker's route buffers on the
+runner's device; the token counts come from the runner's host copy of `query_start_loc`, so
+routing never waits on the device. The
 bank's bases are copied to the device (and cast to the KV dtype) once per bank, and reused by
 every layer and step until the bank changes (a mode added, removed or composed).
 
 CUDA graphs (GPU; none of this can be exercised on the CPU build, where vLLM never captures
-graphs: `cudagraph_mode` is NONE). The route is Python that runs inside the custom op
-`unified_kv_cache_update`, once per step. A captured CUDA graph replays kernels only, so any
-graph that contains that op freezes the route of the capture (a dummy batch, no modes): every
-later request would be served unprojected. So:
+graphs: `cudagraph_mode` is NONE). By default the projection inside the custom op
+`unified_kv_cache_update` decides in Python what to run (which layers, which slots: grouped,
+host-side shapes) over a bank rebuilt when modes change. A captured CUDA graph replays kernels
+only, so a graph that contains that op would freeze the capture's projection (a dummy batch, no
+modes): every later request served unprojected.
+
+The captured route (`SPD_CAPTURED_ROUTE=1`, `CaptureConfig`) is the form a captured graph can
+replay: at every decoder layer the op runs `project_routed` over persistent tensors only, the
+route (`RouteBuffers`) and the step's capabilities' bases (`spd_engine.bank.CapturedBank`, at most
+`SPD_CAPTURED_SLOTS` distinct capabilities and `SPD_CAPTURED_RANK` columns per site), both written
+in place before the forward. With it every CUDA-graph mode is kept. A step whose capabilities do
+not fit, or that still has `auto` modes to choose, runs eagerly through the grouped route (the
+forward context's runtime mode set to NONE, which vLLM's graph wrappers run without graphs). Off
+by default because it has not run on a GPU; on the CPU engine it gives the grouped route's tokens
+(tests/test_vllm_backend.py). Without it:
 
 - FULL, FULL_DECODE_ONLY, and the FULL half of FULL_AND_PIECEWISE (vLLM's default on CUDA:
   optimization levels O2 (default) and O3, config/vllm.py:303,324) capture the whole forward,
@@ -105,16 +121,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
 from spd_engine.admission import Admission, AdmissionError
 from spd_engine.auto import AUTO_MODE, AutoConfig, Decision, Decisions, choose, report, site_energy
-from spd_engine.bank import ModeCache, ProjectionBank
+from spd_engine.bank import CapturedBank, ModeCache, ProjectionBank
 from spd_engine.models import info
 from spd_engine.paths import store_dir
-from spd_engine.projection import NO_MODE, SiteBank
+from spd_engine.projection import NO_MODE, RouteBuffers, SiteBank
 from spd_engine.subspace import Site, Store
 from spd_engine.vllm_requests import AUTO_KEY_ARG, DIGESTS_ARG, parse_extra_args
 
@@ -126,10 +141,36 @@ log = logging.getLogger("spd.vllm_plugin")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+@dataclass(frozen=True)
+class CaptureConfig:
+    """The captured route (`SPD_CAPTURED_ROUTE=1`): every layer projects through the masked op over
+    persistent buffers (`spd_engine.bank.CapturedBank`), so FULL CUDA graphs are kept instead of
+    lowered to PIECEWISE; a step whose capabilities do not fit (`SPD_CAPTURED_SLOTS` distinct ones,
+    `SPD_CAPTURED_RANK` columns per site) or that chooses `auto` modes runs eagerly. Off by default:
+    it has not run on a GPU yet."""
+
+    enabled: bool = False
+    max_slots: int = 16
+    max_rank: int = 256
+
+    @staticmethod
+    def from_env() -> "CaptureConfig":
+        def number(name: str, default: int) -> int:
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or not 1 <= int(raw) <= 4096:
+                raise ValueError(f"{name} must be an integer in [1, 4096], got {raw!r}")
+            return int(raw)
+
+        flag = os.environ.get("SPD_CAPTURED_ROUTE", "").strip()
+        if flag not in ("", "0", "1"):
+            raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1, got {flag!r}")
+        return CaptureConfig(flag == "1", number("SPD_CAPTURED_SLOTS", 16), number("SPD_CAPTURED_RANK", 256))
+
+
 class _Step(threading.local):
-    runner: Any = None
-    route: "Route | None" = None
-    routed: bool = False
+    route: "Route | None" = None  # this step's, built before the forward (`_wrap_model_forward`)
     in_update: bool = False  # inside a patched KV write: a nested patched write must not project again
 
 
@@ -150,6 +191,10 @@ class PluginState:
         self.fixes: list[str] = []  # the vLLM bugs found by their probes and fixed in this process (vllm_lora_fixes)
         self.decisions = Decisions()  # the worker's capability-auto decisions
         self.auto_config = AutoConfig.from_env()
+        self.route_buffers: RouteBuffers | None = None  # the worker's per-token route, written in place each step
+        self.capture_config = CaptureConfig()  # the worker's, read when its runner is created
+        self.captured: CapturedBank | None = None  # the worker's bank as a captured graph reads it (captured route)
+        self.steps = {"captured": 0, "eager": 0}  # captured route: steps served from the buffers / run eagerly
 
     @property
     def admission(self) -> Admission:
@@ -171,6 +216,26 @@ class PluginState:
                                          get_tensor_model_parallel_world_size())
                 self.modes = ModeCache(info(Path(cfg.model)), heads, store_dir())
             return self.modes
+
+    def buffers(self, tokens: int, device: torch.device) -> RouteBuffers:
+        """The worker's persistent route buffers (at least `tokens` rows, on `device`): allocated
+        once, so every step's route lives in the same tensors, as a captured graph needs."""
+        # normal tensors even when first needed inside the forward (inference mode): an inference
+        # tensor could not be written outside it later
+        with self.lock, torch.inference_mode(False):
+            b = self.route_buffers
+            if b is None or b.slot.shape[0] < tokens or b.slot.device != device:
+                self.route_buffers = b = RouteBuffers(tokens, device)
+            return b
+
+    def start_capture(self, runner) -> None:
+        """Allocate the captured route's buffers for `runner`'s model, before any graph is captured."""
+        with self.lock, torch.inference_mode(False):
+            cfg, modes = self.capture_config, self.worker_modes(runner)
+            width = len(modes.bank.heads or range(modes.model.n_kv_heads)) * modes.model.head_dim
+            self.captured = CapturedBank(modes.model.n_layers, width, cfg.max_slots, cfg.max_rank, runner.device,
+                                         runner.dtype)
+            self.buffers(runner.max_num_tokens, runner.device)
 
     def use_modes(self, modes: ModeCache | None) -> ModeCache | None:
         """Swap this worker's mode cache (None: a new one at the next step); returns the previous."""
@@ -207,7 +272,8 @@ class Pending:
 @dataclass(frozen=True)
 class Route:
     """One step's projection: the bank, its site banks on the device of K, and per token its slot
-    and strength (on that device too). `pending` auto requests are chosen at layer `decide_at`."""
+    and strength (views of the worker's `RouteBuffers`, on that device too). `pending` auto
+    requests are chosen at layer `decide_at`."""
 
     bank: ProjectionBank
     sites: dict[Site, SiteBank]
@@ -216,33 +282,29 @@ class Route:
     layers: frozenset[int]
     pending: tuple[Pending, ...] = ()
     decide_at: int = -1
+    captured: bool = False  # slots index the captured bank's buffers (the captured route), not `sites`
 
 
-def _step_metadata(layer_name: str):
-    from vllm.forward_context import get_forward_context
+def _step_metadata():
+    from vllm.forward_context import get_forward_context, is_forward_context_available
 
+    if not is_forward_context_available():
+        return None
     md = get_forward_context().attn_metadata
     if isinstance(md, list):  # speculative decoding: [0] is the target model's (as get_attention_context)
         md = md[0] if md else None
-    if isinstance(md, dict):
-        md = md.get(layer_name)
+    if isinstance(md, dict):  # one entry per layer, all of one step's tokens
+        md = next(iter(md.values()), None)
     return md
 
 
-def _route(key: torch.Tensor, layer_name: str) -> Route | None:
-    """The current step's route, built at the first KV write of the step (the runner's request
-    order is final by then) and reused by every later layer."""
-    if PLUGIN.step.routed:
-        return PLUGIN.step.route
-    from vllm.forward_context import is_forward_context_available
-
-    runner = PLUGIN.step.runner
-    if runner is None or not is_forward_context_available():
-        return None  # a dummy/profile/capture run outside execute_model
-    md = _step_metadata(layer_name)
+def _route(runner, n_tokens: int) -> Route | None:
+    """The step's route, built once before its forward (the runner's request order is final by
+    then) and read by every layer's KV write: per token its slot and strength, written into the
+    worker's persistent buffers."""
+    md = _step_metadata()
     if md is None or not hasattr(md, "query_start_loc"):
         return None  # warm-up without attention metadata (or micro-batching, not supported)
-    PLUGIN.step.routed = True
     req_ids = runner.input_batch.req_ids
     decisions = PLUGIN.decisions
     caps, strengths, digests, auto = [], [], {}, []
@@ -276,26 +338,22 @@ def _route(key: torch.Tensor, layer_name: str) -> Route | None:
     candidates = [n for n in candidates if n in bank.modes]
     if not any(caps) and not candidates:
         return None
-    qsl = md.query_start_loc
-    if qsl.device.type != "cpu":
-        qsl = runner.query_start_loc.cpu  # the host twin the runner filled for this step: no device sync
-    qsl = qsl[: len(req_ids) + 1].to(torch.long)
+    qsl = runner.query_start_loc.cpu[: len(req_ids) + 1].to(torch.long)  # the host twin: no device sync
     counts = qsl[1:] - qsl[:-1]
     pending = tuple(Pending(rid, (int(qsl[i]), int(qsl[i + 1])), strengths[i],
                             tuple(n for n in args.get(DIGESTS_ARG) or {} if n in bank.modes), args.get(AUTO_KEY_ARG))
                     for i, rid, args in auto)
     decide_at = min((layer for n in candidates for layer, _ in bank.modes[n].bases), default=-1)
-    n_tokens = key.shape[0]
-    slot = torch.full((n_tokens,), NO_MODE, dtype=torch.long)  # rows past the requests' tokens are padding
-    strength = torch.zeros(n_tokens)
-    real = int(qsl[-1])
-    slot[:real] = torch.tensor([bank.slot(c) for c in caps]).repeat_interleave(counts)
-    strength[:real] = torch.tensor(strengths).repeat_interleave(counts)
-    device = key.device
-    PLUGIN.step.route = Route(bank, modes.on_device(bank, device, key.dtype), slot.to(device, non_blocking=True),
-                              strength.to(device, non_blocking=True), frozenset(layer for layer, _ in bank.sites),
-                              pending, decide_at)
-    return PLUGIN.step.route
+    slots = None
+    if PLUGIN.captured is not None and not pending:
+        slots = PLUGIN.captured.load(bank, list(dict.fromkeys(c for c in caps if c)))
+    slot_of = (lambda c: slots[c] if c else NO_MODE) if slots is not None else bank.slot
+    buffers = PLUGIN.buffers(max(n_tokens, runner.max_num_tokens), runner.device)
+    buffers.write(torch.tensor([slot_of(c) for c in caps]).repeat_interleave(counts),  # the rest: padding, no mode
+                  torch.tensor(strengths, dtype=torch.float32).repeat_interleave(counts))
+    return Route(bank, modes.on_device(bank, runner.device, runner.dtype), buffers.slot[:n_tokens],
+                 buffers.strength[:n_tokens], frozenset(layer for layer, _ in bank.sites), pending, decide_at,
+                 captured=slots is not None)
 
 
 def _report(request_id: str, decision: Decision) -> None:
@@ -310,7 +368,7 @@ def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) ->
     (spd_engine.auto), before that layer is projected; the step's later layers use the new route."""
     cfg = PLUGIN.auto_config
     kinds = [(route.sites.get((layer, kind)), x) for kind, x in (("k", key), ("v", value)) if kind in cfg.kinds]
-    slot, strength = route.slot.clone(), route.strength.clone()
+    slot, strength = route.slot, route.strength  # the step's buffers, written in place
     for p in route.pending:
         lo, hi = p.rows
         captured = total = 0.0
@@ -330,7 +388,7 @@ def _decide(route: Route, layer: int, key: torch.Tensor, value: torch.Tensor) ->
         if decision.capability:
             slot[lo:hi] = route.bank.slot(decision.capability)
             strength[lo:hi] = p.strength
-    PLUGIN.step.route = replace(route, slot=slot, strength=strength, pending=())
+    PLUGIN.step.route = replace(route, pending=())
     return PLUGIN.step.route
 
 
@@ -341,24 +399,46 @@ def layer_index(layer_name: str) -> int | None:
 
 # ------------------------------------------------------------------ the patches
 
-def _wrap_execute_model(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        PLUGIN.step.runner, PLUGIN.step.route, PLUGIN.step.routed = self, None, False
+def _wrap_model_forward(orig):
+    """The runner's forward of a step (`_model_forward`, inside its forward context, the batch laid
+    out; dummy, profile and capture runs call the model directly and get no route)."""
+    def _model_forward(self, *args, **kwargs):
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        PLUGIN.step.route = route = _route(self, positions.shape[-1]) if positions is not None else None
+        if PLUGIN.captured is not None:
+            if route is None:  # no mode this step: the captured graph reads the buffers all the same
+                PLUGIN.route_buffers.write(torch.empty(0, dtype=torch.long), torch.empty(0))
+            elif not route.captured:
+                _run_eagerly()
+            PLUGIN.steps["captured" if route is None or route.captured else "eager"] += 1
         try:
-            return orig(self, scheduler_output, *args, **kwargs)
+            return orig(self, *args, **kwargs)
         finally:
-            PLUGIN.step.runner, PLUGIN.step.route, PLUGIN.step.routed = None, None, False
+            PLUGIN.step.route = None
 
-    execute_model.__spd_patched__ = True
-    return execute_model
+    _model_forward.__spd_patched__ = True
+    return _model_forward
+
+
+def _run_eagerly() -> None:
+    """This step without CUDA graphs (its route is not in the captured bank): vLLM's graph
+    wrappers run the model eagerly when the forward context's runtime mode is NONE."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().cudagraph_runtime_mode = CUDAGraphMode.NONE
 
 
 def _wrap_kv_cache_update(orig):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         if PLUGIN.step.in_update:  # a subclass's write calling its patched parent's: project once
             return orig(self, layer, key, value, kv_cache, slot_mapping)
-        route = _route(key, layer.layer_name) if getattr(layer, "attn_type", "decoder") == "decoder" else None
-        if route is not None:
+        decoder = getattr(layer, "attn_type", "decoder") == "decoder"
+        route = PLUGIN.step.route if decoder else None
+        if decoder and PLUGIN.captured is not None and (route is None or route.captured):
+            # every step, capture included: tensors only, the route and bank read from the buffers
+            key, value = PLUGIN.captured.apply(layer_index(layer.layer_name), key, value, PLUGIN.route_buffers)
+        elif route is not None:
             idx = layer_index(layer.layer_name)
             if route.pending and idx == route.decide_at:
                 route = _decide(route, idx, key, value)
@@ -492,8 +572,8 @@ def supported_cudagraph_mode(compilation_config):
     from vllm.config import CUDAGraphMode, CompilationMode
 
     mode = compilation_config.cudagraph_mode
-    if mode is None or mode == CUDAGraphMode.NONE:
-        return mode
+    if mode is None or mode == CUDAGraphMode.NONE or PLUGIN.capture_config.enabled:
+        return mode  # (the captured route works in any graph)
     piecewise_ok = (compilation_config.mode == CompilationMode.VLLM_COMPILE
                     and _KV_UPDATE_OP in (compilation_config.splitting_ops or [])
                     and not envs.VLLM_USE_BREAKABLE_CUDAGRAPH)
@@ -519,7 +599,7 @@ def enforce_cudagraph_policy(vllm_config) -> None:
 
 def check_cudagraph_mode(vllm_config) -> None:
     mode = vllm_config.compilation_config.cudagraph_mode
-    if mode is not None and mode.has_full_cudagraphs():
+    if mode is not None and mode.has_full_cudagraphs() and PLUGIN.captured is None:
         raise RuntimeError(f"spd_kv_projection: cudagraph_mode {mode} captures the KV-cache write in a full CUDA "
                            "graph, which freezes per-request routing; use PIECEWISE or NONE (--enforce-eager)")
 
@@ -528,6 +608,7 @@ def check_cudagraph_mode(vllm_config) -> None:
 
 def _wrap_runner_init(orig):
     def __init__(self, vllm_config, *args, **kwargs):
+        PLUGIN.capture_config = CaptureConfig.from_env()  # a bad setting refuses to start the engine
         enforce_cudagraph_policy(vllm_config)  # before load_model wraps the model in a FULL graph
         return orig(self, vllm_config, *args, **kwargs)
 
@@ -540,6 +621,8 @@ def _wrap_initialize_attn_backend(orig):
         out = orig(self, *args, **kwargs)
         check_installed(_V1_RUNNER)
         used = check_model_layers(self.vllm_config)
+        if PLUGIN.capture_config.enabled:
+            PLUGIN.start_capture(self)
         check_cudagraph_mode(self.vllm_config)
         log.info("spd_kv_projection: K/V projected in %s; cudagraph_mode %s", ", ".join(used) or "(no layer)",
                  self.vllm_config.compilation_config.cudagraph_mode)
@@ -594,8 +677,7 @@ _V1_RUNNER = "vllm.v1.worker.gpu_model_runner"  # vllm/v1/worker/gpu_model_runne
 HOOKS: tuple[Hook, ...] = (
     Hook(_V1_RUNNER, "GPUModelRunner", "__init__", _wrap_runner_init,  # CUDA-graph policy before load_model
          ("self", "vllm_config")),
-    Hook(_V1_RUNNER, "GPUModelRunner", "execute_model", _wrap_execute_model,  # the step's runner, for routing
-         ("self", "scheduler_output")),
+    Hook(_V1_RUNNER, "GPUModelRunner", "_model_forward", _wrap_model_forward),  # the step's route, before its forward
     Hook(_V1_RUNNER, "GPUModelRunner", "initialize_attn_backend", _wrap_initialize_attn_backend),  # patch the KV writes
     Hook(_V1_RUNNER, "GPUModelRunner", "_get_prompt_logprobs_dict", lora_fixes.wrap_prompt_logprobs,
          ("self", "hidden_states", "num_scheduled_tokens")),

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .models import ModelInfo
-from .projection import NO_MODE, SiteBank, SlotGroups, orthonormal_union
+from .projection import NO_MODE, RouteBuffers, SiteBank, SiteBuffers, SlotGroups, orthonormal_union
 from .subspace import Site, Store, Subspace, load, pack_digest, site_basis
 
 log = logging.getLogger("spd.bank")
@@ -160,3 +160,44 @@ class ModeCache:
                  for site, sb in bank.sites.items()}
         self._on_device = (bank, device, dtype, sites)
         return sites
+
+
+class CapturedBank:
+    """A worker's bank as a captured graph reads it: `SiteBuffers` at every site a pack may cover
+    (each layer's K and V, `width` channels), allocated once, holding the distinct capabilities of
+    one step only (at most `max_slots`, `max_rank` columns per site) and rewritten in place when
+    those change. Every layer projects through `project_routed`, so its cost is the buffers' whole
+    capacity, route or not: the price of one graph for every step."""
+
+    def __init__(self, n_layers: int, width: int, max_slots: int, max_rank: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.max_slots, self.max_rank = max_slots, max_rank
+        self.buffers = {(layer, kind): SiteBuffers(width, max_rank, max_slots, device, dtype)
+                        for layer in range(n_layers) for kind in ("k", "v")}
+        self._written: tuple[ProjectionBank, tuple[Capability, ...]] | None = None
+
+    def load(self, bank: ProjectionBank, caps: Sequence[Capability]) -> dict[Capability, int] | None:
+        """Write `bank`'s capabilities `caps` (distinct, none empty) into the buffers; each one's slot
+        there, or None when they do not fit (then nothing is written)."""
+        caps = tuple(caps)
+        written = self._written
+        if written is None or written[0] is not bank or written[1] != caps:
+            if len(caps) > self.max_slots or any(site not in self.buffers for site in bank.sites):
+                return None
+            compact: dict[Site, SiteBank | None] = {}
+            for site, sb in bank.sites.items():
+                bases = [sb.bases[bank.slot(c)] for c in caps]
+                if sum(b.shape[1] for b in bases if b is not None) > self.max_rank:
+                    return None
+                compact[site] = SiteBank.build(bases) if any(b is not None for b in bases) else None
+            for site, buf in self.buffers.items():
+                buf.write(compact.get(site))
+            self._written = (bank, caps)
+        return {c: i for i, c in enumerate(caps)}
+
+    def apply(self, layer: int, key: torch.Tensor, value: torch.Tensor,
+              route: RouteBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V projected with the route and bank in the buffers (a layer past the
+        model's, e.g. a drafter's, unchanged)."""
+        k, v = self.buffers.get((layer, "k")), self.buffers.get((layer, "v"))
+        return (key if k is None else k.apply(key, route)), (value if v is None else v.apply(value, route))

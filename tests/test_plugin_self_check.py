@@ -41,9 +41,9 @@ def test_every_hook_is_installed_when_an_engine_starts(bundled_path):
 
 
 def test_an_engine_whose_vllm_lacks_a_hooked_method_refuses_to_start_naming_it(bundled_path):
-    out = _start(bundled_path, "execute_model", method="execute_model_renamed")
+    out = _start(bundled_path, "_model_forward", method="_model_forward_renamed")
     assert not out["started"]
-    assert "GPUModelRunner.execute_model_renamed" in out["error"] and "refusing to start" in out["error"]
+    assert "GPUModelRunner._model_forward_renamed" in out["error"] and "refusing to start" in out["error"]
 
 
 def test_an_engine_whose_vllm_lacks_a_hooked_module_refuses_to_start_naming_it(bundled_path):

@@ -117,3 +117,38 @@ def test_compiled_routed_op_follows_banks_written_in_place_into_site_buffers_wit
     assert torch.equal(compiled(x), x)  # no bank: nothing projected
     with pytest.raises(ValueError):
         site.write(SiteBank.build([_basis(W_, 20, 5), _basis(W_, 8, 6)]))  # rank 28 > 24
+
+
+def test_a_captured_bank_holds_one_steps_capabilities_and_projects_as_the_bank_does():
+    """`CapturedBank` (what the engine plugin's captured route reads): the step's capabilities in
+    the buffers, each row projected as `ProjectionBank.apply` does with the bank's own slots; more
+    capabilities or columns than the capacity do not fit (the plugin then runs the step eagerly)."""
+    from pathlib import Path
+
+    from spd_engine.bank import CapturedBank, ProjectionBank
+    from spd_engine.calibrate import CalibrationConfig, calibrate
+    from spd_engine.models import ModelInfo
+
+    info = ModelInfo(Path("/nonexistent"), "test-model", n_layers=4, n_kv_heads=2, head_dim=4)
+    packs = [calibrate(None, None, info, "math", [], name, CalibrationConfig(method="random", rank=r, layers=ls, seed=i))
+             for i, (name, r, ls) in enumerate([("a", 2, [1, 3]), ("b", 3, [1]), ("c", 2, [2])])]
+    bank = ProjectionBank({p.name: p for p in packs}).with_capability(("a", "b"))
+    captured = CapturedBank(4, 8, max_slots=2, max_rank=5, device=torch.device("cpu"), dtype=torch.float32)
+    pointers = [b.W.data_ptr() for b in captured.buffers.values()]
+    assert captured.load(bank, [("a",), ("b",), ("c",)]) is None  # 3 capabilities > 2 slots
+    assert captured.load(bank, [("b",), ("a", "b")]) is None  # layer 1: rank 3 + 5 (a's 2 joined with b's 3) > 5
+    slots = captured.load(bank, [("a",), ("b",)])
+    assert slots == {("a",): 0, ("b",): 1}
+    caps = [("a",), ("a",), ("b",), (), ("b",)]
+    route = RouteBuffers(8)
+    route.write(torch.tensor([slots[c] if c else NO_MODE for c in caps]), torch.tensor([1.0, 0.5, 1.0, 1.0, 0.25]))
+    own_slot = torch.tensor([bank.slot(c) for c in caps])
+    for layer in range(4):
+        key, value = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
+        k, v = captured.apply(layer, key, value, route)
+        for kind, x, got in (("k", key, k), ("v", value, v)):
+            want = bank.apply((layer, kind), x, own_slot, route.strength[:5])
+            assert torch.allclose(got, want, atol=1e-6), (layer, kind)
+        if layer == 1:
+            assert not torch.allclose(k, key, atol=1e-3)  # a and b both project layer 1
+    assert [b.W.data_ptr() for b in captured.buffers.values()] == pointers  # the same tensors throughout

@@ -302,3 +302,38 @@ def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):
             "requests": [{"prompt_ids": r.prompt_ids, "capability": list(r.capability), "strength": r.strength,
                           "max_tokens": r.max_tokens} for r in reqs]}
     assert in_fresh_process(_COMPILED, args) == eager
+
+
+_CAPTURED = """
+from spd_engine.vllm_backend import VLLMBackend
+from spd_engine.backend import GenerationRequest
+from spd_engine.subspace import Store
+from server import vllm_plugin
+be = VLLMBackend(ARGS["model"], max_loras=0)
+for name in ARGS["modes"]:
+    be.add_subspace(Store(ARGS["store"]).load(name))
+RESULT = {"tokens": [[o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])})
+                                                       for r in batch])] for batch in ARGS["batches"]]}
+RESULT.update(steps=vllm_plugin.PLUGIN.steps, max_slots=vllm_plugin.PLUGIN.captured.max_slots)
+"""
+
+
+def test_the_captured_route_gives_the_grouped_routes_tokens_and_runs_steps_that_do_not_fit_eagerly(vllm_be,
+                                                                                                    bundled_path):
+    """`SPD_CAPTURED_ROUTE=1` (what FULL CUDA graphs need: every layer through the masked op over
+    persistent buffers) on the CPU engine, which never captures: each request gets the grouped
+    route's tokens, in a batch whose two capabilities fit the 2 slots and in one whose three do
+    not (run eagerly, through the grouped route)."""
+    tok = vllm_be.tokenizer
+    batches = [[_req(tok, 1, (A,)), _req(tok, 0), _req(tok, 1, (A, B), 0.5), _req(tok, 2, (A,), 0.5)],
+               [_req(tok, 1, (A,)), _req(tok, 1, (B,)), _req(tok, 1, (A, B))]]
+    grouped = [[o.token_ids for o in vllm_be.generate(b)] for b in batches]
+    base = vllm_be.generate([_req(tok, 1)])[0].token_ids
+    assert grouped[0][0] != base and grouped[1][1] != base and grouped[0][1] == vllm_be.generate([_req(tok, 0)])[0].token_ids
+    args = {"model": str(bundled_path), "store": str(vllm_be.store.root), "modes": [A, B],
+            "batches": [[{"prompt_ids": r.prompt_ids, "capability": list(r.capability), "strength": r.strength,
+                          "max_tokens": r.max_tokens} for r in b] for b in batches]}
+    out = in_fresh_process(_CAPTURED, args, SPD_CAPTURED_ROUTE="1", SPD_CAPTURED_SLOTS="2")
+    assert out["max_slots"] == 2
+    assert out["tokens"] == grouped
+    assert out["steps"]["captured"] > 0 and out["steps"]["eager"] > 0, out["steps"]

@@ -29,14 +29,14 @@ def test_register_patches_the_v1_runner_once_and_imports_no_attention_backend(re
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    assert GPUModelRunner.execute_model.__spd_patched__ and GPUModelRunner.initialize_attn_backend.__spd_patched__
-    before = GPUModelRunner.execute_model, GPUModelRunner.initialize_attn_backend
+    assert GPUModelRunner._model_forward.__spd_patched__ and GPUModelRunner.initialize_attn_backend.__spd_patched__
+    before = GPUModelRunner._model_forward, GPUModelRunner.initialize_attn_backend
     vllm_plugin.PLUGIN.registered = False  # as if vLLM loaded the plugin again in this process
     try:
         vllm_plugin.register()
     finally:
         vllm_plugin.PLUGIN.registered = True
-    assert (GPUModelRunner.execute_model, GPUModelRunner.initialize_attn_backend) == before
+    assert (GPUModelRunner._model_forward, GPUModelRunner.initialize_attn_backend) == before
     assert "vllm.v1.attention.backends.flash_attn" not in sys.modules
     assert sum(isinstance(f, vllm_plugin._PatchOnImport) for f in sys.meta_path) == 1
 
@@ -85,7 +85,8 @@ def _runner(extra, qsl):
         batch.add_request(r)
     query_start_loc = CpuGpuBuffer(len(qsl), dtype=torch.int32, device=torch.device("cpu"))
     query_start_loc.cpu[:] = torch.tensor(qsl, dtype=torch.int32)
-    return SimpleNamespace(input_batch=batch, requests=requests, query_start_loc=query_start_loc)
+    return SimpleNamespace(input_batch=batch, requests=requests, query_start_loc=query_start_loc, max_num_tokens=64,
+                           device=torch.device("cpu"), dtype=torch.float32)
 
 
 @pytest.fixture
@@ -110,15 +111,22 @@ def step(monkeypatch):
     def orig(self, layer, key, value, kv_cache, slot_mapping):
         seen.append((key.clone(), value.clone()))
 
-    yield SimpleNamespace(bases=bases, md=md, runner=runner, seen=seen, orig=orig, w=w,
+    yield SimpleNamespace(bases=bases, md=md, runner=runner, seen=seen, orig=orig, w=w, routes=[],
                           layer=SimpleNamespace(layer_name="model.layers.0.attn", attn_type="decoder"))
-    vllm_plugin.PLUGIN.step.runner, vllm_plugin.PLUGIN.step.route, vllm_plugin.PLUGIN.step.routed = None, None, False
+    vllm_plugin.PLUGIN.step.route = None
 
 
 def _run(step, update, n=7):
+    """One step: the runner's `_model_forward` (wrapped: the route is built before the forward), whose
+    model is one layer's KV write."""
     key, value = torch.randn(n, 2, step.w // 2), torch.randn(n, 2, step.w // 2)  # 6 real tokens + 1 padding row
-    vllm_plugin.PLUGIN.step.runner, vllm_plugin.PLUGIN.step.route, vllm_plugin.PLUGIN.step.routed = step.runner, None, False
-    update(None, step.layer, key, value, None, None)
+
+    def forward(self, input_ids=None, positions=None, **kw):
+        step.routes.append(vllm_plugin.PLUGIN.step.route)
+        update(None, step.layer, key, value, None, None)
+
+    vllm_plugin._wrap_model_forward(forward)(step.runner, input_ids=None, positions=torch.arange(n))
+    assert vllm_plugin.PLUGIN.step.route is None  # the route lives for its step's forward only
     return key, value
 
 
@@ -144,13 +152,24 @@ def test_a_patched_write_nested_in_another_projects_once(step):
     assert torch.allclose(step.seen[0][0], _expected(step, key, "k"), atol=1e-6)  # strength 0.5 applied once
 
 
-def test_device_metadata_is_routed_from_the_runners_host_copy_and_the_route_lives_on_the_keys_device(step):
+def test_device_metadata_is_routed_from_the_runners_host_copy(step):
     step.md.query_start_loc = torch.empty(4, dtype=torch.int32, device="meta")  # a device tensor: never read
     key, _ = _run(step, vllm_plugin._wrap_kv_cache_update(step.orig))
     assert torch.allclose(step.seen[0][0], _expected(step, key, "k"), atol=1e-6)
-    route = vllm_plugin.PLUGIN.step.route
-    assert route.slot.device == key.device and route.strength.device == key.device
-    assert route.slot.tolist() == [0, 0, -1, -1, -1, 1, -1]
+    assert step.routes[0].slot.tolist() == [0, 0, -1, -1, -1, 1, -1]
+
+
+def test_every_step_writes_its_route_in_place_into_the_workers_persistent_buffers(step):
+    """What a captured graph needs: the same tensors every step, this step's route in them."""
+    _run(step, vllm_plugin._wrap_kv_cache_update(step.orig))
+    buffers = vllm_plugin.PLUGIN.route_buffers
+    step.runner.requests["r0"].sampling_params.extra_args = None  # the next step: r0 without a mode
+    _run(step, vllm_plugin._wrap_kv_cache_update(step.orig), n=6)
+    first, second = step.routes
+    assert vllm_plugin.PLUGIN.route_buffers is buffers and buffers.slot.shape[0] >= step.runner.max_num_tokens
+    assert first.slot.data_ptr() == second.slot.data_ptr() == buffers.slot.data_ptr()
+    assert buffers.slot[:7].tolist() == [-1, -1, -1, -1, -1, 1, -1]  # the second route overwrote the first
+    assert buffers.strength[:7].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0]  # the padding row: 0
 
 
 def test_bank_tensors_move_to_the_device_once_per_bank(tmp_path):
@@ -205,6 +224,27 @@ def test_cuda_graph_modes_that_would_capture_the_kv_write_are_lowered(monkeypatc
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert not cfg.compilation_config.pass_config.fuse_rope_kvcache
     vllm_plugin.check_cudagraph_mode(cfg)
+
+
+def test_with_the_captured_route_every_cuda_graph_mode_is_kept_and_a_bad_setting_refuses(monkeypatch):
+    from vllm.config import CUDAGraphMode
+
+    split = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
+    for flag, raw in (("SPD_CAPTURED_ROUTE", "yes"), ("SPD_CAPTURED_SLOTS", "0"), ("SPD_CAPTURED_RANK", "-3")):
+        monkeypatch.setenv(flag, raw)
+        with pytest.raises(ValueError, match=flag):
+            vllm_plugin.CaptureConfig.from_env()
+        monkeypatch.delenv(flag)
+    monkeypatch.setenv("SPD_CAPTURED_ROUTE", "1")
+    monkeypatch.setenv("SPD_CAPTURED_SLOTS", "4")
+    monkeypatch.setattr(vllm_plugin.PLUGIN, "capture_config", vllm_plugin.CaptureConfig.from_env())
+    assert vllm_plugin.PLUGIN.capture_config == vllm_plugin.CaptureConfig(True, 4, 256)
+    for full in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
+        assert vllm_plugin.supported_cudagraph_mode(_cc(full, split)) == full
+        assert vllm_plugin.supported_cudagraph_mode(_cc(full, [])) == full  # the KV write need not run eagerly
+    cfg = SimpleNamespace(compilation_config=_cc(CUDAGraphMode.FULL_AND_PIECEWISE, split))
+    monkeypatch.setattr(vllm_plugin.PLUGIN, "captured", object())  # the buffers exist (start_capture ran)
+    vllm_plugin.check_cudagraph_mode(cfg)  # FULL graphs accepted
 
 
 def _layer(backend, impls=(), attn_type="decoder", sharing=None):
