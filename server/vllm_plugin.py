@@ -695,9 +695,11 @@ MODULE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
 PRIVATE_SYMBOLS: tuple[tuple[str, str, str], ...] = (
     *((f"{h.cls}.{h.method}", h.module.replace(".", "/") + ".py", "wrapped (HOOKS)") for h in HOOKS),
     ("<attention impl>.do_kv_cache_update", "vllm/v1/attention/backends/*.py", "wrapped per impl in use (patch_impl)"),
-    ("GPUModelRunner.input_batch.req_ids / .requests / .query_start_loc", "vllm/v1/worker/gpu_model_runner.py",
-     "read: per-step routing"),
+    ("GPUModelRunner.input_batch.req_ids / .requests / .query_start_loc / .max_num_tokens / .device / .dtype",
+     "vllm/v1/worker/gpu_model_runner.py", "read: per-step routing, the route and captured-route buffers"),
     ("ForwardContext.attn_metadata", "vllm/forward_context.py", "read: the step's query_start_loc"),
+    ("ForwardContext.cudagraph_runtime_mode", "vllm/forward_context.py",
+     "set to NONE: a captured-route step that does not fit runs eagerly"),
     ("CompilationConfig.cudagraph_mode / splitting_ops / pass_config", "vllm/config/compilation.py",
      "read and lowered: CUDA-graph policy"),
     ("bgmv_shrink / bgmv_expand / bgmv_expand_slice", "vllm/lora/ops/torch_ops/lora_ops.py",

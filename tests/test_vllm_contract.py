@@ -126,8 +126,10 @@ def test_the_gpu_and_cpu_attention_backends_write_the_kv_cache_through_the_stand
 
 def test_the_runner_assigns_what_per_step_routing_reads(release):
     runner = release.self_attributes(_file(vllm_plugin._V1_RUNNER), "GPUModelRunner")
-    assert {"input_batch", "requests", "query_start_loc", "num_prompt_logprobs", "model"} <= runner
+    assert {"input_batch", "requests", "query_start_loc", "num_prompt_logprobs", "model", "max_num_tokens", "device",
+            "dtype"} <= runner
     assert "req_ids" in release.fields("vllm/v1/worker/gpu_input_batch.py", "InputBatch")
+    assert {"attn_metadata", "cudagraph_runtime_mode"} <= release.fields("vllm/forward_context.py", "ForwardContext")
 
 
 def test_the_cuda_graph_policy_and_the_lora_fixes_name_what_exists(release):
@@ -137,6 +139,9 @@ def test_the_cuda_graph_policy_and_the_lora_fixes_name_what_exists(release):
     assert {"NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE", "has_full_cudagraphs"} <= modes
     assert "VLLM_COMPILE" in release.fields("vllm/config/compilation.py", "CompilationMode")
     assert "VLLM_USE_BREAKABLE_CUDAGRAPH" in release._read("vllm/envs.py")
+    # the captured route runs a step that does not fit eagerly by setting the runtime mode to NONE
+    call = ast.unparse(release.method("vllm/compilation/cuda_graph.py", "CUDAGraphWrapper", "__call__"))
+    assert "cudagraph_runtime_mode == CUDAGraphMode.NONE" in call and "self.runnable(" in call
     ops = {f.name for f in release.tree(_file(LORA_OPS)).body if isinstance(f, ast.FunctionDef)}
     assert {"bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"} <= ops
     punica = release.self_attributes("vllm/lora/punica_wrapper/punica_base.py", "PunicaWrapperBase")
