@@ -10,7 +10,7 @@ from pathlib import Path
 from spd_engine.paths import store_dir
 
 
-def _int(env: dict, name: str, default: int) -> int:
+def _int(env: dict, name: str, default: int, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -20,16 +20,19 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
-def _env_int(default: int, env: str, help: str):
-    """A positive integer setting read from `env`: its default, variable and help in one place."""
-    return field(default=default, metadata={"env": env, "help": help})
+def _env_int(default: int, env: str, help: str, maximum: int | None = None):
+    """A positive integer setting read from `env`: its default, variable, help and bound in one place."""
+    return field(default=default, metadata={"env": env, "help": help, "maximum": maximum})
 
 
 def _ints_from_env(cls, env: dict[str, str]) -> dict[str, int]:
-    return {f.name: _int(env, f.metadata["env"], f.default) for f in fields(cls) if "env" in f.metadata}
+    return {f.name: _int(env, f.metadata["env"], f.default, f.metadata["maximum"])
+            for f in fields(cls) if "env" in f.metadata}
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,25 @@ class Limits:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Limits":
         return cls(**_ints_from_env(cls, dict(os.environ if env is None else env)))
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """The engine plugin's captured route (`SPD_CAPTURED_ROUTE=1`): every layer projects through the
+    masked op over persistent buffers (`spd_engine.bank.CapturedBank`), so FULL CUDA graphs are kept
+    instead of lowered to PIECEWISE; a step whose capabilities do not fit or that chooses `auto`
+    modes runs eagerly. Off by default: it has not run on a GPU yet."""
+
+    enabled: bool = False
+    max_slots: int = _env_int(16, "SPD_CAPTURED_SLOTS", "distinct capabilities one captured-route step holds",
+                              maximum=4096)
+    max_rank: int = _env_int(256, "SPD_CAPTURED_RANK", "basis columns per site the captured route holds",
+                             maximum=4096)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "CaptureConfig":
+        env = dict(os.environ if env is None else env)
+        flag = env.get("SPD_CAPTURED_ROUTE", "").strip()
+        if flag not in ("", "0", "1"):
+            raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1, got {flag!r}")
+        return cls(flag == "1", **_ints_from_env(cls, env))

@@ -134,39 +134,12 @@ from spd_engine.subspace import Site, Store
 from spd_engine.vllm_requests import AUTO_KEY_ARG, DIGESTS_ARG, parse_extra_args
 
 from . import vllm_lora_fixes as lora_fixes
+from .settings import CaptureConfig
 
 log = logging.getLogger("spd.vllm_plugin")
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """The captured route (`SPD_CAPTURED_ROUTE=1`): every layer projects through the masked op over
-    persistent buffers (`spd_engine.bank.CapturedBank`), so FULL CUDA graphs are kept instead of
-    lowered to PIECEWISE; a step whose capabilities do not fit (`SPD_CAPTURED_SLOTS` distinct ones,
-    `SPD_CAPTURED_RANK` columns per site) or that chooses `auto` modes runs eagerly. Off by default:
-    it has not run on a GPU yet."""
-
-    enabled: bool = False
-    max_slots: int = 16
-    max_rank: int = 256
-
-    @staticmethod
-    def from_env() -> "CaptureConfig":
-        def number(name: str, default: int) -> int:
-            raw = os.environ.get(name, "").strip()
-            if not raw:
-                return default
-            if not raw.isdigit() or not 1 <= int(raw) <= 4096:
-                raise ValueError(f"{name} must be an integer in [1, 4096], got {raw!r}")
-            return int(raw)
-
-        flag = os.environ.get("SPD_CAPTURED_ROUTE", "").strip()
-        if flag not in ("", "0", "1"):
-            raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1, got {flag!r}")
-        return CaptureConfig(flag == "1", number("SPD_CAPTURED_SLOTS", 16), number("SPD_CAPTURED_RANK", 256))
 
 
 class _Step(threading.local):

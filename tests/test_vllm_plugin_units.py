@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("vllm")
 
 from server import vllm_plugin  # noqa: E402
+from server.settings import CaptureConfig  # noqa: E402
 from spd_engine.projection import SiteBank, project  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -230,15 +231,16 @@ def test_with_the_captured_route_every_cuda_graph_mode_is_kept_and_a_bad_setting
     from vllm.config import CUDAGraphMode
 
     split = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
-    for flag, raw in (("SPD_CAPTURED_ROUTE", "yes"), ("SPD_CAPTURED_SLOTS", "0"), ("SPD_CAPTURED_RANK", "-3")):
+    for flag, raw in (("SPD_CAPTURED_ROUTE", "yes"), ("SPD_CAPTURED_SLOTS", "0"), ("SPD_CAPTURED_RANK", "-3"),
+                      ("SPD_CAPTURED_RANK", "5000")):
         monkeypatch.setenv(flag, raw)
         with pytest.raises(ValueError, match=flag):
-            vllm_plugin.CaptureConfig.from_env()
+            CaptureConfig.from_env()
         monkeypatch.delenv(flag)
     monkeypatch.setenv("SPD_CAPTURED_ROUTE", "1")
     monkeypatch.setenv("SPD_CAPTURED_SLOTS", "4")
-    monkeypatch.setattr(vllm_plugin.PLUGIN, "capture_config", vllm_plugin.CaptureConfig.from_env())
-    assert vllm_plugin.PLUGIN.capture_config == vllm_plugin.CaptureConfig(True, 4, 256)
+    monkeypatch.setattr(vllm_plugin.PLUGIN, "capture_config", CaptureConfig.from_env())
+    assert vllm_plugin.PLUGIN.capture_config == CaptureConfig(True, 4, 256)
     for full in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
         assert vllm_plugin.supported_cudagraph_mode(_cc(full, split)) == full
         assert vllm_plugin.supported_cudagraph_mode(_cc(full, [])) == full  # the KV write need not run eagerly
