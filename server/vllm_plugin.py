@@ -205,7 +205,8 @@ class PluginState:
         """Allocate the captured route's buffers for `runner`'s model, before any graph is captured."""
         with self.lock, torch.inference_mode(False):
             cfg, modes = self.capture_config, self.worker_modes(runner)
-            width = len(modes.bank.heads or range(modes.model.n_kv_heads)) * modes.model.head_dim
+            heads = modes.bank.heads
+            width = len(heads) * modes.model.head_dim if heads else modes.model.kv_width
             self.captured = CapturedBank(modes.model.n_layers, width, cfg.max_slots, cfg.max_rank, runner.device,
                                          runner.dtype)
             self.buffers(runner.max_num_tokens, runner.device)
@@ -319,7 +320,7 @@ def _route(runner, n_tokens: int) -> Route | None:
     decide_at = min((layer for n in candidates for layer, _ in bank.modes[n].bases), default=-1)
     slots = None
     if PLUGIN.captured is not None and not pending:
-        slots = PLUGIN.captured.load(bank, list(dict.fromkeys(c for c in caps if c)))
+        slots = PLUGIN.captured.load(bank, [c for c in caps if c])
     slot_of = (lambda c: slots[c] if c else NO_MODE) if slots is not None else bank.slot
     buffers = PLUGIN.buffers(max(n_tokens, runner.max_num_tokens), runner.device)
     buffers.write(torch.tensor([slot_of(c) for c in caps]).repeat_interleave(counts),  # the rest: padding, no mode

@@ -177,9 +177,10 @@ class CapturedBank:
         self._written: tuple[ProjectionBank, tuple[Capability, ...]] | None = None
 
     def load(self, bank: ProjectionBank, caps: Sequence[Capability]) -> dict[Capability, int] | None:
-        """Write `bank`'s capabilities `caps` (distinct, none empty) into the buffers; each one's slot
-        there, or None when they do not fit (then nothing is written)."""
-        caps = tuple(caps)
+        """Write `bank`'s capabilities `caps` (none empty) into the buffers; each one's slot there, or
+        None when they do not fit (then nothing is written). Sorted, so a step whose batch holds the
+        same capabilities in another order rewrites nothing."""
+        caps = tuple(sorted(set(caps)))
         written = self._written
         if written is None or written[0] is not bank or written[1] != caps:
             if len(caps) > self.max_slots or any(site not in self.buffers for site in bank.sites):

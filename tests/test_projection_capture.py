@@ -139,6 +139,10 @@ def test_a_captured_bank_holds_one_steps_capabilities_and_projects_as_the_bank_d
     assert captured.load(bank, [("b",), ("a", "b")]) is None  # layer 1: rank 3 + 5 (a's 2 joined with b's 3) > 5
     slots = captured.load(bank, [("a",), ("b",)])
     assert slots == {("a",): 0, ("b",): 1}
+    captured.buffers[(0, "k")].W[0, 0] = 7.0  # a marker that rewriting the buffers would erase
+    assert captured.load(bank, [("b",), ("a",), ("a",)]) == slots  # the same capabilities, another order
+    assert captured.buffers[(0, "k")].W[0, 0] == 7.0  # nothing rewritten
+    captured.buffers[(0, "k")].W[0, 0] = 0.0  # (no pack covers layer 0)
     caps = [("a",), ("a",), ("b",), (), ("b",)]
     route = RouteBuffers(8)
     route.write(torch.tensor([slots[c] if c else NO_MODE for c in caps]), torch.tensor([1.0, 0.5, 1.0, 1.0, 0.25]))
