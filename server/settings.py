@@ -87,12 +87,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """The engine plugin's captured route (`SPD_CAPTURED_ROUTE=1`): every layer projects through the
-    masked op over persistent buffers (`spd_engine.bank.CapturedBank`), so FULL CUDA graphs are kept
-    instead of lowered to PIECEWISE; a step whose capabilities do not fit or that chooses `auto`
-    modes runs eagerly. Off by default: it has not run on a GPU yet."""
+    """The engine plugin's captured route: every layer projects through the masked op over
+    persistent buffers (`spd_engine.bank.CapturedBank`), so a CUDA graph that contains the KV write
+    replays the current route; a step whose capabilities do not fit or that chooses `auto` modes
+    runs eagerly. `SPD_CAPTURED_ROUTE`: `1` always, `0` never (an unsupported CUDA-graph mode is
+    lowered instead), unset: exactly when the configured CUDA-graph mode would otherwise be lowered
+    (FULL graphs on CUDA; never on the CPU, which captures no graphs)."""
 
-    enabled: bool = False
+    enabled: bool | None = None  # None: chosen from the CUDA-graph mode when the runner starts
     max_slots: int = _env_int(16, "SPD_CAPTURED_SLOTS", "distinct capabilities one captured-route step holds",
                               maximum=4096)
     max_rank: int = _env_int(256, "SPD_CAPTURED_RANK", "basis columns per site the captured route holds",
@@ -103,5 +105,5 @@ class CaptureConfig:
         env = dict(os.environ if env is None else env)
         flag = env.get("SPD_CAPTURED_ROUTE", "").strip()
         if flag not in ("", "0", "1"):
-            raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1, got {flag!r}")
-        return cls(flag == "1", **_ints_from_env(cls, env))
+            raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1 (or unset: automatic), got {flag!r}")
+        return cls({"": None, "0": False, "1": True}[flag], **_ints_from_env(cls, env))

@@ -49,21 +49,23 @@ bank's bases are copied to the device (and cast to the KV dtype) once per bank, 
 every layer and step until the bank changes (a mode added, removed or composed).
 
 CUDA graphs (GPU; none of this can be exercised on the CPU build, where vLLM never captures
-graphs: `cudagraph_mode` is NONE). By default the projection inside the custom op
+graphs: `cudagraph_mode` is NONE). In the grouped route the projection inside the custom op
 `unified_kv_cache_update` decides in Python what to run (which layers, which slots: grouped,
 host-side shapes) over a bank rebuilt when modes change. A captured CUDA graph replays kernels
 only, so a graph that contains that op would freeze the capture's projection (a dummy batch, no
 modes): every later request served unprojected.
 
-The captured route (`SPD_CAPTURED_ROUTE=1`, `CaptureConfig`) is the form a captured graph can
-replay: at every decoder layer the op runs `project_routed` over persistent tensors only, the
-route (`RouteBuffers`) and the step's capabilities' bases (`spd_engine.bank.CapturedBank`, at most
-`SPD_CAPTURED_SLOTS` distinct capabilities and `SPD_CAPTURED_RANK` columns per site), both written
-in place before the forward. With it every CUDA-graph mode is kept. A step whose capabilities do
-not fit, or that still has `auto` modes to choose, runs eagerly through the grouped route (the
-forward context's runtime mode set to NONE, which vLLM's graph wrappers run without graphs). Off
-by default because it has not run on a GPU; on the CPU engine it gives the grouped route's tokens
-(tests/test_vllm_backend.py). Without it:
+The captured route (`CaptureConfig`) is the form a captured graph can replay: at every decoder
+layer the op runs `project_routed` over persistent tensors only, the route (`RouteBuffers`) and the
+step's capabilities' bases (`spd_engine.bank.CapturedBank`, at most `SPD_CAPTURED_SLOTS` distinct
+capabilities and `SPD_CAPTURED_RANK` columns per site), both written in place before the forward.
+With it every CUDA-graph mode is kept. A step whose capabilities do not fit, or that still has
+`auto` modes to choose, runs eagerly through the grouped route (the forward context's runtime mode
+set to NONE, which vLLM's graph wrappers run without graphs). It is chosen when the runner starts,
+exactly where the configured mode would otherwise be lowered (below): so on CUDA by default
+(FULL_AND_PIECEWISE), never on the CPU (NONE); `SPD_CAPTURED_ROUTE=1` forces it, `=0` forces the
+grouped route and the lowering. On the CPU engine it gives the grouped route's tokens
+(tests/test_vllm_backend.py); it has not run on a GPU (none here). For the grouped route:
 
 - FULL, FULL_DECODE_ONLY, and the FULL half of FULL_AND_PIECEWISE (vLLM's default on CUDA:
   optimization levels O2 (default) and O3, config/vllm.py:303,324) capture the whole forward,
@@ -81,13 +83,14 @@ by default because it has not run on a GPU; on the CPU engine it gives the group
   `eager_break_during_capture` (compilation/breakable_cudagraph.py); `unified_attention_with_output`
   is one (attention.py:765), `unified_kv_cache_update` (attention.py:724) is not: not supported.
 The worker enforces this before it loads the model (the FULL wrapper is applied in
-`load_model`): a mode that is not supported is lowered, with a WARNING, to PIECEWISE when the KV
-update is a splitting op under VLLM_COMPILE, else to NONE. So stock `vllm serve` on CUDA runs
-PIECEWISE instead of FULL_AND_PIECEWISE (decode batches lose the full-graph speed-up). The
+`load_model`): with the grouped route (`SPD_CAPTURED_ROUTE=0`) a mode that is not supported is
+lowered, with a WARNING, to PIECEWISE when the KV update is a splitting op under VLLM_COMPILE,
+else to NONE (decode batches lose the full-graph speed-up). The
 ROCm fusions that move the KV write into another op (`fuse_rope_kvcache`,
 `fuse_qk_norm_rope_kvcache`: they call `do_rope_and_kv_cache_update` or
 `do_qk_norm_rope_kvcache_update`, not `do_kv_cache_update`) are switched off the same way. After
-the backends are set up the resolved mode is checked again and a FULL mode is a RuntimeError.
+the backends are set up the resolved mode is checked again and a FULL mode without the captured
+route is a RuntimeError.
 Not exercised on a GPU yet (none here): the tests cover the policy on configs, not a capture.
 
 Model runner: the routing reads the V1 runner (`input_batch`, `requests`). vLLM 0.32 uses the V2
@@ -540,28 +543,35 @@ _KV_UPDATE_OP = "vllm::unified_kv_cache_update"
 
 
 def supported_cudagraph_mode(compilation_config):
-    """The CUDA-graph mode the projection works under, closest to the configured one: the KV write
-    must run eagerly every step (see the module docstring)."""
+    """The CUDA-graph mode the grouped route works under, closest to the configured one: the KV
+    write must run eagerly every step (see the module docstring)."""
     from vllm import envs
     from vllm.config import CUDAGraphMode, CompilationMode
 
     mode = compilation_config.cudagraph_mode
-    if mode is None or mode == CUDAGraphMode.NONE or PLUGIN.capture_config.enabled:
-        return mode  # (the captured route works in any graph)
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return mode
     piecewise_ok = (compilation_config.mode == CompilationMode.VLLM_COMPILE
                     and _KV_UPDATE_OP in (compilation_config.splitting_ops or [])
                     and not envs.VLLM_USE_BREAKABLE_CUDAGRAPH)
     return CUDAGraphMode.PIECEWISE if piecewise_ok else CUDAGraphMode.NONE
 
 
-def enforce_cudagraph_policy(vllm_config) -> None:
-    """Lower an unsupported CUDA-graph mode and switch off the fusions that bypass
-    `do_kv_cache_update`, in this worker's config, before the model is loaded and captured."""
+def enforce_cudagraph_policy(vllm_config, capture: CaptureConfig) -> CaptureConfig:
+    """In this worker's config, before the model is loaded and captured: choose the route (the
+    captured one where the configured CUDA-graph mode would otherwise be lowered, unless
+    `SPD_CAPTURED_ROUTE` says), lower an unsupported mode for the grouped route, and switch off
+    the fusions that bypass `do_kv_cache_update`. The capture settings with the route chosen."""
     cc = vllm_config.compilation_config
     mode = supported_cudagraph_mode(cc)
-    if mode != cc.cudagraph_mode:
+    if capture.enabled is None:
+        capture = replace(capture, enabled=mode != cc.cudagraph_mode)
+    if capture.enabled:
+        log.info("spd_kv_projection: the captured route (cudagraph_mode %s kept)", cc.cudagraph_mode)
+    elif mode != cc.cudagraph_mode:
         log.warning("spd_kv_projection: cudagraph_mode %s would freeze the per-request K/V routing inside a "
-                    "captured graph; using %s (the KV-cache write runs eagerly every step)", cc.cudagraph_mode, mode)
+                    "captured graph; using %s (the KV-cache write runs eagerly every step; SPD_CAPTURED_ROUTE=0 "
+                    "chose this)", cc.cudagraph_mode, mode)
         cc.cudagraph_mode = mode
     pc = cc.pass_config
     for flag in ("fuse_rope_kvcache", "fuse_qk_norm_rope_kvcache"):
@@ -569,6 +579,7 @@ def enforce_cudagraph_policy(vllm_config) -> None:
             log.warning("spd_kv_projection: disabling pass_config.%s (it moves the KV-cache write out of "
                         "do_kv_cache_update, where K/V are projected)", flag)
             setattr(pc, flag, False)
+    return capture
 
 
 def check_cudagraph_mode(vllm_config) -> None:
@@ -582,8 +593,8 @@ def check_cudagraph_mode(vllm_config) -> None:
 
 def _wrap_runner_init(orig):
     def __init__(self, vllm_config, *args, **kwargs):
-        PLUGIN.capture_config = CaptureConfig.from_env()  # a bad setting refuses to start the engine
-        enforce_cudagraph_policy(vllm_config)  # before load_model wraps the model in a FULL graph
+        # a bad setting refuses to start the engine; before load_model wraps the model in a FULL graph
+        PLUGIN.capture_config = enforce_cudagraph_policy(vllm_config, CaptureConfig.from_env())
         return orig(self, vllm_config, *args, **kwargs)
 
     __init__.__spd_patched__ = True

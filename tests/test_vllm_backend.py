@@ -17,6 +17,7 @@ from spd_engine.data import load_examples, resolve_data  # noqa: E402
 from spd_engine.formatting import text_prompt_ids  # noqa: E402
 from spd_engine.subspace import PackError  # noqa: E402
 from fresh_process import in_fresh_process  # noqa: E402
+from server import vllm_plugin  # noqa: E402
 from server.harness import write_random_lora  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -84,10 +85,13 @@ _COMPILED = """
 from spd_engine.vllm_backend import VLLMBackend
 from spd_engine.backend import GenerationRequest
 from spd_engine.subspace import Store
+from server import vllm_plugin
 be = VLLMBackend(ARGS["model"], enforce_eager=False, max_loras=0)
 for name in ARGS["modes"]:
     be.add_subspace(Store(ARGS["store"]).load(name))
-RESULT = [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])}) for r in ARGS["requests"]])]
+RESULT = {"tokens": [o.token_ids for o in be.generate([GenerationRequest(**{**r, "capability": tuple(r["capability"])})
+                                                      for r in ARGS["requests"]])],
+          "captured_route": vllm_plugin.PLUGIN.capture_config.enabled, "steps": vllm_plugin.PLUGIN.steps}
 """
 
 
@@ -301,7 +305,11 @@ def test_compiled_engine_gives_the_eager_engines_tokens(vllm_be, bundled_path):
     args = {"model": str(bundled_path), "store": str(vllm_be.store.root), "modes": [A, B],
             "requests": [{"prompt_ids": r.prompt_ids, "capability": list(r.capability), "strength": r.strength,
                           "max_tokens": r.max_tokens} for r in reqs]}
-    assert in_fresh_process(_COMPILED, args) == eager
+    out = in_fresh_process(_COMPILED, args)
+    assert out["tokens"] == eager
+    # the CPU captures no CUDA graphs, so the automatic choice is the grouped route, compiled or not
+    assert out["captured_route"] is False and out["steps"]["captured"] == 0, out
+    assert vllm_plugin.PLUGIN.capture_config.enabled is False and vllm_plugin.PLUGIN.captured is None
 
 
 _CAPTURED = """

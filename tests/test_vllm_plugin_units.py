@@ -221,10 +221,28 @@ def test_cuda_graph_modes_that_would_capture_the_kv_write_are_lowered(monkeypatc
     cfg.compilation_config.pass_config.fuse_rope_kvcache = True  # as on ROCm (vLLM turns it off elsewhere)
     with pytest.raises(RuntimeError, match="FULL_AND_PIECEWISE"):
         vllm_plugin.check_cudagraph_mode(cfg)
-    vllm_plugin.enforce_cudagraph_policy(cfg)
+    assert vllm_plugin.enforce_cudagraph_policy(cfg, CaptureConfig(False)).enabled is False  # SPD_CAPTURED_ROUTE=0
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert not cfg.compilation_config.pass_config.fuse_rope_kvcache
     vllm_plugin.check_cudagraph_mode(cfg)
+
+
+def test_the_captured_route_is_chosen_exactly_where_a_cuda_graph_mode_would_be_lowered(monkeypatch):
+    from vllm.config import CUDAGraphMode
+
+    monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH", raising=False)
+    monkeypatch.delenv("SPD_CAPTURED_ROUTE", raising=False)
+    split = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
+    assert CaptureConfig.from_env().enabled is None  # unset: automatic
+    for mode, ops, captured in ((CUDAGraphMode.FULL_AND_PIECEWISE, split, True), (CUDAGraphMode.FULL, [], True),
+                                (CUDAGraphMode.FULL_DECODE_ONLY, split, True), (CUDAGraphMode.PIECEWISE, split, False),
+                                (CUDAGraphMode.PIECEWISE, [], True), (CUDAGraphMode.NONE, [], False), (None, [], False)):
+        cfg = SimpleNamespace(compilation_config=_cc(mode, ops))
+        assert vllm_plugin.enforce_cudagraph_policy(cfg, CaptureConfig()).enabled is captured, (mode, ops)
+        assert cfg.compilation_config.cudagraph_mode == mode  # kept: the captured route, or a mode that needs none
+    for flag in (True, False):  # a setting overrides the choice either way
+        cfg = SimpleNamespace(compilation_config=_cc(CUDAGraphMode.NONE, []))
+        assert vllm_plugin.enforce_cudagraph_policy(cfg, CaptureConfig(flag)).enabled is flag
 
 
 def test_with_the_captured_route_every_cuda_graph_mode_is_kept_and_a_bad_setting_refuses(monkeypatch):
@@ -242,8 +260,10 @@ def test_with_the_captured_route_every_cuda_graph_mode_is_kept_and_a_bad_setting
     monkeypatch.setattr(vllm_plugin.PLUGIN, "capture_config", CaptureConfig.from_env())
     assert vllm_plugin.PLUGIN.capture_config == CaptureConfig(True, 4, 256)
     for full in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
-        assert vllm_plugin.supported_cudagraph_mode(_cc(full, split)) == full
-        assert vllm_plugin.supported_cudagraph_mode(_cc(full, [])) == full  # the KV write need not run eagerly
+        for ops in (split, []):  # the KV write need not run eagerly
+            cfg = SimpleNamespace(compilation_config=_cc(full, ops))
+            vllm_plugin.enforce_cudagraph_policy(cfg, vllm_plugin.PLUGIN.capture_config)
+            assert cfg.compilation_config.cudagraph_mode == full
     cfg = SimpleNamespace(compilation_config=_cc(CUDAGraphMode.FULL_AND_PIECEWISE, split))
     monkeypatch.setattr(vllm_plugin.PLUGIN, "captured", object())  # the buffers exist (start_capture ran)
     vllm_plugin.check_cudagraph_mode(cfg)  # FULL graphs accepted
