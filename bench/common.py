@@ -18,11 +18,9 @@ if str(REPO) not in sys.path:  # this worktree's code, not another checkout's in
     sys.path.insert(0, str(REPO))
 
 # The suite in run order, each with its row number in the results table. Transformers-only ones
-# first, then those sharing vLLM engines, then the servers: start-up timed while nothing else of
-# the suite runs, vLLM's compiled server last.
-SUITE = {"hooked_generation": 4, "calibration": 5, "projection_overhead": 1, "mixed_modes": 2, "many_modes": 11,
-         "server_start": 10, "corpus_job": 6, "server_overhead": 7, "hot_paths": 8, "soak": 13, "auto_routing": 17,
-         "server_defaults": 9}
+# first, then those sharing vLLM engines, then the servers, vLLM's compiled server last.
+SUITE = {"hooked_generation": 4, "calibration": 5, "projection_overhead": 1, "many_modes": 11, "corpus_job": 6,
+         "server_overhead": 7, "hot_paths": 8, "soak": 13, "server_defaults": 9}
 
 # The engine-level arms: VLLMBackend's defaults (eager, float32, in-process `uni` executor, prefix
 # caching), 64 sequences, LoRA off. The servers run `spd serve`'s own.

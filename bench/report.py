@@ -9,8 +9,8 @@ from common import RESULTS, SUITE
 
 # Sweeps whose decision is made and written in the project README (Performance): their modules
 # left the suite, their JSON and table rows stay, marked so.
-LEFT_THE_SUITE = {"cost_growth": 3, "many_modes_projection": 12, "cpu_defaults": 14, "cpu_preload": 15,
-                  "cpu_compiled": 16}
+LEFT_THE_SUITE = {"mixed_modes": 2, "cost_growth": 3, "server_start": 10, "many_modes_projection": 12,
+                  "cpu_defaults": 14, "cpu_preload": 15, "cpu_compiled": 16, "auto_routing": 17}
 NUMBER = {**SUITE, **LEFT_THE_SUITE}
 INTRO = ("Every ratio is measured against its baseline in the same run, arms interleaved (A B A B ...); median "
          "and [min, max] over the repetitions; details, settings and every repetition: `<benchmark>.json`. "
