@@ -104,6 +104,9 @@ class CaptureConfig:
     def from_env(cls, env: dict[str, str] | None = None) -> "CaptureConfig":
         env = dict(os.environ if env is None else env)
         flag = env.get("SPD_CAPTURED_ROUTE", "").strip()
-        if flag not in ("", "0", "1"):
+        if flag not in _CAPTURED_ROUTE:
             raise ValueError(f"SPD_CAPTURED_ROUTE must be 0 or 1 (or unset: automatic), got {flag!r}")
-        return cls({"": None, "0": False, "1": True}[flag], **_ints_from_env(cls, env))
+        return cls(_CAPTURED_ROUTE[flag], **_ints_from_env(cls, env))
+
+
+_CAPTURED_ROUTE = {"": None, "0": False, "1": True}  # SPD_CAPTURED_ROUTE's values: unset is automatic
