@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from spd_engine.data import load_examples, resolve_data
-from spd_engine.stats import detectable_difference, holm, one_sample_t, sign_test, t_quantile, t_two_sided_p
+from spd_engine.stats import (
+    detectable_difference,
+    holm,
+    one_sample_t,
+    paired_bootstrap,
+    sign_test,
+    t_quantile,
+    t_two_sided_p,
+)
 from spd_engine.tasks import (
     MCQ_ANSWER_PREFIX,
     Example,
@@ -122,6 +131,16 @@ def test_sign_test_over_three_seeds_cannot_reach_significance() -> None:
     assert sign_test([1, -2, 3])["p"] == pytest.approx(1.0)
 
 
+def test_paired_bootstrap_counts_tied_resamples_on_both_sides() -> None:
+    # two discordant 0/1 items in 400, both one way: most resampled means are exactly 0, so the
+    # two-sided p is about 2 * e^-2, not 0 (what counting the ties on one side only gave)
+    a, b = [0.0, 0.0] + [1.0] * 398, [1.0] * 400
+    r = paired_bootstrap(a, b)
+    assert r["diff"] == pytest.approx(-0.005) and 0.15 < r["p"] < 0.45
+    assert paired_bootstrap([0.0] * 100 + [1.0] * 300, b)["p"] < 0.001  # 100 of 400 one way: still decisive
+    assert paired_bootstrap(b, b)["p"] == 1.0
+
+
 def test_holm_adjustment() -> None:
     assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
     out = holm([0.01, float("nan"), 0.02])
@@ -214,7 +233,7 @@ def _tiny_llama_config(tmp_path: Path, tiny_path: Path, **extra) -> Path:
     return path
 
 
-def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path) -> None:
+def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path, monkeypatch) -> None:
     from spd_engine.experiment import arms, load_config, run_experiment
 
     config = _tiny_llama_config(tmp_path, tiny_path)
@@ -267,3 +286,20 @@ def test_experiment_with_seeds_rank_sweep_and_two_rounds(tiny_path, tmp_path) ->
     # round 1's four modes (gradient r4 and r2, random r4 per seed) are kept; round 2's two are new (new models)
     assert fresh[("calibrate", True)] == 4 and fresh[("calibrate", False)] == 2
     assert fresh[("evaluate", True)] == 8  # base and hooks-only (2 metrics each, 2 eval sets)
+    # a run still under way: the cached-only report loads no model, computes nothing, refills the
+    # results' store from the cache, and reports the cached evaluations unchanged, saying how many are missing
+    full = json.loads((root / "report.json").read_text())
+    assert full["evaluations"]["done"] == full["evaluations"]["planned"] == len(full["results"])
+    packs = sorted(p.name for p in (root / "subspaces").iterdir())
+    shutil.rmtree(root / "subspaces")
+    shutil.rmtree(sorted((root / "cache").glob("generate-*"))[0])
+    monkeypatch.setattr("spd_engine.experiment.HFBackend", None)
+    run_experiment(config, tmp_path / "out", cached_only=True)
+    part = json.loads((root / "report.json").read_text())
+    assert all(t["cached"] for t in part["timings"])
+    done, planned = part["evaluations"]["done"], part["evaluations"]["planned"]
+    assert 0 < done < planned == full["evaluations"]["planned"] and done == len(part["results"])
+    key = lambda r: (r["arm"], r["train_domain"], r["seed"], r["eval"], r["metric"])  # noqa: E731
+    assert {key(r): r["value"] for r in part["results"]}.items() <= {key(r): r["value"] for r in full["results"]}.items()
+    assert f"Partial: {done} of the {planned} planned evaluations" in (root / "report.md").read_text()
+    assert sorted(p.name for p in (root / "subspaces").iterdir()) == packs
