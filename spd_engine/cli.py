@@ -208,7 +208,7 @@ def cmd_mode(args) -> None:
 def cmd_experiment(args) -> None:
     from .experiment import run_experiment
 
-    root = run_experiment(Path(args.config), Path(args.out))
+    root = run_experiment(Path(args.config), Path(args.out), cached_only=args.cached_only)
     print(json.dumps({"report": str(root / "report.md"), "json": str(root / "report.json")}, indent=2))
 
 
@@ -290,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="run an SPD experiment (conditions x domains) from a TOML config")
     x.add_argument("config", help="experiment config (TOML), e.g. experiments/math-mcq-code.toml")
     x.add_argument("--out", default="results", help="results directory (default ./results)")
+    x.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: write the report from the stage cache so far (a run still under way)")
     x.set_defaults(func=cmd_experiment)
 
     demo = sub.add_parser("demo", help="calibrate a math mode on GSM8K and answer prompts with and without it")

@@ -38,6 +38,7 @@ import time
 import tomllib
 import warnings
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -193,13 +194,18 @@ def _content(examples: list[Example]) -> str:
     return _hash([[ex.id, ex.prompt, ex.answer, ex.span, ex.options] for ex in examples])
 
 
+class NotCached(Exception):
+    """A stage a cached-only run would have had to compute."""
+
+
 class _Stages:
     """Runs each stage once per input hash; results (and wall time) land in `cache/<stage>-<hash>`. A stage's
     files are found through its directory (`dir`), never through a path stored in its result, so the
     results folder can move."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cached_only: bool = False):
         self.root = root / "cache"
+        self.cached_only = cached_only  # read what is cached, compute nothing (NotCached for the rest)
         self.timings: list[dict] = []
         self._done: dict[str, dict] = {}  # stages already run or read in this run (arms share stages)
 
@@ -220,6 +226,8 @@ class _Stages:
         if done.exists() and have:
             result = json.loads(done.read_text())
             self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": True})
+        elif self.cached_only:
+            raise NotCached(where.name)
         else:
             where.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
@@ -336,14 +344,23 @@ def _merged_model(path: Path, adapters: list[Path]):
     return model, tok
 
 
-def run_experiment(config_path: Path, out_root: Path) -> Path:
+def evaluation_plan(cfg: ExperimentConfig, arm: Arm) -> list[tuple[DomainConfig, Metric]]:
+    """The (eval set, metric) pairs an arm is evaluated on."""
+    return [(e, metric) for e in cfg.domains if cfg.out_of_domain or arm.domain is None or e.name == arm.domain
+            for metric in e.metrics or cfg.metrics if metric != "letter-accuracy" or e.task == "mcq"]
+
+
+def run_experiment(config_path: Path, out_root: Path, cached_only: bool = False) -> Path:
+    """Run every stage not yet cached, then write the report. `cached_only`: compute nothing, load no
+    model, and report what the cache holds so far (a run still under way; the report says how much is
+    missing)."""
     cfg = load_config(config_path)
     root = Path(out_root) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(root)
+    stages = _Stages(root, cached_only)
     store = Store(root / "subspaces")
-    base_backend = HFBackend(cfg.model, batch_size=cfg.batch_size)
-    ident = base_backend.model_info.identity
+    base_backend = None if cached_only else HFBackend(cfg.model, batch_size=cfg.batch_size)
+    ident = models.info(models.resolve(cfg.model)).identity
     splits = {d.name: split(d, cfg.seed) for d in cfg.domains}
     domains = {d.name: d for d in cfg.domains}
     sources = {d.name: {s: data_sha256(resolve_data(s)) for s in d.data} for d in cfg.domains}
@@ -361,7 +378,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     results: list[dict] = []
     seen_corpora: set[str] = set()
 
-    def calibrate_mode(backend: HFBackend, arm: Arm) -> str:
+    def calibrate_mode(backend: HFBackend | None, arm: Arm) -> str:
         d = domains[arm.domain]  # type: ignore[index]
         method = _MODE_OF[arm.condition]
         seed = arm.seed if method == "random" else None  # a random subspace is drawn per training seed
@@ -382,15 +399,15 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
         stages.run("calibrate", key, do_calibrate)
         calib_key[arm] = key
-        if name not in backend.capabilities():
-            pack = Store(stages.dir("calibrate", key)).load(name, backend.model_info)
-            if name in store.names():
-                store.delete(name)
-            store.save(pack)
-            backend.add_subspace(pack)
+        if backend is None or name not in backend.capabilities():
+            # the results' store (read by the report) gets the cached pack; a served model gets its mode
+            pack = Store(stages.dir("calibrate", key)).load(name, backend.model_info if backend else None)
+            store.save(pack, overwrite=True)
+            if backend is not None:
+                backend.add_subspace(pack)
         return name
 
-    def train(backend: HFBackend, arm: Arm, mode: str | None) -> None:
+    def train(backend: HFBackend | None, arm: Arm, mode: str | None) -> None:
         d = domains[arm.domain]  # type: ignore[index]
         capability = (mode,) if mode else ()
         gen_key = {"model": model_key[arm], "data": sources[d.name], "examples": _content(splits[d.name]["generation"]),
@@ -428,7 +445,7 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
         distill_key[arm] = key
         # a committed cache keeps each adapter's training report, not the adapter: train again only
         # when something still reads it (an evaluation not yet cached, a later round)
-        needs = "adapter" if cfg.rounds > 1 or pending(arm) else None
+        needs = "adapter" if not cached_only and (cfg.rounds > 1 or pending(arm)) else None
         res = stages.run("distill", key, do_distill, needs=needs)
         adapter_dir[arm] = stages.dir("distill", key) / "adapter"
         t = res["train"]
@@ -439,19 +456,14 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
     def evaluations(arm: Arm, capability: tuple[str, ...]):
         """The arm's evaluations: (evaluation domain, metric, items, stage key) each."""
-        for e in cfg.domains:
-            if not cfg.out_of_domain and arm.domain is not None and e.name != arm.domain:
-                continue
+        for e, metric in evaluation_plan(cfg, arm):
             items = splits[e.name]["evaluation"]
-            for metric in e.metrics or cfg.metrics:
-                if metric == "letter-accuracy" and e.task != "mcq":
-                    continue  # letters exist only in multiple choice
-                yield e, metric, items, {
-                    "version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
-                    "merged": True, "mode": calib_key.get(arm) if capability else None,
-                    "strength": cfg.strength if capability else 0.0,
-                    "eval": e.name, "kind": e.task, "examples": _content(items), "data": sources[e.name],
-                    "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
+            yield e, metric, items, {
+                "version": SCORING_VERSION, "model": model_key[arm], "adapter": distill_key.get(arm),
+                "merged": True, "mode": calib_key.get(arm) if capability else None,
+                "strength": cfg.strength if capability else 0.0,
+                "eval": e.name, "kind": e.task, "examples": _content(items), "data": sources[e.name],
+                "metric": metric, "max_tokens": e.max_tokens if metric == "accuracy" else None}
 
     def pending(arm: Arm) -> bool:
         """A trained arm has an evaluation not yet cached."""
@@ -473,7 +485,10 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
                     r = span_nll_eval(backend, e.task, items, capability=capability, strength=cfg.strength)
                 return {"summary": r.summary(), "items": r.items}
 
-            res = stages.run("evaluate", key, do_eval)
+            try:
+                res = stages.run("evaluate", key, do_eval)
+            except NotCached:
+                continue
             results.append({"arm": arm.label, "condition": arm.condition, "train_domain": arm.domain,
                             "rank": arm.rank, "seed": arm.seed, "round": arm.round, "eval": e.name,
                             "in_domain": arm.domain is None or arm.domain == e.name, "metric": metric,
@@ -481,13 +496,13 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
 
     modes: dict[Arm, str] = {}
 
-    def build(backend: HFBackend, arm: Arm) -> None:
+    def build(backend: HFBackend | None, arm: Arm) -> None:
         mode = None
         if arm.condition in _MODE_OF:
             mode = modes[arm] if arm in modes else calibrate_mode(backend, arm)
         if arm.condition in TRAINED:
             train(backend, arm, mode)
-            if not pending(arm):
+            if cached_only or not pending(arm):
                 evaluate(None, arm, None)
                 return
             # evaluated with its adapter merged into a copy of the weights (the same function as the LoRA
@@ -503,27 +518,34 @@ def run_experiment(config_path: Path, out_root: Path) -> Path:
     for arm in all_arms:
         if arm.round == 1:
             model_key[arm], lineage[arm] = ident, []
-    # round 1 on the base model: its modes, then per arm its corpus, adapter and evaluations
+    # round 1 on the base model: its modes, then per arm its corpus, adapter and evaluations (a
+    # cached-only run skips each arm at the first stage it would have to compute)
     for arm in all_arms:
         if arm.round == 1 and arm.condition in _MODE_OF:
-            modes[arm] = calibrate_mode(base_backend, arm)
+            with suppress(NotCached):
+                modes[arm] = calibrate_mode(base_backend, arm)
     for arm in all_arms:
         if arm.round == 1:
-            build(base_backend, arm)
-    base_backend.close()
+            with suppress(NotCached):
+                build(base_backend, arm)
+    if base_backend is not None:
+        base_backend.close()
     # later rounds: each starts from its parent's model (base + the parent's lineage + the parent's adapter)
     for arm in all_arms:
-        if arm.round == 1:
-            continue
         parent = arm.parent()
+        if arm.round == 1 or parent not in adapter_dir:  # (the parent's training is not cached yet)
+            continue
         lineage[arm] = lineage[parent] + [adapter_dir[parent]]
         model_key[arm] = {"base": ident, "adapters": [model_key[parent], distill_key[parent]]}
-        backend = _merged_backend(cfg, lineage[arm], model_key[arm])
-        build(backend, arm)
-        backend.close()
+        backend = None if cached_only else _merged_backend(cfg, lineage[arm], model_key[arm])
+        with suppress(NotCached):
+            build(backend, arm)
+        if backend is not None:
+            backend.close()
 
     from .experiment_report import write_report
 
     baselines = {d.name: eval_set_baselines(d.task, splits[d.name]["evaluation"]) for d in cfg.domains}
-    write_report(root, cfg, config_path, results, corpora, training, baselines, store, stages.timings)
+    planned = sum(len(evaluation_plan(cfg, arm)) for arm in all_arms)
+    write_report(root, cfg, config_path, results, corpora, training, baselines, store, stages.timings, planned)
     return root

@@ -109,7 +109,9 @@ def _label_of(cond: str, rank, rnd: int) -> str:
 
 
 def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpora: list[dict], training: list[dict],
-                 baselines: dict, store: Store, timings: list[dict]) -> None:
+                 baselines: dict, store: Store, timings: list[dict], planned: int) -> None:
+    """`planned`: how many evaluations the config asks for; fewer results make a partial report (a
+    cached-only run while the experiment is still under way)."""
     groups = _group(results)
     arms_info = {}  # arm label -> (condition, rank, round), in run order
     for r in results:
@@ -144,18 +146,22 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
              + (f", rank sweep {cfg.calibration.ranks}" if cfg.calibration.ranks else "")
              + (f", {cfg.rounds} rounds ({', '.join(cfg.round_conditions)})" if cfg.rounds > 1 else "")
              + f". Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
-             f"Command: `spd experiment {shlex.quote(str(config_path))}`", "",
-             "How to read it: a cell is the mean over training seeds ± the standard deviation across seeds (one "
-             "seed or no training: the value with its 95% interval over items). Comparisons give the mean of the "
-             "per-seed differences; `seeds p`: one-sample t-test over the seeds' differences (df = seeds - 1), "
-             "the test of whether the effect comes back with another training seed (with 2-3 seeds it has 1-2 degrees of "
-             "freedom; n/a when every seed gave the same value); `sign`: how many seeds "
-             "moved each way; `items p`: paired test over items of the seed-averaged values (exact McNemar "
-             "for one seed of a 0/1 metric, else paired bootstrap), which treats the adapters as fixed. Every "
-             f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
-             f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
-             f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, round, "
-             "eval set, metric and item).", ""]
+             f"Command: `spd experiment {shlex.quote(str(config_path))}`", ""]
+    if len(results) < planned:
+        lines += [f"**Partial: {len(results)} of the {planned} planned evaluations are in the stage cache** "
+                  "(the run is still under way). Every table below holds only those; a missing cell is not yet "
+                  "computed, and comparisons and Holm adjustments cover only the arms present.", ""]
+    lines += ["How to read it: a cell is the mean over training seeds ± the standard deviation across seeds (one "
+              "seed or no training: the value with its 95% interval over items). Comparisons give the mean of the "
+              "per-seed differences; `seeds p`: one-sample t-test over the seeds' differences (df = seeds - 1), "
+              "the test of whether the effect comes back with another training seed (with 2-3 seeds it has 1-2 degrees of "
+              "freedom; n/a when every seed gave the same value); `sign`: how many seeds "
+              "moved each way; `items p`: paired test over items of the seed-averaged values (exact McNemar "
+              "for one seed of a 0/1 metric, else paired bootstrap), which treats the adapters as fixed. Every "
+              f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
+              f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
+              f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, round, "
+          "eval set, metric and item).", ""]
 
     # ---- headline: what survives Holm across seeds
     lines += ["## What survives the multiplicity correction", ""]
@@ -381,6 +387,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
     write_bytes(root / "report.md", "\n".join(lines).encode())
     write_json(root / "report.json", {
         "config": cfg.model_dump(), "command": " ".join(["spd", "experiment", str(config_path)]),
+        "evaluations": {"done": len(results), "planned": planned},
         "python": sys.version.split()[0], "eval_sets": baselines,
         "results": [{k: v for k, v in r.items() if k != "items"} for r in results], "comparisons": comparisons,
         "corpora": corpora, "training": training, "angles": angles, "timings": timings, "paper_table": paper_rows,
