@@ -229,9 +229,12 @@ class _Stages:
         elif self.cached_only:
             raise NotCached(where.name)
         else:
+            first = json.loads(done.read_text()) if done.exists() else None
             where.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             result = {**fn(where), "seconds": round(time.perf_counter() - started, 2), "key": key}
+            if first is not None:  # `needs` made again: the first record stays, each rebuild is added to it
+                result = {**first, "rebuilt": first.get("rebuilt", []) + [{k: v for k, v in result.items() if k != "key"}]}
             write_json(done, result)
             self.timings.append({"stage": stage, "seconds": result["seconds"], "cached": False})
         self._done[where.name] = result
@@ -452,7 +455,8 @@ def run_experiment(config_path: Path, out_root: Path, cached_only: bool = False)
         training.append({"domain": d.name, "arm": arm.label, "seed": arm.seed, "examples": t["examples"],
                          "steps": t["steps"], "corpus_tokens": t.get("corpus_tokens"),
                          "trained_tokens": t.get("trained_tokens"), "first_loss": t["first_loss"],
-                         "last_loss": t["last_loss"], "seconds": t["seconds"]})
+                         "last_loss": t["last_loss"], "seconds": t["seconds"],
+                         "rebuilt_last_loss": [r["train"]["last_loss"] for r in res.get("rebuilt", [])]})
 
     def evaluations(arm: Arm, capability: tuple[str, ...]):
         """The arm's evaluations: (evaluation domain, metric, items, stage key) each."""

@@ -331,6 +331,13 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
         lines.append(f"| {dom} | {arm} | {len(ts)} | {vals('examples')} | {vals('steps')} | {vals('corpus_tokens')} | "
                      f"{vals('trained_tokens')} | {sum(t['first_loss'] for t in ts) / len(ts):.3f} -> "
                      f"{sum(t['last_loss'] for t in ts) / len(ts):.3f} | {sum(t['seconds'] for t in ts) / len(ts):.0f} |")
+    rebuilt = [t for t in training if t.get("rebuilt_last_loss")]
+    if rebuilt:
+        worst = max(abs(x - t["last_loss"]) / abs(t["last_loss"]) for t in rebuilt for x in t["rebuilt_last_loss"])
+        lines += ["", f"Adapters trained again (the committed cache keeps no adapters): {len(rebuilt)} of {len(training)}. "
+                  f"Their last loss differs from the first training's by at most {worst:.1e} (relative): the same "
+                  "computation, rounded differently on another CPU, not bit for bit the same adapter. Evaluations "
+                  "computed after a rebuild used the rebuilt adapter; the table gives the first training's record."]
     lines.append("")
 
     # ---- subspaces: spectra, the energy each rank keeps, principal angles

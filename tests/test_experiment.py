@@ -93,8 +93,16 @@ def test_tiny_experiment_runs_every_condition_and_resumes_from_cache(tmp_path):
     trained_eval = next(d for d in sorted(cache.glob("evaluate-*"))
                         if json.loads((d / "done.json").read_text())["key"]["adapter"] is not None)
     before = json.loads((trained_eval / "done.json").read_text())["items"]
+    records = {d: json.loads((d / "done.json").read_text()) for d in cache.glob("distill-*")}
     shutil.rmtree(trained_eval)
     run_experiment(TINY, moved)
-    rerun = json.loads((moved / root.name / "report.json").read_text())["timings"]
-    assert [t["stage"] for t in rerun if not t["cached"]] == ["distill", "evaluate"]
+    rerun = json.loads((moved / root.name / "report.json").read_text())
+    assert [t["stage"] for t in rerun["timings"] if not t["cached"]] == ["distill", "evaluate"]
     assert json.loads((trained_eval / "done.json").read_text())["items"] == before
+    # the retrained arm keeps its first training record, and the rebuild is recorded beside it
+    after = {d: json.loads((d / "done.json").read_text()) for d in records}
+    (changed,) = [d for d in records if after[d] != records[d]]
+    assert {k: v for k, v in after[changed].items() if k != "rebuilt"} == records[changed]
+    assert len(after[changed]["rebuilt"]) == 1 and "train" in after[changed]["rebuilt"][0]
+    assert sum(bool(t["rebuilt_last_loss"]) for t in rerun["training"]) == 1
+    assert "Adapters trained again" in (moved / root.name / "report.md").read_text()
