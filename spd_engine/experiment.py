@@ -363,7 +363,8 @@ def run_experiment(config_path: Path, out_root: Path, cached_only: bool = False)
     stages = _Stages(root, cached_only)
     store = Store(root / "subspaces")
     base_backend = None if cached_only else HFBackend(cfg.model, batch_size=cfg.batch_size)
-    ident = models.info(models.resolve(cfg.model)).identity
+    # the model's identity keys every stage; a cached-only run reads it without loading the weights
+    ident = (base_backend.model_info if base_backend else models.info(models.resolve(cfg.model))).identity
     splits = {d.name: split(d, cfg.seed) for d in cfg.domains}
     domains = {d.name: d for d in cfg.domains}
     sources = {d.name: {s: data_sha256(resolve_data(s)) for s in d.data} for d in cfg.domains}

@@ -161,7 +161,7 @@ def write_report(root: Path, cfg, config_path: Path, results: list[dict], corpor
               f"p-value is also given Holm-adjusted over the whole report ({n_seed_tests} seed-level tests, "
               f"{len(comparisons)} item-level tests). Span NLL: lower is better. Every item's output (score, "
               f"extracted answer, completion) is in `{ITEMS_FILE}` (one JSON line per arm, training domain, seed, round, "
-          "eval set, metric and item).", ""]
+              "eval set, metric and item).", ""]
 
     # ---- headline: what survives Holm across seeds
     lines += ["## What survives the multiplicity correction", ""]

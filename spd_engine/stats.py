@@ -29,7 +29,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     mean = sum(d) / len(d)
     # a resampled mean of exactly 0 counts on both sides: with few discordant 0/1 items most resamples
     # tie, and counting them on one side only gave p = 0 for a difference of two items in 400
-    below, above = (sum(m <= 0 for m in means) / n_boot, sum(m >= 0 for m in means) / n_boot)
+    below, above = sum(m <= 0 for m in means) / n_boot, sum(m >= 0 for m in means) / n_boot
     return {"test": "paired-bootstrap", "diff": mean, "ci_low": means[int(0.025 * n_boot)],
             "ci_high": means[int(0.975 * n_boot) - 1], "p": min(1.0, 2 * min(below, above))}
 
