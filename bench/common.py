@@ -20,7 +20,8 @@ if str(REPO) not in sys.path:  # this worktree's code, not another checkout's in
 # The suite in run order, each with its row number in the results table. Transformers-only ones
 # first, then those sharing vLLM engines, then the servers, vLLM's compiled server last.
 SUITE = {"hooked_generation": 4, "calibration": 5, "projection_overhead": 1, "many_modes": 11, "corpus_job": 6,
-         "server_overhead": 7, "hot_paths": 8, "soak": 13, "server_defaults": 9}
+         "server_overhead": 7, "hot_paths": 8, "soak": 13, "server_defaults": 9,
+         "lora_no_adapter": 18}
 
 # The engine-level arms: VLLMBackend's defaults (eager, float32, in-process `uni` executor, prefix
 # caching), 64 sequences, LoRA off. The servers run `spd serve`'s own.

@@ -6,7 +6,11 @@ only where the running vLLM has the bug (README: "vLLM bugs this project fixes")
    adapter slot, so a request without an adapter batched next to adapter requests is served with
    an adapter once every slot is loaded. Decided by a behavioural probe (one tiny op call), not
    by a version string: a vLLM that fixed it is left alone. The fix clamps the index and zeroes
-   the input rows of tokens without an adapter, so their delta is exactly zero.
+   the input rows of tokens without an adapter, so their delta is exactly zero. When no token of
+   the call has an adapter, the op runs on one zero row, whose zero result its own broadcasting
+   writes to every row: no (vocab x rank) adapter slice is gathered per token (bench
+   `lora_no_adapter`). A startup probe checks that this equals the op on every row
+   (`no_adapter_calls_match_the_op`).
 2. `prompt_logprobs_use_request_adapter_indices` (vllm/v1/worker/gpu_model_runner.py,
    `_get_prompt_logprobs_dict`): prompt log-probabilities compute logits for a request's prompt
    tokens through the LoRA logits processor, whose CPU wrapper (`PunicaWrapperCPU.add_lora_logits`)
@@ -38,7 +42,10 @@ def no_adapter_row_gets_an_adapter(bgmv_shrink: Callable) -> bool:
 
 def _masked(op: Callable) -> Callable:
     def op_without_adapter_rows(inputs, weights, output, indices, *args, **kwargs):
-        keep = (indices >= 0).unsqueeze(-1).to(inputs.dtype)
+        has_adapter = indices >= 0
+        if not bool(has_adapter.any()):  # every row's delta is zero: compute one, the op broadcasts it
+            return op(torch.zeros_like(inputs[:1]), weights, output, indices[:1].clamp(min=0), *args, **kwargs)
+        keep = has_adapter.unsqueeze(-1).to(inputs.dtype)
         return op(inputs * keep, weights, output, indices.clamp(min=0), *args, **kwargs)
 
     op_without_adapter_rows.__spd_patched__ = True
@@ -61,6 +68,29 @@ def fix_no_adapter_rows(punica_cpu) -> bool:
     if no_adapter_row_gets_an_adapter(punica_cpu.bgmv_shrink):
         raise RuntimeError("spd_kv_projection: the fix for vLLM's LoRA index -1 did not take; refusing to start "
                            "(requests without an adapter would be served with one)")
+    if not no_adapter_calls_match_the_op(ops):
+        raise RuntimeError("spd_kv_projection: vLLM's torch LoRA ops changed how they write their output; the "
+                           "one-row shortcut for calls without an adapter would differ from them; refusing to start")
+    return True
+
+
+def no_adapter_calls_match_the_op(ops) -> bool:
+    """The probe of the shortcut: with no row holding an adapter, each patched op (`ops.<name>`) writes
+    exactly what its unpatched op (`__wrapped__`) writes when every row's input is zero, for both
+    values of `add_inputs`, into an output wider than the op's result."""
+    gen = torch.Generator().manual_seed(0)
+    inputs, weights = torch.randn(5, 4, generator=gen), torch.randn(2, 1, 6, 4, generator=gen)
+    indices = torch.full((5,), -1)
+    calls = [("bgmv_shrink", (0.5,))] + [(name, extra + (add,)) for add in (True, False)
+                                          for name, extra in (("bgmv_expand", ()), ("bgmv_expand_slice", (1, 6)))]
+    for name, extra in calls:
+        fixed = getattr(ops, name)
+        start = torch.randn(5, 9, generator=gen)
+        got, want = start.clone(), start.clone()
+        fixed(inputs, weights, got, indices, *extra)
+        fixed.__wrapped__(torch.zeros_like(inputs), weights, want, indices.clamp(min=0), *extra)
+        if not torch.equal(got, want):
+            return False
     return True
 
 

@@ -89,3 +89,26 @@ def test_prompt_logprobs_under_lora_score_each_token_with_its_own_requests_adapt
     assert solo["base"] != solo["a0"]  # the adapter changes prompt scores
     for got, want in zip(mixed, solo["base"] + solo["a0"]):
         assert len(got) == len(want) and all(math.isclose(g, w, abs_tol=1e-3) for g, w in zip(got, want)), (got, want)
+
+
+def test_the_no_adapter_shortcut_writes_what_the_op_writes_on_zero_rows_and_the_probe_catches_one_that_does_not():
+    from types import SimpleNamespace
+
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    from server.vllm_lora_fixes import _GATHERING_OPS, _masked, no_adapter_calls_match_the_op
+
+    stock = {name: getattr(getattr(ops, name), "__wrapped__", getattr(ops, name)) for name in _GATHERING_OPS}
+    assert no_adapter_calls_match_the_op(SimpleNamespace(**{n: _masked(op) for n, op in stock.items()}))
+
+    def skipping(op):  # a shortcut that writes nothing: wrong wherever the op overwrites its output
+        def skip(inputs, weights, output, indices, *args):
+            if not bool((indices >= 0).any()):
+                return None
+            return op(inputs, weights, output, indices, *args)
+        skip.__wrapped__ = op
+        return skip
+
+    for broken in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        wrong = {n: (skipping(op) if n == broken else _masked(op)) for n, op in stock.items()}
+        assert not no_adapter_calls_match_the_op(SimpleNamespace(**wrong)), broken
