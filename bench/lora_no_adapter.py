@@ -2,6 +2,7 @@
 model's vocabulary, rank 16, both adapter slots filled) when no token of the call has an adapter,
 as an `--enable-lora` server runs it for every request without one: the plugin's op (fix 1 with its
 one-row shortcut) / the same fix computing every row. Seconds per call, interleaved, in-process."""
+import inspect
 import json
 import time
 
@@ -21,7 +22,7 @@ def run(ctx: Context) -> dict:
 
     cfg = json.loads((models.resolve(MODEL) / "config.json").read_text())
     hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    stock = {n: getattr(getattr(ops, n), "__wrapped__", getattr(ops, n)) for n in ("bgmv_shrink", "bgmv_expand")}
+    stock = {n: inspect.unwrap(getattr(ops, n)) for n in ("bgmv_shrink", "bgmv_expand")}  # unpatched
     fixed = {n: _masked(op) for n, op in stock.items()}
 
     def every_row(x, a, buf, b, y, idx):  # fix 1 without the shortcut: zeroed rows, clamped indices

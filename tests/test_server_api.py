@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 KEY = "test-key-123"
 UPLOAD_LIMIT = 256 * 1024
+LM_EVAL_ITEMS = 20  # BIG-bench date_understanding items scored by lm-eval
 
 
 @pytest.fixture(scope="module")
@@ -413,9 +414,9 @@ metric_list:
 
 
 def _lm_eval(server, tmp_path, model: str, limit: int | None = None) -> tuple[tuple[float, float], dict[int, list[float]]]:
-    """lm-eval's own API model (`local-completions`: prompt + echo + logprobs, a fixed body) on 20 items
-    of a BIG-bench multiple-choice task (its first `limit`, if given): its scores (acc, acc_norm) and
-    every choice's log-likelihood, by item."""
+    """lm-eval's own API model (`local-completions`: prompt + echo + logprobs, a fixed body) on
+    LM_EVAL_ITEMS items of a BIG-bench multiple-choice task (its first `limit`, if given): its scores
+    (acc, acc_norm) and every choice's log-likelihood, by item."""
     import json
 
     import lm_eval
@@ -427,7 +428,7 @@ def _lm_eval(server, tmp_path, model: str, limit: int | None = None) -> tuple[tu
     task_dir = tmp_path / "lm_eval_tasks"
     if not task_dir.exists():
         task_dir.mkdir()
-        source = json.loads(resolve_data("bigbench/date_understanding").read_text())["examples"][:20]
+        source = json.loads(resolve_data("bigbench/date_understanding").read_text())["examples"][:LM_EVAL_ITEMS]
         rows = [{"question": ex["input"], "choices": list(ex["target_scores"]),
                  "label": [v for v in ex["target_scores"].values()].index(1)} for ex in source]
         (task_dir / "date.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -454,7 +455,7 @@ def test_lm_eval_scores_a_multiple_choice_task_under_a_mode_named_as_a_model_and
     base_acc, base_ll = _lm_eval(server, tmp, MODEL)
     # a composition of the two random modes (18 layers): strong enough to change 20 items' accuracy
     mode_acc, mode_ll = _lm_eval(server, tmp, f"{MODEL}@rnd+rnd2")
-    assert len(base_ll) == 20 and mode_ll != base_ll and mode_acc != base_acc  # the mode changes lm-eval's scores
+    assert len(base_ll) == LM_EVAL_ITEMS and mode_ll != base_ll and mode_acc != base_acc  # the mode changes lm-eval's scores
     # strength 0 is the base model, and the adapter has its own scores: on the first 10 items (time)
     _, zero_ll = _lm_eval(server, tmp, f"{MODEL}@rnd+rnd2:0", limit=10)
     assert len(zero_ll) == 10 and max(abs(a - b) for d in zero_ll for a, b in zip(zero_ll[d], base_ll[d])) < 1e-3

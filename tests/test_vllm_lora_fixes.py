@@ -22,6 +22,7 @@ from server.harness import write_random_lora
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 from server import vllm_plugin
+import inspect
 from server.vllm_lora_fixes import no_adapter_row_gets_an_adapter
 import vllm.lora.ops.torch_ops.lora_ops as ops
 
@@ -45,7 +46,7 @@ texts([prompts[0]] * 2, adapters)  # both slots loaded: the last slot is now an 
 mixed = texts(prompts * 3, [None] * len(prompts) + [adapters[0]] * len(prompts) + [adapters[1]] * len(prompts))
 n = len(prompts)
 RESULT = {"patched": vllm_plugin.is_active(), "fixes": vllm_plugin.PLUGIN.fixes,
-          "stock_op_has_bug": no_adapter_row_gets_an_adapter(getattr(ops.bgmv_shrink, "__wrapped__", ops.bgmv_shrink)),
+          "stock_op_has_bug": no_adapter_row_gets_an_adapter(inspect.unwrap(ops.bgmv_shrink)),
           "solo": solo, "mixed": {"base": mixed[:n], "a0": mixed[n:2 * n], "a1": mixed[2 * n:]},
           "scored_solo": {"base": scored(prompts[:2], None), "a0": scored(prompts[:2], adapters[0])},
           "scored_mixed": scored(prompts[:2] * 2, [None, None, adapters[0], adapters[0]])}
@@ -92,13 +93,14 @@ def test_prompt_logprobs_under_lora_score_each_token_with_its_own_requests_adapt
 
 
 def test_the_no_adapter_shortcut_writes_what_the_op_writes_on_zero_rows_and_the_probe_catches_one_that_does_not():
+    import inspect
     from types import SimpleNamespace
 
     import vllm.lora.ops.torch_ops.lora_ops as ops
 
     from server.vllm_lora_fixes import _GATHERING_OPS, _masked, no_adapter_calls_match_the_op
 
-    stock = {name: getattr(getattr(ops, name), "__wrapped__", getattr(ops, name)) for name in _GATHERING_OPS}
+    stock = {name: inspect.unwrap(getattr(ops, name)) for name in _GATHERING_OPS}
     assert no_adapter_calls_match_the_op(SimpleNamespace(**{n: _masked(op) for n, op in stock.items()}))
 
     def skipping(op):  # a shortcut that writes nothing: wrong wherever the op overwrites its output
@@ -109,6 +111,6 @@ def test_the_no_adapter_shortcut_writes_what_the_op_writes_on_zero_rows_and_the_
         skip.__wrapped__ = op
         return skip
 
-    for broken in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+    for broken in _GATHERING_OPS:
         wrong = {n: (skipping(op) if n == broken else _masked(op)) for n, op in stock.items()}
         assert not no_adapter_calls_match_the_op(SimpleNamespace(**wrong)), broken
